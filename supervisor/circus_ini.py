@@ -1,0 +1,128 @@
+"""Render the circusd configuration for a Virby config.
+
+The settings follow reference/circus.md §7: ipc endpoints in the private runtime dir, no
+multicast (it would bind UDP on every interface), `check_delay = 1` (respawn within a second),
+singletons with `send_hup` for the VM manager so a reload never runs two of it, the listening
+socket only in the forwarder, a rotating log per watcher and for circusd, no hooks, no
+`on_demand`, and our own crash backoff in the workers (workers/runtime.py).
+"""
+
+from __future__ import annotations
+
+import configparser
+import io
+import json
+import sys
+
+from virby.supervisor.config import Config
+
+WATCHERS = ("vm", "forwarder", "idle")
+# How long circus waits after SIGTERM before SIGKILL. The vm worker needs room for a clean
+# guest shutdown (VM_SHUTDOWN_TIMEOUT) and the forwarder for draining open sessions.
+VM_SHUTDOWN_TIMEOUT = 30
+FORWARDER_DRAIN_TIMEOUT = 30
+GRACEFUL_TIMEOUTS = {"vm": VM_SHUTDOWN_TIMEOUT + 15, "forwarder": FORWARDER_DRAIN_TIMEOUT + 5,
+                     "idle": 5}
+SOCKET_BACKLOG = 512
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
+
+
+def ini_path(config: Config) -> str:
+    return config.runtime("circus.ini")
+
+
+def resolved_config_path(config: Config) -> str:
+    """The exact config the watchers load: written by `virby run` next to the ini."""
+    return config.runtime("config.json")
+
+
+def logger_config(config: Config) -> dict[str, object]:
+    """circusd's own log, rotated by the stdlib handler (circus's `loggerconfig`)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s circusd[%(process)d] %(levelname)s %(message)s"}},
+        "handlers": {"file": {
+            "class": "logging.handlers.RotatingFileHandler",
+            "filename": f"{config.log_dir}/circusd.log",
+            "maxBytes": LOG_MAX_BYTES, "backupCount": LOG_BACKUPS, "formatter": "plain",
+        }},
+        "root": {"level": "DEBUG" if config.debug else "INFO", "handlers": ["file"]},
+    }
+
+
+def render(config: Config, *, python: str | None = None) -> str:
+    python = python or sys.executable
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.optionxform = str  # type: ignore[assignment,method-assign]  # keep option case
+    ini["circus"] = {
+        "endpoint": config.endpoint("ctl"),
+        "pubsub_endpoint": config.endpoint("events"),
+        "multicast_endpoint": "",
+        "statsd": "False",
+        "check_delay": "1",
+        "warmup_delay": "0",
+        "umask": "077",
+        "pidfile": config.runtime("circusd.pid"),
+        "loglevel": "debug" if config.debug else "info",
+        "loggerconfig": config.runtime("circusd-logging.json"),
+    }
+    ini["socket:ssh"] = {
+        "host": "127.0.0.1",
+        "port": str(config.port),
+        "family": "AF_INET",
+        "backlog": str(SOCKET_BACKLOG),
+        "blocking": "False",
+    }
+    common = {
+        "numprocesses": "1",
+        "copy_env": "True",
+        "max_retry": "5",
+        "respawn": "True",
+        "autostart": "True",
+        "stop_signal": "TERM",
+    }
+    commands = {
+        "vm": f"{python} -m virby.workers.vm",
+        "forwarder": f"{python} -m virby.workers.forwarder --fd $(circus.sockets.ssh)",
+        "idle": f"{python} -m virby.workers.idle",
+    }
+    priorities = {"vm": 30, "forwarder": 20, "idle": 10}
+    for name in WATCHERS:
+        section = dict(common)
+        section["cmd"] = commands[name]
+        section["priority"] = str(priorities[name])
+        section["graceful_timeout"] = str(GRACEFUL_TIMEOUTS[name])
+        # Only the forwarder may hold the listening socket: an orphaned copy elsewhere would
+        # keep the port open after a crash (reference/circus.md §2.3).
+        section["use_sockets"] = "True" if name == "forwarder" else "False"
+        if name != "forwarder":
+            section["singleton"] = "True"
+            # A reload or SIGHUP of circusd becomes a SIGHUP we ignore, never a second copy.
+            section["send_hup"] = "True"
+        for stream, suffix in (("stderr_stream", "log"), ("stdout_stream", "out")):
+            section[f"{stream}.class"] = "FileStream"
+            section[f"{stream}.filename"] = f"{config.log_dir}/{name}.{suffix}"
+            section[f"{stream}.max_bytes"] = str(LOG_MAX_BYTES)
+            section[f"{stream}.backup_count"] = str(LOG_BACKUPS)
+        ini[f"watcher:{name}"] = section
+    ini["env"] = {
+        "VIRBY_CONFIG": resolved_config_path(config),
+        "PYTHONUNBUFFERED": "1",
+    }
+    out = io.StringIO()
+    ini.write(out)
+    return out.getvalue()
+
+
+def write_all(config: Config) -> str:
+    """Write the ini, circusd's logging config and the resolved config; return the ini path."""
+    with open(config.runtime("circusd-logging.json"), "w") as f:
+        json.dump(logger_config(config), f)
+    with open(resolved_config_path(config), "w") as f:
+        f.write(config.to_json())
+    path = ini_path(config)
+    with open(path, "w") as f:
+        f.write(render(config))
+    return path

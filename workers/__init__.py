@@ -1,0 +1,1 @@
+"""Virby's watcher processes: the vm worker, the SSH forwarder and the idle monitor."""

@@ -1,0 +1,17 @@
+"""Hypervisor backends behind one interface (base.Backend): a new backend is a new module."""
+
+from __future__ import annotations
+
+from virby.supervisor.config import Config
+from virby.workers.backends.base import Backend
+from virby.workers.keys import KeyPaths
+
+
+def make_backend(config: Config, keys: KeyPaths) -> Backend:
+    if config.backend == "vfkit":
+        from virby.workers.backends.vfkit import VfkitBackend
+
+        return VfkitBackend(config, keys)
+    from virby.workers.backends.qemu import QemuBackend
+
+    return QemuBackend(config, keys)

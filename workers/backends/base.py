@@ -1,0 +1,213 @@
+"""The contract every hypervisor backend meets (qemu, vfkit).
+
+The vm worker owns exactly one backend object and calls it from one asyncio task at a time: the
+state machine in `workers/vm.py` serialises every call, so a backend never guards against
+concurrent use of itself. A backend owns the hypervisor process it starts (or adopts) and the
+control channel to it (QMP, REST); it closes both in `shutdown`/`kill`, and `close` releases the
+control channel while leaving the hypervisor running (the worker is being replaced).
+
+Errors: anything the user must act on (a missing kernel, a hypervisor that exits at once, a
+guest that never announces) is raised as `BackendError` with a one-line reason; the worker shows
+it as the `failed` state. Other exceptions are bugs.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import psutil
+from virby.supervisor.config import Config
+from virby.workers.keys import KeyPaths
+
+
+class BackendError(Exception):
+    """A reason the VM cannot be started or controlled, worded for the user."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the guest's sshd is reachable from the host."""
+
+    host: str
+    port: int
+
+
+class Backend(abc.ABC):
+    name: ClassVar[str]
+
+    def __init__(self, config: Config, keys: KeyPaths) -> None:
+        self.config = config
+        self.keys = keys
+
+    # -- files and command line (pure, unit-tested) ------------------------------------------
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise BackendError naming the first file the boot needs that is missing or unusable
+        (kernel, initrd, hypervisor binary). Called at every boot, never at start-up."""
+
+    @abc.abstractmethod
+    def command(self) -> list[str]:
+        """The hypervisor's full argv. Pure: depends only on the config and the files it names."""
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def boot(self) -> None:
+        """Start the hypervisor as a child process and connect its control channel. Returns
+        once the process runs; the guest is not ready yet. Writes the pid file."""
+
+    @abc.abstractmethod
+    async def wait_announced(self) -> None:
+        """Return when the guest says its sshd is listening (serial line or vsock message).
+        Raise BackendError if the hypervisor exits first. The caller applies the deadline."""
+
+    @abc.abstractmethod
+    def endpoint(self) -> Endpoint:
+        """The guest's sshd as seen from the host. Valid after boot/adopt."""
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Stop the vCPUs; memory stays. Idempotent."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None:
+        """Continue after pause. Idempotent."""
+
+    @abc.abstractmethod
+    async def shutdown(self, timeout: float) -> None:
+        """Ask the guest to power off; kill the hypervisor if it is still there after `timeout`.
+        Returns when the process is gone. Removes the pid file."""
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Kill the hypervisor now and reap it. Idempotent."""
+
+    @abc.abstractmethod
+    async def status(self) -> str:
+        """The hypervisor's own view: "running", "paused" or "stopped"."""
+
+    @abc.abstractmethod
+    async def wait_exit(self) -> None:
+        """Return when the hypervisor process has exited (for any reason)."""
+
+    @abc.abstractmethod
+    async def adopt(self) -> bool:
+        """Re-attach to a hypervisor a previous worker left running (pid file + identity check
+        of pid, create time and command line, then the control channel). True if adopted;
+        False if there is nothing to adopt (stale files are removed)."""
+
+    async def sync_clock(self) -> None:  # noqa: B027 - optional capability
+        """Set the guest clock from the host's after a resume. Optional."""
+
+    async def close(self) -> None:  # noqa: B027 - optional capability
+        """Release the control channel; leave the hypervisor running (for a worker exiting
+        while the VM must survive it)."""
+
+    @abc.abstractmethod
+    def pid(self) -> int | None:
+        """The hypervisor's pid, if it runs."""
+
+    def console_tail(self, lines: int = 15) -> str:
+        """The last lines of the guest console log, for failure reasons."""
+        path = self.console_log
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 16384))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    @property
+    def console_log(self) -> str:
+        return os.path.join(self.config.log_dir, "console.log")
+
+
+# -- helpers shared by backends --------------------------------------------------------------
+
+
+def require_file(what: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise BackendError(f"{what} not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise BackendError(f"{what} is not readable: {path}")
+
+
+def require_binary(what: str, name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        raise BackendError(f"{what} not found: {name} (not on PATH and not an executable file)")
+    return found
+
+
+@dataclass(frozen=True)
+class PidRecord:
+    """What we write next to a hypervisor we start, to recognise it after our own restart."""
+
+    pid: int
+    create_time: float
+    argv: Sequence[str]
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"pid": self.pid, "create_time": self.create_time, "argv": list(self.argv)}, f)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> PidRecord | None:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            return cls(int(data["pid"]), float(data["create_time"]), list(data["argv"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def alive_process(self) -> psutil.Process | None:
+        """The process if it is still the one we started (pid reuse is ruled out by create
+        time and command line), else None."""
+        try:
+            proc = psutil.Process(self.pid)
+            if abs(proc.create_time() - self.create_time) > 0.05:
+                return None
+            if proc.cmdline() != list(self.argv):
+                return None
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+
+
+async def wait_process_exit(proc: psutil.Process, child: asyncio.subprocess.Process | None) -> None:
+    """Wait for a hypervisor to exit: our child via asyncio, an adopted one via a pidfd
+    (Linux) or a short poll elsewhere."""
+    if child is not None:
+        await child.wait()
+        return
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            fd = pidfd_open(proc.pid)
+        except ProcessLookupError:
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return
+    while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+        await asyncio.sleep(0.2)

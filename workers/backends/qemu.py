@@ -1,0 +1,340 @@
+"""QEMU backend: Linux hosts (KVM when it works, TCG otherwise) and macOS (HVF).
+
+Direct kernel boot; user-mode networking with the guest's port 22 forwarded to a loopback port
+QEMU picks (`hostfwd=tcp:127.0.0.1:0-:22`, read back with `info usernet`: no race for a free
+port); QMP on a unix socket through qemu.qmp; the guest agent on the second serial port (a unix
+socket chardev) announces sshd and sets the clock after a resume.
+
+Resources: the QEMU process is our child (never `-daemonize`, reference/vm-lab.md §5) in its own
+session so a kill -9 of the worker leaves it running for the next worker to adopt. The backend
+owns the QMP connection and the agent connection; `close()` drops both, `kill()`/`shutdown()`
+also end the process and remove the pid file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import sys
+import time
+
+import psutil
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+from virby.workers import cpio
+from virby.workers.backends.base import (
+    Backend,
+    BackendError,
+    Endpoint,
+    PidRecord,
+    require_binary,
+    require_file,
+    wait_process_exit,
+)
+
+log = logging.getLogger("virby.qemu")
+
+_USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
+_TB_SIZE_MIB = 128  # cap the TCG translation cache (its 1 GiB default inflates RSS)
+
+
+class QemuBackend(Backend):
+    name = "qemu"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._child: asyncio.subprocess.Process | None = None
+        self._proc: psutil.Process | None = None
+        self._qmp: QMPClient | None = None
+        self._agent_reader: asyncio.StreamReader | None = None
+        self._agent_writer: asyncio.StreamWriter | None = None
+        self._agent_task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._agent_replies: asyncio.Queue[str] = asyncio.Queue()
+        self._port: int | None = None
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    @property
+    def qmp_path(self) -> str:
+        return self.config.runtime("qmp.sock")
+
+    @property
+    def agent_path(self) -> str:
+        return self.config.runtime("agent.sock")
+
+    @property
+    def pid_path(self) -> str:
+        return self.config.runtime("qemu.pid.json")
+
+    @property
+    def boot_initrd(self) -> str:
+        """The base initrd with the per-install keys appended (rebuilt at every boot)."""
+        return self.config.runtime("initrd.img")
+
+    # -- pure parts -----------------------------------------------------------------------------
+
+    def accel(self) -> str:
+        """The accelerator: a setting, or for "auto" the result of a real boot probe recorded
+        in the state dir (`/dev/kvm` existing proves nothing: reference/vm-lab.md §1)."""
+        if self.config.accel != "auto":
+            return self.config.accel
+        if sys.platform == "darwin":
+            return "hvf"
+        try:
+            with open(self.config.state("kvm-probe")) as f:
+                return "kvm" if f.read().strip() == "usable" else "tcg"
+        except OSError:
+            return "tcg"
+
+    def command(self) -> list[str]:
+        c = self.config
+        accel = self.accel()
+        accel_arg = f"tcg,tb-size={_TB_SIZE_MIB}" if accel == "tcg" else accel
+        argv = [
+            c.hypervisor,
+            "-name", "virby-vm",
+            "-accel", accel_arg,
+            "-M", "q35",
+            "-m", str(c.memory),
+            "-smp", str(c.cores),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", c.guest.kernel,
+            "-initrd", self.boot_initrd,
+            "-append", c.guest.cmdline,
+            # restrict=on: the guest reaches nothing outside QEMU; only the forward reaches it.
+            "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
+            "-device", "virtio-net-pci,netdev=n0,romfile=",
+            "-device", "virtio-rng-pci",
+            "-chardev", f"file,id=console,path={self.console_log},append=on",
+            "-serial", "chardev:console",
+            "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
+            "-serial", "chardev:agent",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]
+        if accel in ("kvm", "hvf"):
+            argv += ["-cpu", "host"]
+        if c.guest.disk:
+            argv += ["-drive", f"file={c.guest.disk},if=virtio,format=raw,cache=writeback"]
+        for tag, path in sorted(c.sharedDirectories.items()):
+            argv += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none"]
+        return argv
+
+    def check(self) -> None:
+        require_binary("hypervisor", self.config.hypervisor)
+        require_file("guest kernel (guest.kernel)", self.config.guest.kernel)
+        require_file("guest initrd (guest.initrd)", self.config.guest.initrd)
+        if self.config.guest.disk:
+            require_file("guest disk (guest.disk)", self.config.guest.disk)
+        if self.accel() == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise BackendError("accel is kvm but /dev/kvm is not accessible")
+
+    def _keys_archive(self) -> bytes:
+        with open(self.keys.host_key_dropbear, "rb") as f:
+            host_key = f.read()
+        with open(self.keys.client_pub, "rb") as f:
+            client_pub = f.read()
+        return cpio.newc_archive([
+            cpio.CpioEntry("etc", mode=0o755, directory=True),
+            cpio.CpioEntry("etc/virby", mode=0o700, directory=True),
+            cpio.CpioEntry("etc/virby/ssh_host_ed25519_key", data=host_key, mode=0o600),
+            cpio.CpioEntry("etc/virby/authorized_keys", data=client_pub, mode=0o644),
+            cpio.CpioEntry("etc/virby/user", data=self.config.sshUser.encode() + b"\n", mode=0o644),
+        ])
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def boot(self) -> None:
+        self.check()
+        for path in (self.qmp_path, self.agent_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        os.makedirs(self.config.log_dir, exist_ok=True)
+        cpio.append_archive(self.config.guest.initrd, self._keys_archive(), self.boot_initrd)
+        self._ready.clear()
+        argv = self.command()
+        with open(os.path.join(self.config.log_dir, "qemu.log"), "ab") as qlog:
+            self._child = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+                start_new_session=True)
+        self._proc = psutil.Process(self._child.pid)
+        PidRecord(self._child.pid, self._proc.create_time(), argv).save(self.pid_path)
+        log.info("qemu started, pid %d, accel %s", self._child.pid, self.accel())
+        try:
+            await self._connect_control()
+        except BackendError:
+            await self.kill()
+            raise
+
+    async def _connect_control(self) -> None:
+        """QMP and the agent socket appear once QEMU has parsed its command line."""
+        deadline = time.monotonic() + 10
+        while not (os.path.exists(self.qmp_path) and os.path.exists(self.agent_path)):
+            if self._proc is None or not self._alive():
+                raise BackendError(f"qemu exited at start: {self._qemu_log_tail()}")
+            if time.monotonic() > deadline:
+                raise BackendError("qemu did not create its QMP socket within 10s")
+            await asyncio.sleep(0.005)
+        qmp = QMPClient("virby-vm")
+        try:
+            await asyncio.wait_for(qmp.connect(self.qmp_path), 5)
+        except (QMPError, OSError, TimeoutError) as e:
+            raise BackendError(f"cannot connect to QMP at {self.qmp_path}: {e}") from e
+        self._qmp = qmp
+        self._port = await self._forwarded_port()
+        reader, writer = await asyncio.open_unix_connection(self.agent_path)
+        self._agent_reader, self._agent_writer = reader, writer
+        self._agent_task = asyncio.create_task(self._agent_loop(reader))
+        writer.write(b"hello\n")  # an adopted guest answers virby-ready again
+
+    async def _agent_loop(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            text = line.decode("ascii", "replace").strip()
+            if text == "virby-ready":
+                self._ready.set()
+            elif text:
+                await self._agent_replies.put(text)
+
+    async def _forwarded_port(self) -> int:
+        assert self._qmp is not None
+        out = await self._qmp.execute("human-monitor-command", {"command-line": "info usernet"})
+        m = _USERNET_RE.search(str(out))
+        if not m:
+            raise BackendError(f"no SSH port forward in `info usernet`: {out!r}")
+        return int(m.group(1))
+
+    def _alive(self) -> bool:
+        if self._proc is None:
+            return False
+        try:
+            return self._proc.is_running() and self._proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def _qemu_log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.config.log_dir, "qemu.log"), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 2000))
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+                return lines[-1] if lines else "no output"
+        except OSError:
+            return "no output"
+
+    async def wait_announced(self) -> None:
+        ready = asyncio.create_task(self._ready.wait())
+        exited = asyncio.create_task(self.wait_exit())
+        try:
+            done, _ = await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if ready not in done:
+            raise BackendError(f"qemu exited during boot: {self._qemu_log_tail()}")
+
+    def endpoint(self) -> Endpoint:
+        if self._port is None:
+            raise BackendError("the VM is not running")
+        return Endpoint("127.0.0.1", self._port)
+
+    async def _execute(self, cmd: str) -> object:
+        if self._qmp is None:
+            raise BackendError("no QMP connection to qemu")
+        try:
+            return await asyncio.wait_for(self._qmp.execute(cmd), 5)
+        except (QMPError, OSError, TimeoutError) as e:
+            raise BackendError(f"QMP {cmd} failed: {e}") from e
+
+    async def pause(self) -> None:
+        await self._execute("stop")
+
+    async def resume(self) -> None:
+        await self._execute("cont")
+
+    async def sync_clock(self) -> None:
+        """The guest clock stands still while paused (TCG has no catch-up): set it."""
+        if self._agent_writer is None:
+            return
+        self._agent_writer.write(f"time {time.time():.3f}\n".encode())
+        await self._agent_writer.drain()
+
+    async def status(self) -> str:
+        if not self._alive():
+            return "stopped"
+        reply = await self._execute("query-status")
+        status = reply.get("status") if isinstance(reply, dict) else None
+        return {"running": "running", "paused": "paused", "prelaunch": "paused"}.get(
+            str(status), "stopped" if status in ("shutdown", "postmigrate") else "running")
+
+    async def shutdown(self, timeout: float) -> None:
+        if self._alive():
+            try:
+                if await self.status() == "paused":
+                    await self._execute("cont")  # a paused guest cannot hear the power button
+                await self._execute("system_powerdown")
+                await asyncio.wait_for(self.wait_exit(), timeout)
+            except (BackendError, TimeoutError):
+                log.warning("guest did not power off within %.0fs; killing qemu", timeout)
+        await self.kill()
+
+    async def kill(self) -> None:
+        if self._alive() and self._proc is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self._proc.kill()
+            await self.wait_exit()
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        await self.close()
+        self._child = None
+        self._proc = None
+        self._port = None
+        for path in (self.pid_path, self.qmp_path, self.agent_path, self.boot_initrd):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    async def close(self) -> None:
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            self._agent_task = None
+        if self._agent_writer is not None:
+            self._agent_writer.close()
+            self._agent_writer = None
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._qmp.disconnect(), 2)
+            self._qmp = None
+
+    async def wait_exit(self) -> None:
+        if self._proc is None:
+            return
+        await wait_process_exit(self._proc, self._child)
+
+    async def adopt(self) -> bool:
+        record = PidRecord.load(self.pid_path)
+        proc = record.alive_process() if record else None
+        if record is None or proc is None:
+            if record is not None:
+                log.info("stale qemu pid file (pid %d is gone or not ours); removing", record.pid)
+            await self._cleanup()
+            return False
+        self._proc = proc
+        self._child = None
+        self._ready.clear()
+        try:
+            await self._connect_control()
+        except (BackendError, OSError) as e:
+            log.warning("cannot re-attach to qemu pid %d (%s); killing it", proc.pid, e)
+            await self.kill()
+            return False
+        log.info("adopted running qemu, pid %d", proc.pid)
+        return True
+
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None

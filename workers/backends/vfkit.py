@@ -1,0 +1,622 @@
+"""The vfkit backend: macOS Virtualization.framework through vfkit (crc-org/vfkit).
+
+Boot is direct: vfkit loads the guest's kernel and initrd (no EFI, no bootloader on a disk). The
+guest gets these devices, in this order:
+
+* `virtio-blk` <stateDir>/disk.raw: the persistent data disk (/dev/vda). A sparse raw file,
+  created on first boot, grown in place when diskSize grows, never shrunk or wiped.
+* `virtio-blk` guest.disk, read-only, when set: the guest's store image (/dev/vdb).
+* `virtio-net,nat` with a locally administered MAC made once per install (<stateDir>/mac), so
+  the guest keeps its DHCP lease across boots.
+* `virtio-fs` tag `virby-keys`: <stateDir>/guest-keys (host key, authorized_keys, user name);
+  the guest copies them off and unmounts before sshd starts.
+* `virtio-fs` per shared directory; `rosetta` when enabled.
+* `virtio-vsock` port 1024 in *listen* mode: vfkit accepts the guest's vsock connections and
+  dials our unix socket for each, so the guest can announce "virby-ready <ip>" to us.
+* `virtio-vsock` port 1025 in *connect* mode: vfkit listens on a unix socket and dials the
+  guest's qemu-guest-agent, which `sync_clock` uses to set the guest clock after a resume.
+* `virtio-serial` to <logDir>/console.log (the guest's hvc0), `virtio-rng`, `virtio-balloon`.
+* REST API on a unix socket in the runtime dir (never TCP: no other user may pause or stop us).
+
+No `--pidfile`: our PidRecord (pid, create time, command line) identifies vfkit more strictly
+than vfkit's own pid file would, and one record is one source of truth. No `--timesync`: it only
+acts on host wake-ups and keeps the agent's one connection for itself, which would lock
+`sync_clock` out; the guest runs chrony for slow drift and sleep (see image/nixos/guest.nix).
+
+Resource handling: the backend owns the vfkit process (started or adopted), the announcement
+listener (a unix server in the runtime dir) and the pid/ip files; `shutdown`/`kill` release all
+of them, `close` only the listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+from virby.supervisor.config import Config
+from virby.workers import leases
+from virby.workers.backends.base import (
+    Backend,
+    BackendError,
+    Endpoint,
+    PidRecord,
+    require_binary,
+    require_file,
+    wait_process_exit,
+)
+from virby.workers.keys import KeyPaths
+from virby.workers.vfkit_rest import VfkitRest
+
+log = logging.getLogger(__name__)
+
+KEYS_TAG = "virby-keys"
+ROSETTA_TAG = "rosetta"
+ANNOUNCE_PORT = 1024  # guest -> host: "virby-ready <ip>"
+AGENT_PORT = 1025  # host -> guest: qemu-guest-agent
+SSH_PORT = 22
+DISK_ALIGN = 1 << 20  # Virtualization.framework wants whole sectors; keep whole MiB
+
+REST_START_TIMEOUT = 15.0  # vfkit itself gives the VM 5 s to reach Running
+ANNOUNCE_GRACE = 15.0  # wait this long for the vsock announcement before reading leases
+LEASE_BUDGET = 30.0  # then poll the lease file and port 22 for at most this long
+HARD_STOP_WAIT = 5.0
+STATE_SETTLE = 5.0  # a Pause/Resume the REST API accepted shows in /vm/state within this
+
+_ANNOUNCE_RE = re.compile(r"^virby-ready (\S+)$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@functools.cache
+def cpu_brand() -> str | None:
+    """The host CPU's name ("Apple M2 Pro"), only asked of macOS."""
+    if sys.platform != "darwin":
+        return None
+    try:
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip() or None
+
+
+def nested_supported(brand: str | None) -> bool:
+    """Virtualization.framework offers nested virtualization from M3 on (macOS 15)."""
+    return brand is None or re.search(r"\bM[12]\b", brand) is None
+
+
+def ensure_mac(path: str) -> str:
+    """The install's MAC: read from `path`, or made once (locally administered, unicast)."""
+    try:
+        with open(path) as f:
+            mac = f.read().strip().lower()
+        if _MAC_RE.match(mac) and int(mac[:2], 16) & 0b11 == 0b10:
+            return mac
+        log.warning("%s holds %r, not a locally administered MAC; making a new one", path, mac)
+    except FileNotFoundError:
+        pass
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0b11111100) | 0b10
+    mac = ":".join(f"{o:02x}" for o in octets)
+    _write_file(path, (mac + "\n").encode(), 0o644)
+    return mac
+
+
+def ensure_disk(path: str, size: int) -> int:
+    """Create the sparse data disk, or grow it to `size`. Never shrinks. Returns its size."""
+    size = -(-size // DISK_ALIGN) * DISK_ALIGN
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        current = os.stat(path).st_size
+        if current < size:
+            os.truncate(path, size)
+            log.info("grew %s from %d to %d bytes; the guest grows its filesystem at boot",
+                     path, current, size)
+            return size
+        if current > size:
+            log.warning("diskSize asks for %d bytes but %s already has %d; disks are never "
+                        "shrunk (delete the file to start over with an empty disk)",
+                        size, path, current)
+        return current
+    try:
+        os.ftruncate(fd, size)  # sparse on APFS: no blocks until the guest writes
+    finally:
+        os.close(fd)
+    log.info("created data disk %s (%d bytes, sparse)", path, size)
+    return size
+
+
+def _write_file(path: str, data: bytes, mode: int) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _parse_ip(text: str) -> str | None:
+    try:
+        ip = ipaddress.IPv4Address(text)
+    except ValueError:
+        return None
+    return None if ip.is_unspecified or ip.is_multicast else str(ip)
+
+
+class VfkitBackend(Backend):
+    name = "vfkit"
+
+    def __init__(self, config: Config, keys: KeyPaths) -> None:
+        super().__init__(config, keys)
+        self.rest = VfkitRest(self.rest_socket)
+        self.leases_path = leases.LEASES_PATH
+        self._child: asyncio.subprocess.Process | None = None
+        self._proc: psutil.Process | None = None
+        self._guest_ip: str | None = None
+        self._announcer: asyncio.Server | None = None
+        self._announced: asyncio.Future[str] | None = None
+
+    # -- files -----------------------------------------------------------------------------------
+
+    @property
+    def disk_path(self) -> str:
+        return self.config.state("disk.raw")
+
+    @property
+    def mac_path(self) -> str:
+        return self.config.state("mac")
+
+    @property
+    def guest_keys_dir(self) -> str:
+        return self.config.state("guest-keys")
+
+    @property
+    def rest_socket(self) -> str:
+        return self.config.runtime("vfkit.sock")
+
+    @property
+    def announce_socket(self) -> str:
+        return self.config.runtime("vsock.sock")
+
+    @property
+    def agent_socket(self) -> str:
+        return self.config.runtime("qga.sock")
+
+    @property
+    def pid_path(self) -> str:
+        return self.config.runtime("vfkit.pid")
+
+    @property
+    def ip_path(self) -> str:
+        return self.config.runtime("guest-ip")
+
+    @property
+    def vfkit_log(self) -> str:
+        return os.path.join(self.config.log_dir, "vfkit.log")
+
+    @property
+    def mac(self) -> str:
+        return ensure_mac(self.mac_path)
+
+    def check(self) -> None:
+        c, g = self.config, self.config.guest
+        require_binary("vfkit", c.hypervisor)
+        require_file("guest kernel", g.kernel)
+        require_file("guest initrd", g.initrd)
+        with open(g.kernel, "rb") as f:
+            if f.read(2) == b"\x1f\x8b":
+                raise BackendError(f"guest kernel is gzip-compressed: {g.kernel} (vfkit needs "
+                                   "an uncompressed arm64 Image)")
+        if g.disk is not None:
+            require_file("guest store image", g.disk)
+        if '"' in g.cmdline:
+            raise BackendError("guest.cmdline must not contain '\"' (vfkit quotes it with them)")
+        for what, path in [("guest kernel", g.kernel), ("guest initrd", g.initrd),
+                           ("guest store image", g.disk or ""), ("stateDir", c.stateDir),
+                           *((f"shared directory {t}", p) for t, p in c.sharedDirectories.items())]:
+            if "," in path:  # vfkit splits device and bootloader options at commas
+                raise BackendError(f"{what} path contains a comma, which vfkit cannot take: {path}")
+        for tag, path in c.sharedDirectories.items():
+            if not os.path.isdir(path):
+                raise BackendError(f"shared directory {tag} is not a directory: {path}")
+        for what, path in [("SSH host key", self.keys.host_key),
+                           ("SSH client public key", self.keys.client_pub)]:
+            require_file(what, path)
+        if c.rosetta and sys.platform == "darwin" and os.uname().machine != "arm64":
+            raise BackendError("rosetta needs an Apple silicon Mac")
+        if c.nestedVirtualization and not nested_supported(cpu_brand()):
+            log.warning("nestedVirtualization is on, but %s cannot run nested VMs (M3 or later "
+                        "and macOS 15 are needed); starting without it", cpu_brand())
+
+    def command(self) -> list[str]:
+        c, g = self.config, self.config.guest
+        dev = []
+        dev.append(f"virtio-blk,path={self.disk_path}")
+        if g.disk is not None:
+            dev.append(f"virtio-blk,path={g.disk},readonly")
+        dev.append(f"virtio-net,nat,mac={self.mac}")
+        dev.append(f"virtio-fs,sharedDir={self.guest_keys_dir},mountTag={KEYS_TAG}")
+        for tag, path in sorted(c.sharedDirectories.items()):
+            dev.append(f"virtio-fs,sharedDir={path},mountTag={tag}")
+        if c.rosetta:
+            dev.append(f"rosetta,mountTag={ROSETTA_TAG}")
+        dev.append(f"virtio-vsock,port={ANNOUNCE_PORT},socketURL={self.announce_socket},listen")
+        dev.append(f"virtio-vsock,port={AGENT_PORT},socketURL={self.agent_socket},connect")
+        dev.append(f"virtio-serial,logFilePath={self.console_log}")
+        dev.append("virtio-rng")
+        dev.append("virtio-balloon")
+        argv = [
+            c.hypervisor,
+            "--cpus", str(c.cores),
+            "--memory", str(c.memory),
+            # vfkit keeps commas inside the quotes and strips the quotes themselves.
+            "--bootloader", f'linux,kernel={g.kernel},initrd={g.initrd},cmdline="{g.cmdline}"',
+        ]
+        for d in dev:
+            argv += ["--device", d]
+        argv += ["--restful-uri", f"unix://{self.rest_socket}"]
+        if c.nestedVirtualization and nested_supported(cpu_brand()):
+            argv.append("--nested")
+        if c.debug:
+            argv += ["--log-level", "debug"]
+        return argv
+
+    def prepare(self) -> None:
+        """Create what the command line names: dirs, data disk, MAC, the guest's key share."""
+        c = self.config
+        for d in (c.stateDir, c.log_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        os.makedirs(c.runtimeDir, mode=0o700, exist_ok=True)
+        ensure_disk(self.disk_path, c.diskSize)
+        ensure_mac(self.mac_path)
+        self._fill_guest_keys()
+        # vfkit refuses to bind a socket path that exists; any left here are stale.
+        for path in (self.rest_socket, self.agent_socket, self.ip_path):
+            _unlink(path)
+
+    def _fill_guest_keys(self) -> None:
+        os.makedirs(self.guest_keys_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.guest_keys_dir, 0o700)
+        with open(self.keys.host_key, "rb") as f:
+            host_key = f.read()
+        with open(self.keys.client_pub, "rb") as f:
+            authorized = f.read()
+        wanted = {
+            "ssh_host_ed25519_key": host_key,
+            "authorized_keys": authorized,
+            "user": (self.config.sshUser + "\n").encode(),
+        }
+        for name, data in wanted.items():
+            path = os.path.join(self.guest_keys_dir, name)
+            try:
+                with open(path, "rb") as f:
+                    if f.read() == data:
+                        continue
+            except FileNotFoundError:
+                pass
+            _write_file(path, data, 0o600)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def boot(self) -> None:
+        self.check()
+        self.prepare()
+        await self._listen_for_announcement()
+        argv = self.command()
+        log.info("starting vfkit: %s", " ".join(argv))
+        out = open(self.vfkit_log, "ab")  # noqa: SIM115 - the child keeps its own copy
+        try:
+            # Own session: a signal to the worker's process group must not reach the VM; a
+            # new worker adopts it instead.
+            child = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                cwd=self.config.stateDir, start_new_session=True)
+        except OSError as e:
+            raise BackendError(f"cannot start vfkit ({argv[0]}): {e.strerror or e}") from None
+        finally:
+            out.close()
+        self._child = child
+        try:
+            self._proc = psutil.Process(child.pid)
+            # Record what psutil will compare at adoption (a script shows its interpreter).
+            seen = self._proc.cmdline()
+            PidRecord(child.pid, self._proc.create_time(), seen or argv).save(self.pid_path)
+        except psutil.Error:
+            pass  # it died already; _wait_rest reports why
+        await self._wait_rest()
+
+    async def _wait_rest(self) -> None:
+        """Until the REST API answers (the VM exists), or vfkit exits, or a deadline passes."""
+        assert self._child is not None
+        child = self._child
+        exited = asyncio.ensure_future(child.wait())
+        deadline = time.monotonic() + REST_START_TIMEOUT
+        try:
+            while not exited.done():
+                try:
+                    await self.rest.state()
+                    return
+                except BackendError as e:
+                    last = str(e)
+                if time.monotonic() > deadline:
+                    await self.kill()
+                    raise BackendError(f"vfkit's REST API did not answer within "
+                                       f"{REST_START_TIMEOUT:g}s: {last}")
+                # Wakes at once if vfkit exits; otherwise a short retry interval.
+                await asyncio.wait({exited}, timeout=0.05)
+        finally:
+            exited.cancel()
+        await self._forget()
+        raise BackendError(f"vfkit exited with status {child.returncode} at start: "
+                           f"{self._vfkit_tail() or '(no output)'}")
+
+    def _vfkit_tail(self, lines: int = 5) -> str:
+        try:
+            with open(self.vfkit_log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+    async def _listen_for_announcement(self) -> None:
+        await self._stop_listening()
+        _unlink(self.announce_socket)
+        self._announced = asyncio.get_running_loop().create_future()
+        self._announcer = await asyncio.start_unix_server(self._on_guest, path=self.announce_socket)
+        os.chmod(self.announce_socket, 0o600)
+
+    async def _stop_listening(self) -> None:
+        if self._announcer is not None:
+            self._announcer.close()
+            await self._announcer.wait_closed()
+            self._announcer = None
+            _unlink(self.announce_socket)
+
+    async def _on_guest(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One guest connection (relayed by vfkit): one line in, "ok" or "error ..." out."""
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5.0)
+            text = line[:200].decode("ascii", "replace").strip()
+            m = _ANNOUNCE_RE.match(text)
+            ip = _parse_ip(m.group(1)) if m else None
+            if ip is None:
+                log.warning("ignored a malformed guest announcement: %r", text)
+                writer.write(b"error expected 'virby-ready <ipv4>'\n")
+            else:
+                log.info("guest announced sshd on %s", ip)
+                self._set_guest_ip(ip)
+                if self._announced is not None and not self._announced.done():
+                    self._announced.set_result(ip)
+                writer.write(b"ok\n")
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            log.warning("guest announcement connection failed: %s", e)
+        finally:
+            writer.close()
+
+    def _set_guest_ip(self, ip: str) -> None:
+        self._guest_ip = ip
+        # A worker that replaces us reads it back at adoption: the guest announces only once.
+        _write_file(self.ip_path, (ip + "\n").encode(), 0o600)
+
+    async def wait_announced(self) -> None:
+        if self._announced is None or self._proc is None:
+            raise BackendError("vfkit is not running")
+        exited = asyncio.ensure_future(self.wait_exit())
+        fallback = asyncio.ensure_future(self._lease_fallback())
+        try:
+            waiters: set[asyncio.Future[Any]] = {self._announced, exited, fallback}
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            fallback.cancel()
+        if self._announced.done():
+            self._guest_ip = self._announced.result()
+            return
+        if fallback in done:
+            self._set_guest_ip(fallback.result())  # raises its BackendError if it gave up
+            return
+        status = self._child.returncode if self._child is not None else None
+        raise BackendError(f"vfkit exited (status {status}) before the guest announced itself: "
+                           f"{self._vfkit_tail() or '(no output)'}")
+
+    async def _lease_fallback(self) -> str:
+        """Find the guest by its DHCP lease and an open port 22, for a guest that never
+        announces (an older image, or a broken vsock). Bounded; raises with the reason."""
+        await asyncio.sleep(ANNOUNCE_GRACE)
+        mac = self.mac
+        log.warning("no vsock announcement from the guest after %gs; looking for MAC %s in %s",
+                    ANNOUNCE_GRACE, mac, self.leases_path)
+        deadline = time.monotonic() + LEASE_BUDGET
+        ip = None
+        while time.monotonic() < deadline:
+            ip = leases.lookup(mac, self.leases_path)
+            if ip is not None and await _port_open(ip, SSH_PORT):
+                log.warning("found the guest at %s through its DHCP lease (fallback)", ip)
+                return ip
+            await asyncio.sleep(0.5)
+        found = f"a lease for {ip} but nothing listening on port {SSH_PORT}" if ip else "no lease"
+        raise BackendError(
+            f"the guest did not announce itself over vsock within {ANNOUNCE_GRACE:g}s, and "
+            f"{LEASE_BUDGET:g}s of polling {self.leases_path} for MAC {mac} found {found}; "
+            f"see {self.console_log}")
+
+    def endpoint(self) -> Endpoint:
+        if self._guest_ip is None:
+            raise BackendError("the guest's address is not known: it has not announced itself")
+        return Endpoint(self._guest_ip, SSH_PORT)
+
+    async def pause(self) -> None:
+        await self._change("Pause", "paused")
+
+    async def resume(self) -> None:
+        await self._change("Resume", "running")
+
+    async def _change(self, action: str, want: str) -> None:
+        if self._proc is None:
+            raise BackendError(f"cannot {action.lower()}: vfkit is not running")
+        if (await self.rest.state()).state == want:
+            return
+        await self.rest.change_state(action)
+        deadline = time.monotonic() + STATE_SETTLE
+        while (state := (await self.rest.state()).state) != want:
+            if time.monotonic() > deadline:
+                raise BackendError(f"vfkit accepted {action} but the VM is still {state} "
+                                   f"after {STATE_SETTLE:g}s")
+            await asyncio.sleep(0.05)
+
+    async def shutdown(self, timeout: float) -> None:
+        if self._proc is None or not self._alive():
+            await self._forget()
+            return
+        try:
+            if (await self.rest.state()).state == "paused":
+                await self.rest.change_state("Resume")  # a paused guest cannot hear the request
+            await self.rest.change_state("Stop")
+        except BackendError as e:
+            # vfkit's own SIGTERM handler asks the guest to stop, then forces it after 5 s.
+            log.warning("cannot ask the guest to stop over REST (%s); sending vfkit SIGTERM", e)
+            with contextlib.suppress(psutil.Error):
+                self._proc.send_signal(signal.SIGTERM)
+        if await self._exits_within(timeout):
+            await self._forget()
+            return
+        log.warning("the guest did not power off within %gs; stopping it hard", timeout)
+        with contextlib.suppress(BackendError):
+            await self.rest.change_state("HardStop")
+        if await self._exits_within(HARD_STOP_WAIT):
+            await self._forget()
+            return
+        await self.kill()
+
+    async def _exits_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self.wait_exit(), seconds)
+            return True
+        except TimeoutError:
+            return False
+
+    async def kill(self) -> None:
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+            await self.wait_exit()
+        await self._forget()
+
+    def _alive(self) -> bool:
+        if self._proc is None:
+            return False
+        if self._child is not None:
+            return self._child.returncode is None
+        try:
+            return self._proc.is_running() and self._proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    async def _forget(self) -> None:
+        """The process is gone: drop every file and socket that described it."""
+        await self._stop_listening()
+        for path in (self.pid_path, self.ip_path, self.rest_socket, self.agent_socket):
+            _unlink(path)
+        self._proc = None
+        self._child = None
+        self._guest_ip = None
+        self._announced = None
+
+    async def status(self) -> str:
+        if not self._alive():
+            return "stopped"
+        return (await self.rest.state()).state
+
+    async def wait_exit(self) -> None:
+        if self._proc is not None:
+            await wait_process_exit(self._proc, self._child)
+
+    async def adopt(self) -> bool:
+        record = PidRecord.load(self.pid_path)
+        proc = record.alive_process() if record is not None else None
+        if proc is None:
+            for path in (self.pid_path, self.ip_path, self.rest_socket, self.agent_socket,
+                         self.announce_socket):
+                _unlink(path)
+            return False
+        self._proc, self._child = proc, None
+        try:
+            await self.rest.state()
+        except BackendError as e:
+            raise BackendError(f"vfkit (pid {proc.pid}) from an earlier worker is running but "
+                               f"cannot be controlled: {e}") from None
+        # Listen again: a guest still booting announces to whoever listens on the socket now.
+        await self._listen_for_announcement()
+        try:
+            with open(self.ip_path) as f:
+                ip = _parse_ip(f.read().strip())
+        except OSError:
+            ip = None
+        if ip is not None and self._announced is not None:
+            self._guest_ip = ip
+            self._announced.set_result(ip)
+        log.info("adopted vfkit pid %d (guest %s)", proc.pid, ip or "not announced yet")
+        return True
+
+    async def sync_clock(self) -> None:
+        """Set the guest clock through its qemu-guest-agent (the vsock port vfkit relays from
+        our agent socket). A failure is logged, not raised: chrony corrects the clock later."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.agent_socket), 3.0)
+        except (OSError, TimeoutError) as e:
+            log.warning("cannot reach the guest agent to set its clock: %s", e)
+            return
+        try:
+            request = {"execute": "guest-set-time", "arguments": {"time": time.time_ns()}}
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 3.0) or b"null")
+            if not isinstance(reply, dict) or "return" not in reply:
+                log.warning("the guest agent refused to set the clock: %s", reply)
+        except (OSError, TimeoutError, ValueError) as e:
+            log.warning("setting the guest clock failed: %s", e)
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        await self._stop_listening()
+
+    def pid(self) -> int | None:
+        return self._proc.pid if self._alive() and self._proc is not None else None
+
+
+async def _port_open(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True

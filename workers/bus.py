@@ -1,0 +1,427 @@
+"""The bus: how Virby's processes talk. One module defines the whole protocol.
+
+State is broadcast, commands are requests (see DESIGN.md "The bus").
+
+* Every message is two frames: the sender's name (the ZeroMQ topic) and a JSON body
+  `{"v": 1, "kind": "state"|"event", "from", "inc", "seq", "t", "data"}`. `inc` is the
+  sender's incarnation (pid and start time), `seq` counts its messages, `t` is wall time.
+* A `state` message carries the sender's whole current state. Owners send it on every change,
+  as a heartbeat every second, and (XPUB owners) to every new subscriber: a missed message is
+  healed within a second and no decision depends on one particular message.
+* `vm` and `idle` bind an XPUB (`<name>.pub`) and a SUB inbox (`<name>.in`). The forwarder
+  binds nothing, because `circusctl reload forwarder` briefly runs two of it: it connects a
+  SUB to both XPUBs and a PUB to both inboxes.
+* Commands go DEALER -> ROUTER (`vm.ctl`): `{"v": 1, "id", "cmd", "args"}` answered by
+  `{"v": 1, "id", "ok", "error"?, "state"?}`. Commands are idempotent; clients time out.
+
+Anything malformed is logged once per sender and reason, then dropped, never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import zmq
+import zmq.asyncio
+from virby.supervisor.config import Config
+
+VERSION = 1
+NAMES = ("vm", "forwarder", "idle")
+KINDS = ("state", "event")
+COMMANDS = ("wake", "start", "stop", "pause", "resume", "status")
+HEARTBEAT = 1.0
+PEER_TIMEOUT = 3 * HEARTBEAT + 0.5  # three missed heartbeats: the peer is down
+MAX_MESSAGE = 64 * 1024
+
+# Who binds what: state owners bind, the forwarder (which may run twice) only connects.
+XPUB_OWNERS = ("vm", "idle")
+INBOX_OWNERS = ("vm", "idle")
+CONTROL_OWNER = "vm"
+
+log = logging.getLogger("virby.bus")
+
+
+class BadMessage(ValueError):
+    """A message that does not follow the protocol; the text says how."""
+
+
+def incarnation() -> str:
+    """pid and start time: unique per process, stable for its lifetime."""
+    me = psutil.Process()
+    return f"{me.pid}-{me.create_time():.3f}"
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: str
+    sender: str
+    inc: str
+    seq: int
+    t: float
+    data: dict[str, Any]
+
+    def encode(self) -> list[bytes]:
+        body = {"v": VERSION, "kind": self.kind, "from": self.sender, "inc": self.inc,
+                "seq": self.seq, "t": self.t, "data": self.data}
+        return [self.sender.encode(), json.dumps(body, separators=(",", ":")).encode()]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Validate two frames from the wire. Raises BadMessage with the reason."""
+    if len(frames) != 2:
+        raise BadMessage(f"expected 2 frames, got {len(frames)}")
+    topic, body = frames
+    if len(body) > MAX_MESSAGE:
+        raise BadMessage(f"message of {len(body)} bytes is over {MAX_MESSAGE}")
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadMessage(f"not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise BadMessage("body is not an object")
+    if obj.get("v") != VERSION:
+        raise BadMessage(f"unsupported version {obj.get('v')!r}")
+    sender, kind, inc, seq, t, data = (obj.get(k) for k in ("from", "kind", "inc", "seq", "t", "data"))
+    if sender not in NAMES or topic != str(sender).encode():
+        raise BadMessage(f"unknown sender {sender!r} (topic {topic[:32]!r})")
+    if kind not in KINDS:
+        raise BadMessage(f"unknown kind {kind!r}")
+    if not isinstance(inc, str) or not 0 < len(inc) <= 64:
+        raise BadMessage("bad incarnation")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise BadMessage("bad sequence number")
+    if isinstance(t, bool) or not isinstance(t, int | float):
+        raise BadMessage("bad time")
+    if not isinstance(data, dict):
+        raise BadMessage("data is not an object")
+    return Message(kind, sender, inc, seq, float(t), data)
+
+
+def encode_request(cmd: str, args: dict[str, Any] | None = None, req_id: str | None = None) -> bytes:
+    return json.dumps({"v": VERSION, "id": req_id or uuid.uuid4().hex, "cmd": cmd,
+                       "args": args or {}}).encode()
+
+
+def decode_request(body: bytes) -> tuple[str, str, dict[str, Any]]:
+    if len(body) > MAX_MESSAGE:
+        raise BadMessage("request too large")
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadMessage(f"request not JSON: {e}") from None
+    if not isinstance(obj, dict) or obj.get("v") != VERSION:
+        raise BadMessage("request without a supported version")
+    req_id, cmd, args = obj.get("id"), obj.get("cmd"), obj.get("args", {})
+    if not isinstance(req_id, str) or not 0 < len(req_id) <= 64:
+        raise BadMessage("request without an id")
+    if cmd not in COMMANDS:
+        raise BadMessage(f"unknown command {cmd!r}")
+    if not isinstance(args, dict):
+        raise BadMessage("request args is not an object")
+    return req_id, cmd, args
+
+
+def encode_reply(req_id: str, ok: bool, *, error: str | None = None,
+                 state: dict[str, Any] | None = None) -> bytes:
+    reply: dict[str, Any] = {"v": VERSION, "id": req_id, "ok": ok}
+    if error is not None:
+        reply["error"] = error
+    if state is not None:
+        reply["state"] = state
+    return json.dumps(reply).encode()
+
+
+class _OncePerReason:
+    """Log a drop once per (source, reason) so garbage floods don't flood the log."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.seen: set[tuple[str, str]] = set()
+        self.limit = limit
+        self.dropped = 0
+
+    def __call__(self, source: str, reason: str) -> None:
+        self.dropped += 1
+        key = (source, reason[:80])
+        if key in self.seen or len(self.seen) >= self.limit:
+            return
+        self.seen.add(key)
+        log.warning("dropped a malformed message from %s: %s", source, reason)
+
+
+@dataclass
+class Peer:
+    """What we know of another process from its messages."""
+
+    name: str
+    inc: str = ""
+    seq: int = -1
+    last_seen: float = 0.0  # time.monotonic() of the last message
+    state: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0  # incarnation changes we saw
+
+    @property
+    def up(self) -> bool:
+        return bool(self.inc) and time.monotonic() - self.last_seen < PEER_TIMEOUT
+
+    def view(self) -> dict[str, Any]:
+        return {"inc": self.inc or None, "up": self.up, "seq": self.seq, "restarts": self.restarts,
+                "age": round(time.monotonic() - self.last_seen, 3) if self.inc else None}
+
+
+Handler = Callable[[Message, Peer, bool], Awaitable[None] | None]
+
+
+def _ipc_path(endpoint: str) -> str:
+    return endpoint.removeprefix("ipc://")
+
+
+class Node:
+    """One process's bus connection: publishes its state, tracks its peers.
+
+    Owns its ZeroMQ sockets and closes them in `close()`. `on_message(msg, peer, restarted)` is
+    called for every valid message from a peer; `restarted` is True when the peer's
+    incarnation changed (it was restarted).
+    """
+
+    def __init__(self, name: str, config: Config, on_message: Handler | None = None,
+                 ctx: zmq.asyncio.Context | None = None) -> None:
+        assert name in NAMES
+        self.name = name
+        self.config = config
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.inc = incarnation()
+        self.seq = 0
+        self.state: dict[str, Any] = {}
+        self.peers = {n: Peer(n) for n in NAMES if n != name}
+        self.on_message = on_message
+        self.drops = _OncePerReason()
+        self._socks: list[zmq.asyncio.Socket] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._xpub: zmq.asyncio.Socket | None = None
+        self._pub: zmq.asyncio.Socket | None = None
+
+    def _sock(self, kind: int) -> zmq.asyncio.Socket:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        self._socks.append(s)
+        return s
+
+    async def start(self) -> None:
+        receivers: list[zmq.asyncio.Socket] = []
+        if self.name in XPUB_OWNERS:
+            self._xpub = self._sock(zmq.XPUB)
+            self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription: replay
+            self._xpub.setsockopt(zmq.SNDHWM, 1000)
+            self._xpub.bind(self.config.endpoint(f"{self.name}.pub"))
+            self._tasks.append(asyncio.create_task(self._replay_loop(self._xpub)))
+        if self.name in INBOX_OWNERS:
+            inbox = self._sock(zmq.SUB)
+            inbox.setsockopt(zmq.SUBSCRIBE, b"")
+            inbox.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + 1024)
+            inbox.bind(self.config.endpoint(f"{self.name}.in"))
+            receivers.append(inbox)
+        else:
+            self._pub = self._sock(zmq.PUB)
+            for owner in INBOX_OWNERS:
+                self._pub.connect(self.config.endpoint(f"{owner}.in"))
+        sub = self._sock(zmq.SUB)
+        sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + 1024)
+        for owner in XPUB_OWNERS:
+            if owner != self.name:
+                sub.setsockopt(zmq.SUBSCRIBE, owner.encode())
+                sub.connect(self.config.endpoint(f"{owner}.pub"))
+        receivers.append(sub)
+        for r in receivers:
+            self._tasks.append(asyncio.create_task(self._recv_loop(r)))
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+        self.publish_state()
+
+    def _send(self, msg: Message) -> None:
+        frames = msg.encode()
+        for s in (self._xpub, self._pub):
+            if s is None:
+                continue
+            try:
+                s.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a slow subscriber: the next heartbeat carries the state again
+
+    def _message(self, kind: str, data: dict[str, Any]) -> Message:
+        self.seq += 1
+        return Message(kind, self.name, self.inc, self.seq, time.time(), data)
+
+    def publish_state(self) -> None:
+        # Each state carries the sender's view of its peers: anyone can see who sees whom.
+        self._send(self._message("state", {**self.state, "peers": self.peers_view()}))
+
+    def update(self, **changes: Any) -> None:
+        """Change our state and broadcast it at once."""
+        self.state.update(changes)
+        self.publish_state()
+
+    def event(self, name: str, **data: Any) -> None:
+        self._send(self._message("event", {"event": name, **data}))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            self.publish_state()
+
+    async def _replay_loop(self, xpub: zmq.asyncio.Socket) -> None:
+        while True:
+            frame = await xpub.recv()
+            if frame[:1] == b"\x01":  # a new subscription: send the last value now
+                self.publish_state()
+
+    async def _recv_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except zmq.ZMQError as e:  # e.g. a frame over MAXMSGSIZE drops the connection
+                self.drops("socket", str(e))
+                continue
+            try:
+                msg = decode(frames)
+            except BadMessage as e:
+                self.drops(frames[0][:32].decode("ascii", "replace") if frames else "?", str(e))
+                continue
+            if msg.sender == self.name:
+                continue  # another copy of us (forwarder reload): not a peer
+            await self._accept(msg)
+
+    async def _accept(self, msg: Message) -> None:
+        peer = self.peers[msg.sender]
+        restarted = bool(peer.inc) and msg.inc != peer.inc
+        if msg.inc == peer.inc and msg.seq <= peer.seq and msg.kind == "state":
+            return  # stale or duplicate
+        if restarted:
+            peer.restarts += 1
+            log.info("%s restarted: incarnation %s -> %s", msg.sender, peer.inc, msg.inc)
+        elif not peer.inc:
+            log.info("%s seen: incarnation %s", msg.sender, msg.inc)
+        peer.inc, peer.seq, peer.last_seen = msg.inc, msg.seq, time.monotonic()
+        if msg.kind == "state":
+            peer.state = msg.data
+        if self.on_message is not None:
+            result = self.on_message(msg, peer, restarted)
+            if result is not None:
+                await result
+
+    def peers_view(self) -> dict[str, Any]:
+        return {n: p.view() for n, p in self.peers.items()}
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for s in self._socks:
+            s.close(linger=0)
+
+
+class ControlServer:
+    """The vm worker's ROUTER. `handle(cmd, args)` returns (ok, error, state)."""
+
+    def __init__(self, config: Config,
+                 handle: Callable[[str, dict[str, Any]], Awaitable[tuple[bool, str | None, dict[str, Any]]]],
+                 ctx: zmq.asyncio.Context | None = None) -> None:
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + 1024)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.handle = handle
+        self.drops = _OncePerReason()
+        self.endpoint = config.endpoint("vm.ctl")
+        self._task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self.sock.bind(self.endpoint)
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                frames = await self.sock.recv_multipart()
+            except zmq.ZMQError as e:
+                self.drops("control", str(e))
+                continue
+            if len(frames) < 2:
+                self.drops("control", "request without an envelope")
+                continue
+            ident, body = frames[0], frames[-1]
+            try:
+                req_id, cmd, args = decode_request(body)
+            except BadMessage as e:
+                self.drops("control", str(e))
+                continue
+            # Each request gets its own task: a `wake` that waits for a boot must not hold up
+            # a `status` sent meanwhile. The handler itself serialises state changes.
+            task = asyncio.create_task(self._answer(ident, req_id, cmd, args))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _answer(self, ident: bytes, req_id: str, cmd: str, args: dict[str, Any]) -> None:
+        try:
+            ok, error, state = await self.handle(cmd, args)
+        except Exception as e:  # a bug in a handler must not take the control socket down
+            log.exception("command %s failed", cmd)
+            ok, error, state = False, f"internal error: {e}", {}
+        await self.sock.send_multipart([ident, b"", encode_reply(req_id, ok, error=error, state=state)])
+
+    async def close(self) -> None:
+        for t in [self._task, *self._pending]:
+            if t is not None:
+                t.cancel()
+        self.sock.close(linger=0)
+
+
+class RequestError(Exception):
+    """A command did not get an answer, or got an error answer."""
+
+
+async def request(config: Config, cmd: str, args: dict[str, Any] | None = None, *,
+                  timeout: float = 2.0, ctx: zmq.asyncio.Context | None = None) -> dict[str, Any]:
+    """Send one command to the vm worker and wait for its reply (a fresh DEALER each call,
+    so a lost reply can never be mistaken for the answer to a later request)."""
+    ctx = ctx or zmq.asyncio.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        # Queued until the connection exists; LINGER 0 drops it if the vm worker never shows.
+        sock.connect(config.endpoint("vm.ctl"))
+        req_id = uuid.uuid4().hex
+        deadline = time.monotonic() + timeout
+        await sock.send_multipart([b"", encode_request(cmd, args, req_id)])
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await sock.poll(remaining * 1000):
+                raise RequestError(f"no answer from the vm worker within {timeout:g}s ({cmd})")
+            frames = await sock.recv_multipart()
+            try:
+                reply = json.loads(frames[-1])
+            except ValueError:
+                continue
+            if isinstance(reply, dict) and reply.get("id") == req_id:
+                return reply
+    finally:
+        sock.close(linger=0)
+
+
+def remove_stale_ipc(config: Config, names: list[str]) -> None:
+    """libzmq re-binds over an existing ipc file, but a dangling one confuses `ls`-level
+    debugging; remove what a crashed process left."""
+    for n in names:
+        try:
+            os.unlink(_ipc_path(config.endpoint(n)))
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,290 @@
+"""The SSH forwarder: accepts on the listening socket circusd hands us, wakes the VM, holds each
+client until the VM is `running` (or the deadline passes: then the client is closed and the log
+says why), then copies bytes both ways.
+
+Resource handling: circusd owns the listening socket; we only close our copy of its fd, so
+connections queue in the kernel backlog while we restart. Each accepted client socket and its
+upstream connection belong to one `_Link`, which closes both. The socket's O_NONBLOCK flag is
+shared with circusd and is left as circus set it.
+
+Error handling (accept): EMFILE, ENFILE, ENOMEM, ENOBUFS mean the system is overloaded: log
+once, back off 100 ms, retry. ECONNABORTED and friends concern one client: retry at once.
+Anything else is a bug and ends the process (circus restarts it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from virby.supervisor.circus_ini import FORWARDER_DRAIN_TIMEOUT
+from virby.supervisor.config import Config
+from virby.workers import bus
+from virby.workers.runtime import run_worker
+
+log = logging.getLogger("virby.forwarder")
+
+OVERLOAD_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN}
+OVERLOAD_BACKOFF = 0.1
+WRITE_HIGH_WATER = 4 * 1024 * 1024
+WAKE_SLICE = 5.0  # seconds one wake request may wait; renewed until the deadline
+
+
+class _Half(asyncio.Protocol):
+    """One direction's reader; writes what it reads into its peer's transport."""
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Half | None = None
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.peer is None or self.peer.transport is None:
+            transport.pause_reading()  # nowhere to send yet
+
+    def data_received(self, data: bytes) -> None:
+        assert self.peer is not None and self.peer.transport is not None
+        self.peer.transport.write(data)
+        self.link.bytes += len(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None and peer.transport.can_write_eof():
+            peer.transport.write_eof()  # half-close: pass the EOF on, keep the other way open
+        if peer is None or peer.eof:
+            self.link.close()
+        return True
+
+    # Flow control: when the peer cannot take more, stop reading from our side.
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.close()
+
+
+class _Link:
+    """A client and its upstream. Owns both transports and closes both."""
+
+    def __init__(self) -> None:
+        self.client = _Half(self)
+        self.upstream = _Half(self)
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self.done = asyncio.get_running_loop().create_future()
+        self.bytes = 0
+
+    def start(self) -> None:
+        for half in (self.client, self.upstream):
+            if half.transport is not None and not half.transport.is_closing():
+                half.transport.resume_reading()
+
+    def close(self) -> None:
+        for half in (self.client, self.upstream):
+            if half.transport is not None:
+                half.transport.close()  # flushes what is buffered, then closes
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def abort(self) -> None:
+        for half in (self.client, self.upstream):
+            if half.transport is not None:
+                half.transport.abort()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Forwarder:
+    def __init__(self, config: Config, listener: socket.socket, node: bus.Node) -> None:
+        self.config = config
+        self.listener = listener
+        self.node = node
+        self.open = 0
+        self.waiting = 0
+        self.accepted = 0
+        self.failed = 0
+        self.last_activity = time.time()
+        self.links: set[_Link] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._wake: asyncio.Task[dict[str, Any]] | None = None
+        self._overloaded = False
+        self._publish()
+
+    def _publish(self) -> None:
+        self.node.update(open=self.open, waiting=self.waiting, accepted=self.accepted,
+                         failed=self.failed, last_activity=self.last_activity)
+
+    async def accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.listener)
+            except OSError as e:
+                if e.errno in OVERLOAD_ERRNOS:
+                    if not self._overloaded:
+                        log.error("accept failed (%s); backing off until it works again", e)
+                    self._overloaded = True
+                    await asyncio.sleep(OVERLOAD_BACKOFF)
+                    continue
+                if e.errno in CLIENT_ERRNOS:
+                    continue
+                raise
+            if self._overloaded:
+                log.info("accepting again")
+                self._overloaded = False
+            task = asyncio.create_task(self.serve(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def serve(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        self.open += 1
+        self.accepted += 1
+        cid = self.accepted
+        self.last_activity = time.time()
+        self._publish()
+        self.node.event("open", conn=cid, open=self.open)
+        try:
+            await self._serve(conn, cid)
+        finally:
+            self.open -= 1
+            self.last_activity = time.time()
+            self._publish()
+            self.node.event("close", conn=cid, open=self.open)
+
+    async def _serve(self, conn: socket.socket, cid: int) -> None:
+        endpoint = self._running_endpoint()
+        if endpoint is None:
+            self.waiting += 1
+            self._publish()
+            try:
+                endpoint, reason = await self._wait_running()
+            finally:
+                self.waiting -= 1
+            if endpoint is None:
+                self.failed += 1
+                log.warning("connection %d closed: %s", cid, reason)
+                conn.close()
+                return
+        loop = asyncio.get_running_loop()
+        link = _Link()
+        try:
+            await loop.create_connection(lambda: link.upstream, endpoint[0], endpoint[1])
+        except OSError as e:
+            self.failed += 1
+            log.warning("connection %d closed: cannot reach the guest at %s:%d: %s",
+                        cid, endpoint[0], endpoint[1], e)
+            conn.close()
+            return
+        try:
+            await loop.connect_accepted_socket(lambda: link.client, sock=conn)
+        except OSError:
+            link.abort()
+            return
+        self.links.add(link)
+        link.start()
+        try:
+            await link.done
+        finally:
+            self.links.discard(link)
+
+    def _running_endpoint(self) -> tuple[str, int] | None:
+        """Skip the wake round trip when the vm worker's broadcast already says `running`."""
+        vm = self.node.peers["vm"]
+        if vm.up and vm.state.get("state") == "running":
+            ep = vm.state.get("endpoint")
+            if isinstance(ep, list) and len(ep) == 2:
+                return str(ep[0]), int(ep[1])
+        return None
+
+    async def _wait_running(self) -> tuple[tuple[str, int] | None, str]:
+        deadline = time.monotonic() + self.config.readyTimeout + 10
+        last_error = "the VM did not become ready"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None, f"{last_error} (waited {self.config.readyTimeout + 10:g}s)"
+            # All clients waiting now share one wake request: one boot, one round trip.
+            if self._wake is None or self._wake.done():
+                self._wake = asyncio.create_task(self._wake_once(min(WAKE_SLICE, remaining)))
+            try:
+                reply = await asyncio.shield(self._wake)
+            except bus.RequestError as e:
+                last_error = str(e)
+                continue
+            state = reply.get("state") or {}
+            ep = state.get("endpoint")
+            if reply.get("ok") and state.get("state") == "running" and isinstance(ep, list):
+                return (str(ep[0]), int(ep[1])), ""
+            if state.get("state") == "failed":
+                return None, str(reply.get("error") or state.get("reason"))
+            last_error = str(reply.get("error") or f"VM is {state.get('state')}")
+
+    async def _wake_once(self, wait: float) -> dict[str, Any]:
+        return await bus.request(self.config, "wake", {"wait": wait}, timeout=wait + 2)
+
+    async def drain(self, timeout: float) -> None:
+        if not self.links and not self.tasks:
+            return
+        log.info("draining %d connection(s) for up to %.0fs", len(self.tasks), timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), timeout)
+        for link in list(self.links):
+            link.abort()
+        for t in list(self.tasks):
+            t.cancel()
+
+
+async def main(config: Config, stop: asyncio.Event, fd: int) -> None:
+    parent = os.getppid()
+    listener = socket.socket(fileno=fd)
+    node = bus.Node("forwarder", config)
+    await node.start()
+    fwd = Forwarder(config, listener, node)
+    accept = asyncio.create_task(fwd.accept_loop())
+    log.info("forwarder ready on %s (incarnation %s)", listener.getsockname(), node.inc)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({accept, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    error = accept.exception() if accept.done() else None
+    if not accept.done():
+        accept.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await accept
+    # Close only our copy of the fd: circusd keeps listening and queues new clients.
+    asyncio.get_running_loop().remove_reader(fd)
+    listener.detach()
+    os.close(fd)
+    orphaned = os.getppid() != parent
+    await fwd.drain(0 if orphaned else FORWARDER_DRAIN_TIMEOUT)
+    await node.close()
+    if error is not None:
+        raise error
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(prog="virby-forwarder")
+    parser.add_argument("--fd", type=int, required=True, help="the listening socket from circusd")
+    args = parser.parse_args()
+    run_worker("forwarder", lambda config, stop: main(config, stop, args.fd))
+
+
+if __name__ == "__main__":
+    cli()

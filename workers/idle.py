@@ -1,0 +1,126 @@
+"""The idle monitor: decides when the VM is paused and when it is stopped.
+
+With no connection open, it asks the vm worker to pause `onDemand.pauseAfter` seconds after the
+last activity and to stop it `onDemand.stopAfter` seconds after it (memory goes back to the
+host). Either stage can be disabled (null). The requests carry the idle start they are based on,
+so the vm worker refuses them if a client came in meanwhile; it also refuses while any forwarder
+reports an open connection. With `onDemand.enable = false` this process only reports.
+
+It holds no state that matters: killed and restarted, it recomputes everything from the vm
+worker's and the forwarders' next broadcasts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from virby.supervisor.config import Config
+from virby.workers import bus
+from virby.workers.activity import Activity
+from virby.workers.runtime import run_worker
+
+log = logging.getLogger("virby.idle")
+
+RETRY = 1.0  # after a refused or failed request
+
+
+class IdleMonitor:
+    def __init__(self, config: Config, node: bus.Node) -> None:
+        self.config = config
+        self.node = node
+        self.activity = Activity()
+        self.changed = asyncio.Event()
+        self.decision = "waiting for the vm worker"
+        self.not_before = 0.0  # monotonic: back off after a refusal
+
+    async def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
+        self.activity.observe(msg)
+        self.changed.set()
+
+    def plan(self) -> tuple[str | None, float | None, dict[str, Any]]:
+        """(action due now or None, seconds until the next deadline, broadcast state)."""
+        od = self.config.onDemand
+        vm = self.node.peers["vm"]
+        vm_state = vm.state.get("state") if vm.up else None
+        open_ = self.activity.open_connections()
+        woken = vm.state.get("woken_at", 0.0)
+        idle_since = max(self.activity.last_activity(), woken if isinstance(woken, int | float) else 0.0)
+        info: dict[str, Any] = {"enabled": od.enable, "vm": vm_state, "connections": open_,
+                                "idle_since": idle_since, "pause_at": None, "stop_at": None}
+        if not od.enable:
+            return None, None, {**info, "decision": "on-demand is off: the VM stays up"}
+        if vm_state not in ("running", "paused"):
+            return None, None, {**info, "decision": f"nothing to do (VM {vm_state or 'unknown'})"}
+        if open_ > 0:
+            return None, None, {**info, "decision": f"{open_} connection(s) open"}
+        now = time.time()
+        pause_at = idle_since + od.pauseAfter if od.pauseAfter is not None else None
+        stop_at = idle_since + od.stopAfter if od.stopAfter is not None else None
+        info.update(pause_at=pause_at if vm_state == "running" else None, stop_at=stop_at)
+        if stop_at is not None and now >= stop_at:
+            return "stop", None, {**info, "decision": "stopping"}
+        if vm_state == "running" and pause_at is not None and now >= pause_at:
+            return "pause", None, {**info, "decision": "pausing"}
+        deadlines = [t for t in (info["pause_at"], stop_at) if t is not None]
+        if not deadlines:
+            return None, None, {**info, "decision": "idle, no stage enabled"}
+        nxt = min(deadlines)
+        return None, max(0.0, nxt - now), {**info, "decision": f"idle; next step in {nxt - now:.0f}s"}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            action, wait, info = self.plan()
+            self.node.state = info
+            if action is not None and time.monotonic() >= self.not_before:
+                await self._ask(action, info["idle_since"])
+                continue
+            if action is not None:
+                wait = max(0.0, self.not_before - time.monotonic())
+            self.changed.clear()
+            # Wake on any bus message, the next deadline, or a heartbeat's worth of time.
+            timeout = bus.HEARTBEAT if wait is None else min(wait + 0.01, bus.HEARTBEAT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout)
+
+    async def _ask(self, action: str, idle_since: float) -> None:
+        log.info("idle since %s: asking the vm worker to %s",
+                 time.strftime("%H:%M:%S", time.localtime(idle_since)), action)
+        try:
+            reply = await bus.request(self.config, action, {"if_idle": True, "idle_since": idle_since},
+                                      timeout=60 if action == "stop" else 10)
+        except bus.RequestError as e:
+            log.warning("%s not done: %s", action, e)
+            self.not_before = time.monotonic() + RETRY
+            return
+        if not reply.get("ok"):
+            log.info("%s refused: %s", action, reply.get("error"))
+            self.not_before = time.monotonic() + RETRY
+        else:
+            self.node.event(action, idle_since=idle_since)
+        # The vm worker's reply carries its new state; use it rather than wait a heartbeat.
+        state = reply.get("state")
+        if isinstance(state, dict):
+            self.node.peers["vm"].state = state
+
+
+async def main(config: Config, stop: asyncio.Event) -> None:
+    monitor: IdleMonitor | None = None
+
+    async def on_message(msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
+        if monitor is not None:
+            await monitor.on_message(msg, peer, restarted)
+
+    node = bus.Node("idle", config, on_message)
+    monitor = IdleMonitor(config, node)
+    await node.start()
+    log.info("idle monitor ready (incarnation %s)", node.inc)
+    await monitor.run(stop)
+    await node.close()
+
+
+if __name__ == "__main__":
+    run_worker("idle", main)

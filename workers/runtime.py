@@ -1,0 +1,163 @@
+"""What every watcher process does the same way: logging that survives a dead circusd, exiting
+when circusd is gone, SIGTERM handling, and our own crash backoff.
+
+Circus respawns a crashed watcher once per `check_delay` forever, with no backoff, and its
+Flapping plugin drops its own stop command (reference/circus.md §4.6). So a worker that fails
+records the failure in `<runtimeDir>/<name>.failure` and sleeps 1 s, 2 s, 4 s … up to 60 s
+*before* exiting; a worker that has run for HEALTHY_AFTER seconds clears the record. `virby
+status` shows the record. A kill -9 records nothing, so it is respawned at circus's pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+
+from virby.supervisor.config import Config, ConfigError, load_for_worker
+
+HEALTHY_AFTER = 10.0
+MAX_BACKOFF = 60.0
+PARENT_POLL = 0.2
+
+log = logging.getLogger("virby")
+
+
+class _SafeStream:
+    """stderr that turns into /dev/null once circusd's pipe is gone (BrokenPipeError would
+    otherwise kill the task that is shutting us down; reference/circus.md §4.4)."""
+
+    def __init__(self, stream: object) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)  # type: ignore[attr-defined, no-any-return]
+        except (BrokenPipeError, OSError, ValueError):
+            self.stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()  # type: ignore[attr-defined]
+        except (BrokenPipeError, OSError, ValueError):
+            self.stream = open(os.devnull, "w")  # noqa: SIM115
+
+
+def setup_logging(name: str, debug: bool) -> None:
+    stream = _SafeStream(sys.stderr)
+    sys.stderr = stream  # type: ignore[assignment]
+    sys.stdout = _SafeStream(sys.stdout)  # type: ignore[assignment]
+    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def failure_path(config: Config, name: str) -> str:
+    return config.runtime(f"{name}.failure")
+
+
+def read_failure(config: Config, name: str) -> dict[str, object] | None:
+    try:
+        with open(failure_path(config, name)) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _record_failure(config: Config, name: str, reason: str) -> float:
+    """Count this failure; return how long to wait before exiting."""
+    previous = read_failure(config, name) or {}
+    count = int(previous.get("count", 0)) + 1 if isinstance(previous.get("count"), int) else 1
+    delay = min(MAX_BACKOFF, 2.0 ** (count - 1))
+    record = {"count": count, "reason": reason[-2000:], "time": time.time(), "backoff": delay}
+    try:
+        tmp = failure_path(config, name) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, failure_path(config, name))
+    except OSError as e:  # a full disk must not stop the backoff itself
+        log.error("could not record the failure: %s", e)
+    return delay
+
+
+def _clear_failure(config: Config, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError, OSError):
+        os.unlink(failure_path(config, name))
+
+
+async def _watch_parent(stop: asyncio.Event) -> None:
+    """circusd starts us in our own session, so nobody kills us if it dies: watch for it."""
+    parent = os.getppid()
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("circusd (pid %d) is gone; exiting", parent)
+            stop.set()
+            return
+        await asyncio.sleep(PARENT_POLL)
+
+
+async def _mark_healthy(config: Config, name: str) -> None:
+    await asyncio.sleep(HEALTHY_AFTER)
+    _clear_failure(config, name)
+
+
+WorkerMain = Callable[[Config, asyncio.Event], Awaitable[None]]
+
+
+def run_worker(name: str, main: WorkerMain) -> None:
+    """Run `main(config, stop)` until it returns or `stop` is set by SIGTERM/SIGINT/parent loss.
+    `main` must return promptly once `stop` is set."""
+    setup_logging(name, debug=False)
+    try:
+        config = load_for_worker()
+    except ConfigError as e:
+        log.error("%s", e)
+        _sleep_unless_orphaned(5)  # the config will not fix itself; don't let circus spin
+        sys.exit(2)
+    setup_logging(name, config.debug)
+    # SIGHUP: circusd's reload and `send_hup` deliver it; we have nothing to reload, and the
+    # default action (die) would restart the VM manager.
+    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP ignored"))
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        watchers = [asyncio.create_task(_watch_parent(stop)),
+                    asyncio.create_task(_mark_healthy(config, name))]
+        try:
+            await main(config, stop)
+        finally:
+            for w in watchers:
+                w.cancel()
+
+    try:
+        asyncio.run(runner())
+    except KeyboardInterrupt:
+        pass
+    except Exception:
+        reason = traceback.format_exc()
+        log.error("%s failed:\n%s", name, reason)
+        delay = _record_failure(config, name, reason.strip().splitlines()[-1])
+        log.error("waiting %.0fs before exiting (crash backoff)", delay)
+        _sleep_unless_orphaned(delay)
+        sys.exit(1)
+
+
+def _sleep_unless_orphaned(seconds: float) -> None:
+    parent, end = os.getppid(), time.monotonic() + seconds
+    while time.monotonic() < end and os.getppid() == parent:
+        time.sleep(PARENT_POLL)

@@ -1,0 +1,52 @@
+"""Prove the guest's sshd is ready: one real SSH handshake and login (paramiko) against the
+pinned host key. A port probe proves nothing here: QEMU's user networking accepts TCP before
+the guest exists (reference/vm-lab.md §5)."""
+
+from __future__ import annotations
+
+import base64
+import socket
+
+import paramiko
+from virby.workers.keys import KeyPaths
+
+
+class SSHNotReady(Exception):
+    """The handshake failed; the text says at which step."""
+
+
+def pinned_host_key(keys: KeyPaths) -> paramiko.PKey:
+    with open(keys.host_pub) as f:
+        kind, data = f.read().split()[:2]
+    return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
+
+
+def prove_ssh(host: str, port: int, user: str, keys: KeyPaths, timeout: float) -> None:
+    """Handshake, check the host key, authenticate with the client key. Blocking: run it in a
+    thread. Raises SSHNotReady."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise SSHNotReady(f"connect to {host}:{port}: {e}") from e
+    transport = paramiko.Transport(sock)
+    try:
+        transport.banner_timeout = timeout
+        transport.handshake_timeout = timeout
+        try:
+            transport.start_client(timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SSHNotReady(f"handshake: {e or type(e).__name__}") from e
+        server_key = transport.get_remote_server_key()
+        if server_key != pinned_host_key(keys):
+            raise SSHNotReady(
+                f"host key mismatch: the guest offered {server_key.get_name()} "
+                f"{server_key.get_fingerprint().hex()}, not the pinned key in {keys.host_pub}")
+        client_key = paramiko.Ed25519Key.from_private_key_file(keys.client_key)
+        try:
+            transport.auth_publickey(user, client_key)
+        except paramiko.AuthenticationException as e:
+            raise SSHNotReady(f"login as {user} refused: {e}") from e
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SSHNotReady(f"login as {user}: {e or type(e).__name__}") from e
+    finally:
+        transport.close()

@@ -1,0 +1,368 @@
+"""The vm worker: the VM's state machine and its one owner.
+
+    stopped -> starting -> running <-> paused -> stopping -> stopped
+                       \\-> failed (with the reason; the next boot waits out a backoff)
+
+Every transition runs under one lock, so the backend is only ever driven by one task. Wake
+requests during `starting` all wait for the same boot: one boot, however many connections
+arrive. A pause or stop that the idle monitor asks for is refused while the forwarders report
+open connections, or when a wake came in after the idle time the request was based on.
+
+If this process is killed, the hypervisor keeps running and the next worker adopts it. On
+SIGTERM the guest is shut down cleanly (with a deadline); if circusd vanishes, the VM is ended
+at once so that the next `virby run` starts from a clean slate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from virby.supervisor.circus_ini import VM_SHUTDOWN_TIMEOUT
+from virby.supervisor.config import Config
+from virby.workers import bus
+from virby.workers.activity import Activity
+from virby.workers.backends import make_backend
+from virby.workers.backends.base import Backend, BackendError
+from virby.workers.keys import KeyPaths, ensure_keys
+from virby.workers.runtime import run_worker
+from virby.workers.sshcheck import SSHNotReady, prove_ssh
+
+log = logging.getLogger("virby.vm")
+
+STATES = ("stopped", "starting", "running", "paused", "stopping", "failed")
+FAILURE_BACKOFF_MAX = 60.0
+WAKE_WAIT_MAX = 10.0  # longest a single wake request is held before it is answered
+
+
+class VMWorker:
+    def __init__(self, config: Config, backend: Backend, keys: KeyPaths, node: bus.Node) -> None:
+        self.config = config
+        self.backend = backend
+        self.keys = keys
+        self.node = node
+        self.activity = Activity()
+        self.state = "stopped"
+        self.since = time.time()
+        self.reason: str | None = None
+        self.boots = 0
+        self.last_boot_seconds: float | None = None
+        self.woken_at = 0.0
+        self.failures = 0
+        self.retry_at = 0.0  # wall time before which a failed VM is not booted again
+        self._lock = asyncio.Lock()
+        self._boot: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        endpoint = None
+        if self.state in ("running", "paused"):
+            with contextlib.suppress(BackendError):
+                ep = self.backend.endpoint()
+                endpoint = [ep.host, ep.port]
+        return {
+            "state": self.state, "since": self.since, "reason": self.reason,
+            "backend": self.backend.name, "pid": self.backend.pid(), "endpoint": endpoint,
+            "boots": self.boots, "last_boot_seconds": self.last_boot_seconds,
+            "woken_at": self.woken_at, "retry_at": self.retry_at if self.state == "failed" else None,
+            "connections": self.activity.open_connections(),
+            "last_activity": self.activity.last_activity(),
+            "forwarders": self.activity.forwarders(),
+            "on_demand": self.config.onDemand.enable,
+            "forwarder": self.node.peers["forwarder"].state,
+        }
+
+    def refresh(self) -> None:
+        """Bring the broadcast state up to date without sending (the heartbeat sends it)."""
+        self.node.state = self.snapshot()
+
+    def _set(self, state: str, reason: str | None = None) -> None:
+        assert state in STATES
+        if state != self.state:
+            log.info("vm %s -> %s%s", self.state, state, f" ({reason})" if reason else "")
+            self.since = time.time()
+        self.state, self.reason = state, reason
+        self.node.state = self.snapshot()
+        self.node.publish_state()
+        self._persist()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    @property
+    def _counters_path(self) -> str:
+        return self.config.runtime("vm.counters.json")
+
+    def _persist(self) -> None:
+        """Boot counters outlive a worker restart (they count since the arbiter started)."""
+        data = {"boots": self.boots, "last_boot_seconds": self.last_boot_seconds}
+        try:
+            tmp = self._counters_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, self._counters_path)
+        except OSError as e:  # a full disk costs us the counters, never the VM
+            log.warning("cannot save counters: %s", e)
+
+    def restore_counters(self) -> None:
+        try:
+            with open(self._counters_path) as f:
+                data = json.load(f)
+            self.boots = int(data.get("boots", 0))
+            lbs = data.get("last_boot_seconds")
+            self.last_boot_seconds = float(lbs) if lbs is not None else None
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+
+    async def wait_for(self, states: tuple[str, ...], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.state not in states:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def handle(self, cmd: str, args: dict[str, Any]) -> tuple[bool, str | None, dict[str, Any]]:
+        if cmd == "status":
+            return True, None, self.snapshot()
+        if cmd in ("wake", "start"):
+            return await self._wake(args)
+        if cmd == "resume":
+            await self._resume()
+            return True, None, self.snapshot()
+        if cmd in ("pause", "stop"):
+            refusal = self._idle_refusal(args)
+            if refusal:
+                return False, refusal, self.snapshot()
+            await (self._pause(args) if cmd == "pause" else self._stop(args))
+            ok = self.state in (("paused", "stopped", "failed") if cmd == "pause" else ("stopped", "failed"))
+            return ok, None if ok else f"could not {cmd}: VM is {self.state}", self.snapshot()
+        return False, f"unknown command {cmd}", self.snapshot()
+
+    def _idle_refusal(self, args: dict[str, Any]) -> str | None:
+        if not args.get("if_idle"):
+            return None
+        open_ = self.activity.open_connections()
+        if open_:
+            return f"busy: {open_} connection(s) open"
+        idle_since = args.get("idle_since")
+        if isinstance(idle_since, int | float) and self.woken_at > idle_since:
+            return "busy: woken since the idle period began"
+        return None
+
+    async def _wake(self, args: dict[str, Any]) -> tuple[bool, str | None, dict[str, Any]]:
+        self.woken_at = time.time()
+        wait = args.get("wait", 0)
+        wait = min(float(wait), WAKE_WAIT_MAX) if isinstance(wait, int | float) else 0.0
+        if self.state == "stopping":
+            await self.wait_for(("stopped", "failed"), wait)
+        if self.state == "paused":
+            await self._resume()
+        elif self.state in ("stopped", "failed"):
+            if self.state == "failed" and time.time() < self.retry_at:
+                return False, f"boot failed: {self.reason} (next try in {self.retry_at - time.time():.0f}s)", self.snapshot()
+            self.ensure_boot()
+        if wait > 0:
+            await self.wait_for(("running", "failed"), wait)
+        if self.state == "failed":
+            return False, f"boot failed: {self.reason}", self.snapshot()
+        return self.state == "running", None, self.snapshot()
+
+    def ensure_boot(self) -> None:
+        """Start a boot unless one is under way. The state turns `starting` before this returns,
+        so every wake that comes in meanwhile waits for this same boot."""
+        if self._boot is not None and not self._boot.done():
+            return
+        self._set("starting")
+        self._boot = asyncio.create_task(self._run_boot())
+
+    async def _run_boot(self) -> None:
+        async with self._lock:
+            if self.state not in ("starting",):
+                return
+            await self._do_boot()
+
+    async def _do_boot(self) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + self.config.readyTimeout
+        try:
+            self.keys = ensure_keys(self.config.stateDir)
+            await self.backend.boot()
+            self.refresh()
+            await asyncio.wait_for(self.backend.wait_announced(), deadline - time.monotonic())
+            await self._prove_ssh(deadline)
+        except (BackendError, TimeoutError, OSError) as e:
+            await self._boot_failed(e, t0)
+            return
+        except asyncio.CancelledError:
+            await self.backend.kill()
+            self._set("stopped", "boot cancelled")
+            raise
+        self.boots += 1
+        self.failures = 0
+        self.last_boot_seconds = round(time.monotonic() - t0, 3)
+        log.info("guest ready in %.2fs (boot %d)", self.last_boot_seconds, self.boots)
+        self._set("running")
+        self._watch_exit()
+
+    async def _prove_ssh(self, deadline: float) -> None:
+        ep = self.backend.endpoint()
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                await asyncio.to_thread(prove_ssh, ep.host, ep.port, self.config.sshUser,
+                                        self.keys, max(0.5, min(5.0, remaining)))
+                return
+            except SSHNotReady as e:
+                if remaining <= 0.5:
+                    raise BackendError(f"sshd announced but the SSH check failed: {e}") from e
+                log.info("ssh not ready yet: %s", e)
+                await asyncio.sleep(0.2)
+
+    async def _boot_failed(self, error: BaseException, t0: float) -> None:
+        if isinstance(error, TimeoutError):
+            reason = f"guest not ready within {self.config.readyTimeout:g}s"
+        else:
+            reason = str(error) or type(error).__name__
+        tail = self.backend.console_tail(8)
+        log.error("boot failed after %.1fs: %s\nlast console lines:\n%s",
+                  time.monotonic() - t0, reason, tail or "(none)")
+        await self.backend.kill()
+        self.failures += 1
+        self.retry_at = time.time() + min(FAILURE_BACKOFF_MAX, 2.0 ** self.failures)
+        last_line = tail.strip().splitlines()[-1] if tail.strip() else ""
+        self._set("failed", reason + (f"; console: {last_line}" if last_line else ""))
+
+    def _watch_exit(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        self._monitor = asyncio.create_task(self._monitor_exit())
+
+    async def _monitor_exit(self) -> None:
+        await self.backend.wait_exit()
+        async with self._lock:
+            if self.state not in ("running", "paused"):
+                return
+            await self.backend.kill()  # reap and clean up
+            self._set("stopped", "the hypervisor exited unexpectedly")
+        if not self.config.onDemand.enable:
+            self.ensure_boot()
+
+    async def _pause(self, args: dict[str, Any]) -> None:
+        async with self._lock:
+            if self.state != "running" or self._idle_refusal(args):
+                return
+            await self.backend.pause()
+            self._set("paused")
+
+    async def _resume(self) -> None:
+        async with self._lock:
+            if self.state != "paused":
+                return
+            await self.backend.resume()
+            self._set("running")
+        task = asyncio.create_task(self._sync_clock())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _sync_clock(self) -> None:
+        try:
+            await self.backend.sync_clock()
+        except (BackendError, OSError) as e:
+            log.warning("clock sync after resume failed: %s", e)
+
+    async def _stop(self, args: dict[str, Any]) -> None:
+        async with self._lock:
+            if self.state in ("stopped", "failed") or self._idle_refusal(args):
+                return
+            await self._shutdown_locked(VM_SHUTDOWN_TIMEOUT)
+
+    async def _shutdown_locked(self, timeout: float) -> None:
+        self._set("stopping")
+        if self._monitor is not None:
+            self._monitor.cancel()
+        await self.backend.shutdown(timeout)
+        self._set("stopped")
+
+    # -- start and end of the worker ------------------------------------------------------------
+
+    async def adopt(self) -> None:
+        try:
+            adopted = await self.backend.adopt()
+        except BackendError as e:
+            log.warning("could not adopt a running VM: %s", e)
+            adopted = False
+        if not adopted:
+            return
+        status = await self.backend.status()
+        if status in ("running", "paused"):
+            self._set(status)
+            self._watch_exit()
+        else:
+            await self.backend.kill()
+
+    async def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
+        self.activity.observe(msg)
+        self.refresh()
+        if self.state == "paused" and self.activity.open_connections() > 0:
+            # A client got through while a pause raced in: never leave it hanging.
+            log.info("connection open while paused: resuming")
+            self.woken_at = time.time()
+            task = asyncio.create_task(self._resume())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def close(self, *, orphaned: bool) -> None:
+        if self._boot is not None and not self._boot.done():
+            self._boot.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._boot
+        async with self._lock:
+            if self.backend.pid() is not None:
+                # Orphaned: circusd and the port are gone; end the VM now, not in 30 s.
+                await self._shutdown_locked(0 if orphaned else VM_SHUTDOWN_TIMEOUT)
+
+
+async def main(config: Config, stop: asyncio.Event) -> None:
+    parent = os.getppid()
+    keys = ensure_keys(config.stateDir)
+    backend = make_backend(config, keys)
+    worker: VMWorker | None = None
+
+    async def on_message(msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
+        if worker is not None:
+            await worker.on_message(msg, peer, restarted)
+
+    node = bus.Node("vm", config, on_message)
+    worker = VMWorker(config, backend, keys, node)
+    worker.restore_counters()
+    await worker.adopt()
+    worker.refresh()
+    control = bus.ControlServer(config, worker.handle)
+    await node.start()
+    control.start()
+    log.info("vm worker ready (incarnation %s, VM %s)", node.inc, worker.state)
+    if not config.onDemand.enable and worker.state in ("stopped", "failed"):
+        worker.ensure_boot()
+    await stop.wait()
+    orphaned = os.getppid() != parent
+    log.info("stopping (%s)", "circusd is gone" if orphaned else "asked to")
+    await control.close()
+    await worker.close(orphaned=orphaned)
+    await node.close()
+
+
+if __name__ == "__main__":
+    run_worker("vm", main)
