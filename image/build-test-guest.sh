@@ -37,6 +37,7 @@ OUT=$(cd "$OUT" && pwd)
 # the stamp up to date.
 exec 9>"$OUT/.lock"
 flock 9
+rm -rf "$OUT"/.build.*  # left by a build that was killed (we hold the lock: nobody else builds)
 
 # --- 1. resolve the inputs -------------------------------------------------------------------
 # The kernel package name changes with security updates (linux-image-6.1.0-NN-cloud-amd64), so
@@ -49,7 +50,7 @@ resolve() {
   PKGS="$KPKG busybox-static dropbear-bin libc6 libcrypt1 libtomcrypt1 libtommath1 libgmp10 zlib1g"
   # shellcheck disable=SC2086
   URIS=$(apt-get download --print-uris $PKGS 2>/dev/null) || return 1
-  [ "$(printf '%s\n' "$URIS" | grep -c .)" = "$(echo $PKGS | wc -w)" ]
+  [ "$(printf '%s\n' "$URIS" | grep -c .)" = "$(echo "$PKGS" | wc -w)" ]
 }
 apt_update() {
   echo "package lists are missing or stale: apt-get update"
@@ -113,7 +114,7 @@ if [ -n "$missing" ]; then
   # stale package lists make the mirror answer 404: update once and resolve again
   if ! download; then
     apt_update
-    resolve && download || { echo "apt-get download failed" >&2; exit 1; }
+    if ! { resolve && download; }; then echo "apt-get download failed" >&2; exit 1; fi
     STAMP=$(stamp)
   fi
 fi
@@ -139,9 +140,8 @@ for a in $("$R/bin/busybox" --list-full); do
 done
 cp "$X/usr/sbin/dropbear" "$R/usr/sbin/dropbear"
 
-# Copy what the dynamic loader actually resolves (libtomcrypt needs libgmp, which ldd on
-# dropbear alone would not show): run the packaged ld.so on the extracted tree. Every library
-# must come from the tree, never from the host.
+# Copy what the packaged ld.so resolves for dropbear in the extracted tree, transitively
+# (libtomcrypt pulls in libgmp). Every library must come from the tree, never from the host.
 XLD=$X/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
 copy_closure() {  # copy_closure ROOT_OF_LIBS BINARY...
   local from=$1; shift
@@ -182,12 +182,12 @@ for m in $MODS; do
   fi
 done
 seen=" "
-for k in $(cat "$R/etc/modules.order"); do
+while read -r k; do
   for d in $(grep -a -o 'depends=[A-Za-z0-9_,-]*' "$R/lib/modules/$k" | head -1 | sed 's/^depends=//' | tr ',' ' '); do
     case $seen in *" $d "*) ;; *) echo "module order error: $k needs $d first" >&2; exit 1 ;; esac
   done
   seen="$seen${k%.ko} "
-done
+done < "$R/etc/modules.order"
 
 # --- 4. configuration and the guest's scripts ------------------------------------------------------
 cat > "$R/etc/passwd" <<'EOF'
@@ -227,7 +227,7 @@ mount -t devtmpfs dev /dev 2>/dev/null
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 hostname -F /etc/hostname
-for m in $(cat /etc/modules.order); do insmod "/lib/modules/$m" || log "insmod $m failed"; done
+while read -r m; do insmod "/lib/modules/$m" || log "insmod $m failed"; done < /etc/modules.order
 
 # Keys arrive in a cpio archive the host appends to the initrd: /etc/virby/{ssh_host_ed25519_key,
 # authorized_keys,user}. Install authorized_keys for the login user before sshd starts.
@@ -253,7 +253,10 @@ fi
 
 ip link set lo up
 # QEMU user-mode networking (slirp): guest 10.0.2.15/24, gateway 10.0.2.2
-IF=$(ls /sys/class/net | grep -v '^lo$' | head -1)
+IF=
+for n in /sys/class/net/*; do
+  case ${n##*/} in lo) ;; *) IF=${n##*/}; break ;; esac
+done
 if [ -n "$IF" ]; then
   ip addr add 10.0.2.15/24 dev "$IF" && ip link set "$IF" up && ip route add default via 10.0.2.2
 else
@@ -294,7 +297,8 @@ listening() {
   grep -qE ': [0-9A-F]+:0016 [0-9A-F]+:0000 0A ' /proc/net/tcp /proc/net/tcp6 2>/dev/null
 }
 if ! grep -qw virby.noready /proc/cmdline; then
-  ( until listening; do usleep 50000; done; echo virby-ready ) &
+  # double fork: init, not this shell (blocked in read), reaps the watcher when it is done
+  ( ( until listening; do usleep 50000; done; echo virby-ready ) & )
 fi
 CR=$(printf '\r')
 while IFS= read -r line; do
@@ -339,7 +343,8 @@ EOF
 fi
 
 # sanity, without chroot: every library resolves inside the tree, and the binaries run
-RLP="$R/lib/x86_64-linux-gnu:$R/usr/lib/x86_64-linux-gnu"
+# (every library dir in the tree: nix's RUNPATH /usr/lib/nix would otherwise find the host's)
+RLP=$(find "$R" -name '*.so*' -type f -printf '%h\n' | LC_ALL=C sort -u | paste -sd:)
 check_bins="$R/usr/sbin/dropbear"
 [ "$WITH_NIX" = 1 ] && check_bins="$check_bins $R/usr/bin/nix"
 for bin in $check_bins; do
@@ -357,7 +362,7 @@ echo "packing initramfs…"
 ln -s /bin/busybox "$R/init"  # the kernel runs /init = busybox init, which reads /etc/inittab
 find "$R" -exec touch -h -d @0 {} +
 ( cd "$R" && find . -print0 | LC_ALL=C sort -z |
-  cpio --null -o -H newc -R 0:0 --reproducible --quiet ) | gzip -9 -n > "$W/initrd.img"
+  cpio --null -o -H newc -R 0:0 --reproducible --quiet ) | gzip -6 -n > "$W/initrd.img"
 
 # replace atomically; the stamp goes last, so an interrupted build is redone next time
 rm -f "$OUT/stamp"

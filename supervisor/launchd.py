@@ -10,16 +10,14 @@ import os
 import plistlib
 from collections.abc import Sequence
 
+from virby.supervisor.circus_ini import GRACEFUL_TIMEOUTS
 from virby.supervisor.config import Config
 
 LABEL = "org.nixos.virby"
 
-# Seconds each watcher gets between SIGTERM and SIGKILL. The vm watcher's is the longest: it
-# powers the guest off cleanly. (To move next to the circus ini, which must use the same values.)
-GRACEFUL_TIMEOUTS = {"vm": 60, "forwarder": 35, "idle": 5}
-
-# circusd stops the watchers one after another at worst; launchd must wait at least for the
-# slowest one plus circusd's own exit before it sends SIGKILL (its default is only 20 s).
+# circusd stops its watchers all at once, each within its graceful timeout; launchd must wait
+# for the slowest (the vm watcher powering the guest off) and circusd's own exit before it
+# sends SIGKILL. Its default, 20 s, is too short. nix/lib.nix repeats this number (tested).
 EXIT_TIMEOUT = max(GRACEFUL_TIMEOUTS.values()) + 10
 
 # launchd's default soft limit is 256 open files. Every proxied SSH connection costs the

@@ -20,6 +20,7 @@ Anything malformed is logged once per sender and reason, then dropped, never rai
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ NAMES = ("vm", "forwarder", "idle")
 KINDS = ("state", "event")
 COMMANDS = ("wake", "start", "stop", "pause", "resume", "status")
 HEARTBEAT = 1.0
+EARLY_BEATS = (0.02, 0.05, 0.1, 0.2, 0.4)
 PEER_TIMEOUT = 3 * HEARTBEAT + 0.5  # three missed heartbeats: the peer is down
 MAX_MESSAGE = 64 * 1024
 
@@ -212,6 +214,7 @@ class Node:
     def _sock(self, kind: int) -> zmq.asyncio.Socket:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RECONNECT_IVL, 20)  # ipc peers come back within milliseconds
         self._socks.append(s)
         return s
 
@@ -272,8 +275,10 @@ class Node:
         self._send(self._message("event", {"event": name, **data}))
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT)
+        # A connecting PUB drops what it sends before the connection is up, so beat a few
+        # times early: a restarted process is seen within ~50 ms, not a whole heartbeat later.
+        for delay in itertools.chain(EARLY_BEATS, itertools.repeat(HEARTBEAT)):
+            await asyncio.sleep(delay)
             self.publish_state()
 
     async def _replay_loop(self, xpub: zmq.asyncio.Socket) -> None:
@@ -301,6 +306,7 @@ class Node:
     async def _accept(self, msg: Message) -> None:
         peer = self.peers[msg.sender]
         restarted = bool(peer.inc) and msg.inc != peer.inc
+        first_seen = not peer.inc
         if msg.inc == peer.inc and msg.seq <= peer.seq and msg.kind == "state":
             return  # stale or duplicate
         if restarted:
@@ -311,6 +317,8 @@ class Node:
         peer.inc, peer.seq, peer.last_seen = msg.inc, msg.seq, time.monotonic()
         if msg.kind == "state":
             peer.state = msg.data
+        if restarted or first_seen:
+            self.publish_state()  # let everyone see our updated view of our peers now
         if self.on_message is not None:
             result = self.on_message(msg, peer, restarted)
             if result is not None:

@@ -35,7 +35,13 @@ OVERLOAD_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 CLIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN}
 OVERLOAD_BACKOFF = 0.1
 WRITE_HIGH_WATER = 4 * 1024 * 1024
-WAKE_SLICE = 5.0  # seconds one wake request may wait; renewed until the deadline
+WAKE_SLICE = 5.0
+DIAL_BACKOFF_MIN = 0.05
+DIAL_BACKOFF_MAX = 1.0
+# A ready guest sends its banner within milliseconds; one that does not was busy (or its sshd
+# never accepted): dial again rather than wait out the whole deadline on one connection.
+DIAL_GREETING_TIMEOUT = 3.0
+DIAL_GREETING_TIMEOUT_MAX = 12.0  # seconds one wake request may wait; renewed until the deadline
 
 
 class _Half(asyncio.Protocol):
@@ -51,16 +57,27 @@ class _Half(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        if self.peer is None or self.peer.transport is None:
+        if not self.link.started and self is self.link.client:
             transport.pause_reading()  # nowhere to send yet
 
     def data_received(self, data: bytes) -> None:
+        if not self.link.started:
+            # The upstream's greeting (the SSH banner) arrives before the client is attached.
+            self.link.greeting += data
+            if self.transport is not None:
+                self.transport.pause_reading()
+            if not self.link.greeted.done():
+                self.link.greeted.set_result(True)
+            return
         assert self.peer is not None and self.peer.transport is not None
         self.peer.transport.write(data)
         self.link.bytes += len(data)
 
     def eof_received(self) -> bool:
         self.eof = True
+        if not self.link.started:
+            self.link.close()
+            return False
         peer = self.peer
         if peer is not None and peer.transport is not None and peer.transport.can_write_eof():
             peer.transport.write_eof()  # half-close: pass the EOF on, keep the other way open
@@ -82,21 +99,38 @@ class _Half(asyncio.Protocol):
 
 
 class _Link:
-    """A client and its upstream. Owns both transports and closes both."""
+    """A client and its upstream. Owns both transports and closes both.
+
+    The client is attached only once the upstream has said something: an SSH server speaks
+    first, and one that closes before its banner (dropbear turns away a sixth unauthenticated
+    connection from one address; QEMU's user networking accepts before the guest listens) is
+    simply dialled again while the client waits."""
 
     def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
         self.client = _Half(self)
         self.upstream = _Half(self)
         self.client.peer, self.upstream.peer = self.upstream, self.client
-        self.done = asyncio.get_running_loop().create_future()
+        self.done = loop.create_future()
+        self.greeted: asyncio.Future[bool] = loop.create_future()
+        self.greeting = b""
+        self.started = False
         self.bytes = 0
 
     def start(self) -> None:
+        """Attach the client: hand it the greeting, then copy both ways."""
+        self.started = True
+        assert self.client.transport is not None
+        self.client.transport.write(self.greeting)
+        self.bytes += len(self.greeting)
+        self.greeting = b""
         for half in (self.client, self.upstream):
             if half.transport is not None and not half.transport.is_closing():
                 half.transport.resume_reading()
 
     def close(self) -> None:
+        if not self.greeted.done():
+            self.greeted.set_result(False)
         for half in (self.client, self.upstream):
             if half.transport is not None:
                 half.transport.close()  # flushes what is buffered, then closes
@@ -104,6 +138,8 @@ class _Link:
             self.done.set_result(None)
 
     def abort(self) -> None:
+        if not self.greeted.done():
+            self.greeted.set_result(False)
         for half in (self.client, self.upstream):
             if half.transport is not None:
                 half.transport.abort()
@@ -183,16 +219,12 @@ class Forwarder:
                 log.warning("connection %d closed: %s", cid, reason)
                 conn.close()
                 return
-        loop = asyncio.get_running_loop()
-        link = _Link()
-        try:
-            await loop.create_connection(lambda: link.upstream, endpoint[0], endpoint[1])
-        except OSError as e:
+        link = await self._dial(endpoint, cid)
+        if link is None:
             self.failed += 1
-            log.warning("connection %d closed: cannot reach the guest at %s:%d: %s",
-                        cid, endpoint[0], endpoint[1], e)
             conn.close()
             return
+        loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(lambda: link.client, sock=conn)
         except OSError:
@@ -204,6 +236,33 @@ class Forwarder:
             await link.done
         finally:
             self.links.discard(link)
+
+    async def _dial(self, endpoint: tuple[str, int], cid: int) -> _Link | None:
+        """Connect upstream and wait for its first bytes, dialling again (with backoff) when it
+        closes without a word, until the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.config.readyTimeout
+        delay, patience = DIAL_BACKOFF_MIN, DIAL_GREETING_TIMEOUT
+        reason = ""
+        while time.monotonic() < deadline:
+            link = _Link()
+            try:
+                await loop.create_connection(lambda link=link: link.upstream,  # type: ignore[misc]
+                                             endpoint[0], endpoint[1])
+                wait = max(0.0, min(patience, deadline - time.monotonic()))
+                if await asyncio.wait_for(asyncio.shield(link.greeted), wait):
+                    return link
+                reason = "the guest closed the connection before its SSH banner"
+            except TimeoutError:  # (a subclass of OSError: catch it first)
+                reason = "the guest sent no SSH banner"
+                patience = min(patience * 2, DIAL_GREETING_TIMEOUT_MAX)
+            except OSError as e:
+                reason = f"cannot reach the guest at {endpoint[0]}:{endpoint[1]}: {e}"
+            link.abort()
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, DIAL_BACKOFF_MAX)
+        log.warning("connection %d closed: %s (for %.0fs)", cid, reason, self.config.readyTimeout)
+        return None
 
     def _running_endpoint(self) -> tuple[str, int] | None:
         """Skip the wake round trip when the vm worker's broadcast already says `running`."""

@@ -266,18 +266,18 @@ def keys() -> Keys:
 
 
 @pytest.fixture(scope="module")
-def guest(test_guest: Path, keys: Keys) -> Iterator[Vm]:
+def guest(guest_dir: Path, keys: Keys) -> Iterator[Vm]:
     """One booted, announced guest shared by the tests that only talk to it."""
-    with booted(test_guest, keys) as vm:
+    with booted(guest_dir, keys) as vm:
         print(f"\nguest ready {vm.wait_ready():.2f}s after qemu started")
         yield vm
 
 
-def test_builder_logs_in_with_the_boot_time_keys(guest: Vm, keys: Keys, test_guest: Path) -> None:
+def test_builder_logs_in_with_the_boot_time_keys(guest: Vm, keys: Keys, guest_dir: Path) -> None:
     with ssh(guest, keys) as client:
         user, host, release = run(client, "id -un; hostname; uname -r").split()
         assert (user, host) == ("builder", "virby-vm")
-        assert release == kernel_release(test_guest / "vmlinuz")
+        assert release == kernel_release(guest_dir / "vmlinuz")
         assert run(client, "id -u; id -g; echo $HOME").split() == ["1000", "1000", "/home/builder"]
         perms = run(client, "stat -c '%a %u %g' ~ ~/.ssh ~/.ssh/authorized_keys").splitlines()
         assert perms[1:] == ["700 1000 1000", "600 1000 1000"]
@@ -288,8 +288,8 @@ def test_builder_logs_in_with_the_boot_time_keys(guest: Vm, keys: Keys, test_gue
     assert "virby-guest: up in " in guest.console
 
 
-def test_the_image_holds_no_key_of_its_own(test_guest: Path) -> None:
-    cpio = gzip.decompress((test_guest / "initrd.img").read_bytes())
+def test_the_image_holds_no_key_of_its_own(guest_dir: Path) -> None:
+    cpio = gzip.decompress((guest_dir / "initrd.img").read_bytes())
     listing = subprocess.run(["cpio", "-t", "--quiet"], input=cpio, capture_output=True,
                              check=True).stdout.decode().split()
     assert "usr/sbin/dropbear" in listing
@@ -354,8 +354,8 @@ def test_a_wrong_pinned_host_key_is_detected(guest: Vm, keys: Keys) -> None:
         ssh(guest, keys, host_blob=other.host_blob)
 
 
-def test_noready_guest_boots_but_never_announces(test_guest: Path, keys: Keys) -> None:
-    with booted(test_guest, keys, append="virby.noready") as vm:
+def test_noready_guest_boots_but_never_announces(guest_dir: Path, keys: Keys) -> None:
+    with booted(guest_dir, keys, append="virby.noready") as vm:
         vm.wait_console("virby-guest: up in ", READY_TIMEOUT)
         # a normal guest announces well under a second after "up in"; give it 15 s
         assert "virby-ready" not in vm.agent.lines_for(15)
@@ -369,16 +369,26 @@ def test_noready_guest_boots_but_never_announces(test_guest: Path, keys: Keys) -
             assert not banner.startswith(b"SSH-")
 
 
-def test_power_button_powers_off(test_guest: Path, keys: Keys) -> None:
-    with booted(test_guest, keys) as vm:
+def test_the_login_user_comes_from_etc_virby_user(guest_dir: Path, keys: Keys) -> None:
+    with booted(guest_dir, keys, user="root") as vm:
+        vm.wait_ready()
+        with ssh(vm, keys, user="root") as client:
+            assert run(client, "id -un; stat -c '%a %U' ~/.ssh ~/.ssh/authorized_keys").split(
+                "\n")[:3] == ["root", "700 root", "600 root"]
+        with pytest.raises(paramiko.AuthenticationException):
+            ssh(vm, keys, user="builder")
+
+
+def test_power_button_powers_off(guest_dir: Path, keys: Keys) -> None:
+    with booted(guest_dir, keys) as vm:
         vm.wait_ready()
         vm.qmp.command("system_powerdown")
         assert vm.proc.wait(timeout=60) == 0
         assert "virby-guest: shutting down" in vm.console
 
 
-def test_nix_guest_serves_a_builder_owned_store(test_guest_nix: Path, keys: Keys) -> None:
-    with booted(test_guest_nix, keys, memory=512) as vm:
+def test_nix_guest_serves_a_builder_owned_store(guest_nix_dir: Path, keys: Keys) -> None:
+    with booted(guest_nix_dir, keys, memory=512) as vm:
         print(f"\nnix guest ready {vm.wait_ready():.2f}s after qemu started")
         with ssh(vm, keys) as client:
             assert run(client, "nix --version").startswith("nix (Nix) ")

@@ -8,20 +8,22 @@ guest gets these devices, in this order:
 * `virtio-blk` guest.disk, read-only, when set: the guest's store image (/dev/vdb).
 * `virtio-net,nat` with a locally administered MAC made once per install (<stateDir>/mac), so
   the guest keeps its DHCP lease across boots.
-* `virtio-fs` tag `virby-keys`: <stateDir>/guest-keys (host key, authorized_keys, user name);
-  the guest copies them off and unmounts before sshd starts.
+* `virtio-fs` tag `virby-keys`: <stateDir>/guest-keys (host key, authorized_keys, user name,
+  the shares to mount, a rosetta flag); the guest copies them off and unmounts before sshd
+  starts.
 * `virtio-fs` per shared directory; `rosetta` when enabled.
 * `virtio-vsock` port 1024 in *listen* mode: vfkit accepts the guest's vsock connections and
   dials our unix socket for each, so the guest can announce "virby-ready <ip>" to us.
 * `virtio-vsock` port 1025 in *connect* mode: vfkit listens on a unix socket and dials the
-  guest's qemu-guest-agent, which `sync_clock` uses to set the guest clock after a resume.
+  guest's clock agent for each connection; `sync_clock` sets the guest clock after a resume.
 * `virtio-serial` to <logDir>/console.log (the guest's hvc0), `virtio-rng`, `virtio-balloon`.
 * REST API on a unix socket in the runtime dir (never TCP: no other user may pause or stop us).
 
 No `--pidfile`: our PidRecord (pid, create time, command line) identifies vfkit more strictly
-than vfkit's own pid file would, and one record is one source of truth. No `--timesync`: it only
-acts on host wake-ups and keeps the agent's one connection for itself, which would lock
-`sync_clock` out; the guest runs chrony for slow drift and sleep (see image/nixos/guest.nix).
+than vfkit's own pid file would, and one record is one source of truth. No `--timesync`: it acts
+only on host wake-ups (not on our pauses), holds its agent connection for good, and needs
+qemu-guest-agent, whose guest-set-time fails without /sbin/hwclock (absent on NixOS). The guest
+runs chrony for drift and host sleep, and a one-line clock agent (image/nixos/guest.nix).
 
 Resource handling: the backend owns the vfkit process (started or adopted), the announcement
 listener (a unix server in the runtime dir) and the pid/ip files; `shutdown`/`kill` release all
@@ -34,7 +36,6 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -193,9 +194,11 @@ class VfkitBackend(Backend):
     def guest_keys_dir(self) -> str:
         return self.config.state("guest-keys")
 
+    # No ".sock" suffix on vfkit's own sockets: `virby run` clears *.sock from the runtime dir
+    # at start, and a vfkit left running must stay reachable for adoption.
     @property
     def rest_socket(self) -> str:
-        return self.config.runtime("vfkit.sock")
+        return self.config.runtime("vfkit.rest")
 
     @property
     def announce_socket(self) -> str:
@@ -203,7 +206,7 @@ class VfkitBackend(Backend):
 
     @property
     def agent_socket(self) -> str:
-        return self.config.runtime("qga.sock")
+        return self.config.runtime("vfkit.agent")
 
     @property
     def pid_path(self) -> str:
@@ -304,11 +307,20 @@ class VfkitBackend(Backend):
             host_key = f.read()
         with open(self.keys.client_pub, "rb") as f:
             authorized = f.read()
+        c = self.config
+        # Besides keys, the settings the guest applies at boot, so that changing them never
+        # needs a new guest image: the shares to mount and whether to register Rosetta.
         wanted = {
             "ssh_host_ed25519_key": host_key,
             "authorized_keys": authorized,
-            "user": (self.config.sshUser + "\n").encode(),
+            "user": (c.sshUser + "\n").encode(),
+            "shares": "".join(f"{tag}\n" for tag in sorted(c.sharedDirectories)).encode(),
         }
+        rosetta_flag = os.path.join(self.guest_keys_dir, "rosetta")
+        if c.rosetta:
+            wanted["rosetta"] = b"rosetta\n"
+        else:
+            _unlink(rosetta_flag)
         for name, data in wanted.items():
             path = os.path.join(self.guest_keys_dir, name)
             try:
@@ -570,8 +582,12 @@ class VfkitBackend(Backend):
         try:
             await self.rest.state()
         except BackendError as e:
-            raise BackendError(f"vfkit (pid {proc.pid}) from an earlier worker is running but "
-                               f"cannot be controlled: {e}") from None
+            # A vfkit we cannot control still holds the data disk: end it, or the next boot
+            # would start a second VM on the same disk. The disk's contents survive.
+            log.warning("vfkit pid %d from an earlier worker cannot be controlled (%s); "
+                        "killing it", proc.pid, e)
+            await self.kill()
+            return False
         # Listen again: a guest still booting announces to whoever listens on the socket now.
         await self._listen_for_announcement()
         try:
@@ -586,22 +602,22 @@ class VfkitBackend(Backend):
         return True
 
     async def sync_clock(self) -> None:
-        """Set the guest clock through its qemu-guest-agent (the vsock port vfkit relays from
-        our agent socket). A failure is logged, not raised: chrony corrects the clock later."""
+        """Set the guest clock to ours (after a resume: a paused guest's clock stood still).
+        One line over the agent port, which vfkit relays from our agent socket: "settime <ns>",
+        answered "ok". A failure is logged, not raised: chrony corrects the clock later."""
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(self.agent_socket), 3.0)
         except (OSError, TimeoutError) as e:
-            log.warning("cannot reach the guest agent to set its clock: %s", e)
+            log.warning("cannot reach the guest's clock agent: %s", e)
             return
         try:
-            request = {"execute": "guest-set-time", "arguments": {"time": time.time_ns()}}
-            writer.write(json.dumps(request).encode() + b"\n")
+            writer.write(f"settime {time.time_ns()}\n".encode())
             await writer.drain()
-            reply = json.loads(await asyncio.wait_for(reader.readline(), 3.0) or b"null")
-            if not isinstance(reply, dict) or "return" not in reply:
-                log.warning("the guest agent refused to set the clock: %s", reply)
-        except (OSError, TimeoutError, ValueError) as e:
+            reply = (await asyncio.wait_for(reader.readline(), 3.0)).decode("ascii", "replace")
+            if reply.strip() != "ok":
+                log.warning("the guest's clock agent did not set the clock: %r", reply.strip())
+        except (OSError, TimeoutError) as e:
             log.warning("setting the guest clock failed: %s", e)
         finally:
             writer.close()

@@ -1,0 +1,237 @@
+# nix-darwin module: services.virby.*
+#
+# Writes /etc/virby/config.json (read by `virby run`), the launchd daemon that runs it, the
+# ssh_config alias `virby-vm`, and the Nix build machine that points at it. Everything computed
+# from the options lives in ./lib.nix (builtins only, tested without nixpkgs); this file wires.
+{ config, lib, options, pkgs, ... }:
+
+let
+  inherit (lib) literalExpression mkEnableOption mkIf mkMerge mkOption optionalAttrs types;
+
+  cfg = config.services.virby;
+  virbyLib = import ./lib.nix;
+  defaults = (virbyLib { }).defaults;
+  configPath = "/etc/virby/config.json";
+  user = "_virby";
+  group = "virby";
+  id = 348; # Virby's uid/gid, kept so an install migrating from it finds its own account
+
+  # The guest is built from the same nixpkgs as the host system. Only extraConfig changes it:
+  # shares, Rosetta and debug reach the guest at boot (image/nixos/guest.nix).
+  guest = import ../image/nixos {
+    nixpkgs = pkgs.path;
+    extraModules = [ cfg.extraConfig ];
+  };
+
+  virby = virbyLib {
+    inherit (cfg)
+      backend port cores memory diskSize rosetta nestedVirtualization sharedDirectories debug
+      speedFactor allowUserSsh;
+    onDemand = { inherit (cfg.onDemand) enable ttl pauseAfter stopAfter; };
+    guest = { inherit (guest) kernel initrd cmdline disk; };
+    hypervisor =
+      if cfg.backend == "vfkit" then lib.getExe pkgs.vfkit
+      else "${pkgs.qemu}/bin/qemu-system-aarch64";
+    virbyExe = lib.getExe cfg.package;
+    inherit configPath user;
+  };
+  inherit (virby) stateDir runtimeDir;
+
+  buildMachines = {
+    buildMachines = [ virby.buildMachine ];
+    distributedBuilds = true;
+  };
+in
+{
+  options.services.virby = {
+    enable = mkEnableOption "Virby, a Linux builder VM that runs only while Nix needs it";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = literalExpression "pkgs.callPackage <virby/nix/package.nix> { }";
+      description = "The Virby package (its `virby` command runs the supervisor).";
+    };
+
+    backend = mkOption {
+      type = types.enum [ "vfkit" "qemu" ];
+      default = defaults.backend;
+      description = ''
+        Hypervisor front end. "vfkit" (Virtualization.framework) is the one the guest is made
+        for; "qemu" (HVF) is experimental on macOS.
+      '';
+    };
+
+    cores = mkOption {
+      type = types.ints.positive;
+      default = defaults.cores;
+      description = "Virtual CPUs; also the builder's maxJobs.";
+    };
+
+    memory = mkOption {
+      type = types.either types.ints.positive types.str;
+      default = defaults.memory;
+      example = "8GiB";
+      description = ''Guest memory: MiB as a number, or a string with M, MiB, G or GiB. At least 1024 MiB.'';
+    };
+
+    diskSize = mkOption {
+      type = types.either types.ints.positive types.str;
+      default = defaults.diskSize;
+      example = "200GiB";
+      description = ''
+        Size of the persistent data disk (bytes, or "100GiB", "512G", "2T"; powers of 1024).
+        Growing it grows the disk in place at the next VM start; it is never shrunk.
+      '';
+    };
+
+    port = mkOption {
+      type = types.port;
+      default = defaults.port;
+      description = "Loopback TCP port on which the VM's SSH is reachable (1024 to 65535).";
+    };
+
+    onDemand = {
+      enable = mkOption {
+        type = types.bool;
+        default = defaults.onDemand.enable;
+        description = ''
+          Start the VM on the first SSH connection and pause/stop it when idle. Off: the VM
+          boots with the daemon and is restarted if it dies.
+        '';
+      };
+      ttl = mkOption {
+        type = types.ints.positive;
+        default = defaults.onDemand.ttl;
+        description = "Minutes without a connection before the VM stops (Virby's option); the default for stopAfter.";
+      };
+      pauseAfter = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = defaults.onDemand.pauseAfter;
+        description = "Seconds without a connection before the VM's CPUs are paused; null never pauses.";
+      };
+      stopAfter = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = cfg.onDemand.ttl * 60;
+        defaultText = literalExpression "config.services.virby.onDemand.ttl * 60";
+        description = "Seconds without a connection before the VM powers off (memory returned); null never stops.";
+      };
+    };
+
+    rosetta = mkOption {
+      type = types.bool;
+      default = defaults.rosetta;
+      description = "Run x86_64-linux builds through Rosetta (adds x86_64-linux to the builder's systems).";
+    };
+
+    nestedVirtualization = mkOption {
+      type = types.bool;
+      default = defaults.nestedVirtualization;
+      description = ''
+        Give the guest /dev/kvm (M3 or later, macOS 15). Also advertises the kvm and nixos-test
+        features; on M1/M2 the VM starts without it and logs a warning.
+      '';
+    };
+
+    sharedDirectories = mkOption {
+      type = types.attrsOf types.str;
+      default = defaults.sharedDirectories;
+      example = { src = "/Users/me/src"; };
+      description = "Host directories shared into the guest: tag = absolute path; mounted at /mnt/virtiofs/<tag>.";
+    };
+
+    extraConfig = mkOption {
+      type = types.deferredModule;
+      default = { };
+      description = "A NixOS module merged into the guest. Changing it rebuilds the guest image (needs a Linux builder or a cache).";
+    };
+
+    debug = mkOption {
+      type = types.bool;
+      default = defaults.debug;
+      description = "Verbose logs from Virby and vfkit. Does not change the guest image.";
+    };
+
+    speedFactor = mkOption {
+      type = types.ints.positive;
+      default = defaults.speedFactor;
+      description = "The build machine's speedFactor.";
+    };
+
+    allowUserSsh = mkOption {
+      type = types.bool;
+      default = defaults.allowUserSsh;
+      description = ''
+        Let members of the `virby` group run `ssh virby-vm`: a copy of the client key readable by
+        that group (mode 0640), never by everyone. Add users with users.groups.virby.members.
+      '';
+    };
+
+    supportDeterminateNix = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Register the builder in determinateNix.buildMachines instead of nix.buildMachines.";
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions =
+        map (message: { assertion = false; inherit message; }) virby.errors
+        ++ [
+          {
+            assertion = pkgs.stdenv.hostPlatform.isDarwin && pkgs.stdenv.hostPlatform.isAarch64;
+            message = "services.virby needs an Apple silicon Mac (aarch64-darwin).";
+          }
+          {
+            assertion = !cfg.supportDeterminateNix
+              || (options ? determinateNix && config.determinateNix.enable);
+            message = "services.virby.supportDeterminateNix needs determinateNix.enable (the Determinate nix-darwin module).";
+          }
+        ];
+
+      users.groups.${group} = { gid = id; description = "Virby"; };
+      users.users.${user} = {
+        uid = id;
+        gid = id;
+        home = stateDir;
+        createHome = false;
+        shell = "/usr/bin/false";
+        isHidden = true;
+        description = "Virby";
+      };
+      users.knownGroups = [ group ];
+      users.knownUsers = [ user ];
+
+      environment.etc."virby/config.json".text = builtins.toJSON virby.config;
+      environment.etc."ssh/ssh_config.d/100-virby-vm.conf".text = virby.sshConfig;
+      environment.systemPackages = [ cfg.package ];
+
+      launchd.daemons.virby.serviceConfig = virby.launchdJob;
+
+      # launchd opens the log files but does not create their folder. The keys are made by
+      # `virby run` itself (one owner for them) at the daemon's first start, so the group copy
+      # for allowUserSsh can only follow at an activation after that.
+      system.activationScripts.postActivation.text = lib.mkAfter ''
+        echo "setting up Virby in ${stateDir}..." >&2
+        install -d -m 0750 -o ${user} -g ${group} ${stateDir} ${stateDir}/logs
+        install -d -m 0700 -o ${user} -g ${group} ${runtimeDir}
+        ${if cfg.allowUserSsh then ''
+          if [ -e ${virby.clientKey} ]; then
+            install -m 0640 -o ${user} -g ${group} ${virby.clientKey} ${virby.sharedKey}
+          else
+            echo "virby: no client key yet; the copy for the virby group is made at the next activation after the daemon's first start" >&2
+          fi
+        '' else ''
+          rm -f ${virby.sharedKey}
+        ''}
+      '';
+
+      system.build.virbyGuest = guest.bundle;
+    }
+    (mkIf (!cfg.supportDeterminateNix) { nix = buildMachines; })
+    (optionalAttrs (options ? determinateNix) {
+      determinateNix = mkIf cfg.supportDeterminateNix buildMachines;
+    })
+  ]);
+}

@@ -1,0 +1,39 @@
+# Virby itself, from this repository's setup.cfg (the version is read from there too).
+{ lib, python3Packages }:
+
+let
+  ps = python3Packages;
+  setupCfg = builtins.readFile ../setup.cfg;
+  version = builtins.head (builtins.match ".*\nversion = ([^\n]+)\n.*" setupCfg);
+  # nixpkgs names qemu.qmp "qemu-qmp" where it has it; only the qemu backend needs it.
+  hasQmp = ps ? qemu-qmp;
+in
+ps.buildPythonApplication {
+  pname = "virby";
+  inherit version;
+  pyproject = true;
+
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../setup.cfg ../pyproject.toml ../README.md ../supervisor ../workers
+    ];
+  };
+
+  build-system = [ ps.setuptools ps.wheel ];
+  dependencies = with ps; [
+    circus tornado pyzmq psutil paramiko sshtunnel click cryptography
+  ] ++ lib.optional hasQmp ps.qemu-qmp;
+
+  # setup.cfg pins what PyPI serves (circus==0.19.0 ...); take nixpkgs' versions instead.
+  pythonRelaxDeps = true;
+  pythonRemoveDeps = lib.optional (!hasQmp) "qemu.qmp";
+
+  pythonImportsCheck = [ "virby.supervisor.config" "virby.workers.backends.vfkit" ];
+
+  meta = {
+    description = "A Linux build machine on demand for Nix users, behind one loopback SSH port";
+    license = lib.licenses.mit;
+    mainProgram = "virby";
+  };
+}

@@ -1,0 +1,148 @@
+"""The builder on demand, end to end: a real QEMU guest behind the real forwarder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness import Instance
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def vm(guest_dir: Path) -> Iterator[Instance]:
+    with Instance(guest_dir=guest_dir) as inst:
+        inst.start()
+        yield inst
+
+
+def test_first_connection_boots_the_guest_and_runs_the_command(vm: Instance) -> None:
+    assert vm.status()["vm"]["state"] == "stopped"
+    assert vm.qemu() is None
+    out = vm.ssh("uname", "-a")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Linux virby-vm ") and "cloud-amd64" in out.stdout
+    st = vm.status()["vm"]
+    assert st["state"] == "running"
+    assert st["boots"] == 1
+    assert st["last_boot_seconds"] > 0
+    # the second connection reuses the running VM
+    assert vm.ssh("id", "-un").stdout.strip() == "builder"
+    assert vm.status()["vm"]["boots"] == 1
+
+
+def test_32_simultaneous_connections_share_one_boot(vm: Instance) -> None:
+    procs = [vm.ssh_popen("echo", f"hello-{i}", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(32)]
+    results = [(p.wait(180), *p.communicate()) for p in procs]
+    failures = [(i, r[0], r[2]) for i, r in enumerate(results) if r[0] != 0]
+    assert failures == []
+    assert sorted(r[1].decode().strip() for r in results) == sorted(f"hello-{i}" for i in range(32))
+    st = vm.status()["vm"]
+    assert st["boots"] == 1
+    assert st["state"] == "running"
+
+
+def test_idle_pauses_then_stops_and_the_next_connection_brings_it_back(guest_dir: Path) -> None:
+    with Instance(guest_dir=guest_dir, onDemand={"pauseAfter": 2, "stopAfter": 5}) as inst:
+        inst.start()
+        assert inst.ssh("true").returncode == 0
+        qemu = inst.qemu()
+        assert qemu is not None
+        inst.wait_vm("paused", timeout=30)
+        assert qemu.is_running()
+        assert qemu.status() != psutil.STATUS_ZOMBIE
+        inst.wait_vm("stopped", timeout=60)
+        gone, _ = psutil.wait_procs([qemu], timeout=10)
+        assert gone, "the hypervisor process is still there after the stop"
+        assert inst.qemu() is None
+        out = inst.ssh("cat", "/proc/uptime")
+        assert out.returncode == 0, out.stderr
+        st = inst.status()["vm"]
+        assert st["boots"] == 2 and st["state"] == "running"
+
+
+def test_a_paused_vm_is_resumed_by_the_next_connection(guest_dir: Path) -> None:
+    with Instance(guest_dir=guest_dir, onDemand={"pauseAfter": 1, "stopAfter": None}) as inst:
+        inst.start()
+        assert inst.ssh("true").returncode == 0
+        inst.wait_vm("paused", timeout=30)
+        out = inst.ssh("echo", "back")
+        assert out.returncode == 0 and out.stdout.strip() == "back"
+        st = inst.status()["vm"]
+        assert st["boots"] == 1  # resumed, not rebooted
+
+
+def test_no_pause_while_a_session_is_open(guest_dir: Path) -> None:
+    with Instance(guest_dir=guest_dir, onDemand={"pauseAfter": 1, "stopAfter": 2}) as inst:
+        inst.start()
+        session = inst.ssh_popen("read line; echo got:$line", stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        inst.wait_vm("running", timeout=90)
+        # Several idle decisions pass (heartbeats every second) while the session is open.
+        inst.wait_bus(lambda s: s.get("idle", {}).get("connections") == 1
+                      and s["idle"].get("decision", "").endswith("connection(s) open"), 10,
+                      "the idle monitor to see the open session")
+        seen: list[str] = []
+
+        def collect(states: dict) -> bool:
+            if "vm" in states:
+                seen.append(states["vm"]["state"])
+            return len(seen) >= 40
+
+        inst.wait_bus(collect, 15, "40 broadcasts")
+        assert set(seen) == {"running"}
+        out, err = session.communicate(b"ping\n", timeout=30)
+        assert out.decode().strip() == "got:ping", err
+
+
+def test_kill_9_of_the_vm_worker_keeps_the_session_and_the_vm(vm: Instance) -> None:
+    stream = vm.ssh_popen("i=0; while [ $i -lt 4000 ]; do echo line-$i; i=$((i+1)); usleep 2000; done",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    vm.wait_vm("running")
+    qemu = vm.qemu()
+    assert qemu is not None
+    boots = vm.status()["vm"]["boots"]
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(l.decode() for l in stream.stdout))  # type: ignore[union-attr]
+    reader.start()
+    old_pid = vm.watcher_pid("vm")
+    os.kill(old_pid, signal.SIGKILL)
+    st = vm.wait_bus(lambda s: "vm" in s and not s["vm"]["inc"].startswith(f"{old_pid}-")
+                     and s["vm"].get("state") == "running", 15, "a new vm worker that adopted the VM")["vm"]
+    assert st["pid"] == qemu.pid
+    assert st["boots"] == boots
+    # kill -9 of the idle monitor: nothing a client can see
+    os.kill(vm.watcher_pid("idle"), signal.SIGKILL)
+    assert stream.wait(120) == 0, stream.stderr.read()  # type: ignore[union-attr]
+    reader.join()
+    assert len(lines) == 4000 and lines[-1].strip() == "line-3999"
+    assert vm.qemu() is not None and vm.qemu().pid == qemu.pid  # type: ignore[union-attr]
+    assert vm.ssh("true").returncode == 0
+    assert vm.status()["vm"]["boots"] == boots
+
+
+def test_a_guest_that_never_becomes_ready_releases_clients_with_the_reason(guest_dir: Path) -> None:
+    with Instance(guest_dir=guest_dir, readyTimeout=8,
+                  guest={"cmdline": "console=ttyS0 quiet panic=-1 virby.noready"}) as inst:
+        inst.start()
+        out = inst.ssh("true", timeout=120)
+        assert out.returncode == 255
+        st = inst.wait_vm("failed", timeout=30)
+        assert "guest not ready within 8s" in st["reason"]
+        assert inst.qemu() is None  # the hypervisor was ended
+        log = (inst.dir / "state" / "logs" / "vm.log").read_text()
+        assert "boot failed" in log and "guest not ready within 8s" in log
+        fwd = (inst.dir / "state" / "logs" / "forwarder.log").read_text()
+        assert "closed: boot failed: guest not ready within 8s" in fwd
+        # within the backoff a new client is told at once, without another boot attempt
+        status = inst.cli("status", "--json")
+        assert '"state": "failed"' in status.stdout

@@ -1,0 +1,191 @@
+"""The arbiter, for real: `virby run` -> circusd -> three watchers on the real bus."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from tests.harness import Instance
+
+pytestmark = pytest.mark.integration
+
+
+def test_all_three_watchers_active_and_reported(instance: Instance) -> None:
+    statuses = instance.circus("status")["statuses"]
+    assert statuses == {"vm": "active", "forwarder": "active", "idle": "active"}
+    out = json.loads(instance.cli("status", "--json").stdout)
+    for name in ("vm", "forwarder", "idle"):
+        pid = instance.watcher_pid(name)
+        inc = out["incarnations"][name]
+        assert inc and inc.startswith(f"{pid}-"), (name, inc, pid)
+        assert out["watchers"][name]["status"] == "active"
+    assert out["vm"]["state"] == "stopped"
+    assert out["vm"]["boots"] == 0
+
+
+def _views(states: dict) -> dict[str, dict[str, str | None]]:
+    """Who sees which incarnation of whom, from the broadcasts."""
+    vm, idle = states["vm"], states["idle"]
+    fwd = vm.get("forwarder") or {}
+
+    def inc(view: dict, name: str) -> str | None:
+        p = (view.get("peers") or {}).get(name) or {}
+        return p.get("inc") if p.get("up") else None
+
+    return {
+        "vm": {"self": vm["inc"], "idle": inc(vm, "idle"), "forwarder": inc(vm, "forwarder")},
+        "idle": {"self": idle["inc"], "vm": inc(idle, "vm"), "forwarder": inc(idle, "forwarder")},
+        "forwarder": {"vm": inc(fwd, "vm"), "idle": inc(fwd, "idle")},
+    }
+
+
+@pytest.mark.parametrize("victim", ["vm", "forwarder", "idle"])
+def test_kill_9_of_a_watcher_heals_and_the_others_see_it(instance: Instance, victim: str) -> None:
+    pid = instance.watcher_pid(victim)
+    old_inc = instance.status()["incarnations"][victim]
+    assert old_inc.startswith(f"{pid}-")
+    others = [n for n in ("vm", "forwarder", "idle") if n != victim]
+
+    def healed(states: dict) -> bool:
+        if "vm" not in states or "idle" not in states:
+            return False
+        views = _views(states)
+        seen = [views[o].get(victim) for o in others]
+        return all(s is not None and s != old_inc for s in seen)
+
+    os.kill(pid, signal.SIGKILL)
+    # Event-driven: returns as soon as both others broadcast the new incarnation.
+    states = instance.wait_bus(healed, 2.0, f"a new {victim} seen by {others}")
+    new = {_views(states)[o][victim] for o in others}
+    assert len(new) == 1
+    new_inc = new.pop()
+    assert new_inc is not None and not new_inc.startswith(f"{pid}-")
+    assert instance.watcher_pid(victim) != pid
+
+
+def test_forwarder_restart_refuses_no_connection(instance: Instance) -> None:
+    """circusd owns the listening socket: while the forwarder restarts, clients wait in the
+    backlog. Count connect() failures while `circusctl restart forwarder` runs."""
+    refused: list[str] = []
+    attempts = 0
+    stop = threading.Event()
+
+    def client() -> None:
+        nonlocal attempts
+        while not stop.is_set():
+            attempts += 1
+            try:
+                with socket.create_connection(("127.0.0.1", instance.port), timeout=5) as s:
+                    s.sendall(b"SSH-2.0-probe\r\n")
+            except OSError as e:
+                refused.append(str(e))
+            time.sleep(0.025)  # a new connection every 25 ms, as a busy Nix would
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        old = instance.watcher_pid("forwarder")
+        env = {**os.environ, "CIRCUSCTL_ENDPOINT": instance.config.endpoint("ctl")}
+        out = subprocess.run(["circusctl", "restart", "forwarder", "--waiting"], env=env,
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert out.returncode == 0, out.stderr
+        instance.wait_bus(lambda s: (s.get("vm", {}).get("peers", {}).get("forwarder") or {}).get("up")
+                          and not s["vm"]["peers"]["forwarder"]["inc"].startswith(f"{old}-"),
+                          10, "the new forwarder")
+        # keep connecting a little after the new forwarder is up
+        instance.wait_bus(lambda s: False if attempts < 40 else True, 10, "40 attempts")
+    finally:
+        stop.set()
+        t.join()
+    assert attempts >= 40
+    assert refused == []
+
+
+def test_circusctl_works_against_the_rendered_ini(instance: Instance) -> None:
+    env = {**os.environ, "CIRCUSCTL_ENDPOINT": instance.config.endpoint("ctl")}
+    for name in ("vm", "forwarder", "idle"):
+        out = subprocess.run(["circusctl", "status", name], env=env, capture_output=True, text=True,
+                             timeout=30, check=True)
+        assert out.stdout.strip() == "active"
+    out = subprocess.run(["circusctl", "listsockets"], env=env, capture_output=True, text=True,
+                         timeout=30, check=True)
+    assert f"127.0.0.1:{instance.port}" in out.stdout
+
+
+def test_the_port_is_only_in_circusd_and_the_forwarder(instance: Instance) -> None:
+    def listens(pid: int) -> bool:
+        return any(c.laddr and c.laddr.port == instance.port and c.status == psutil.CONN_LISTEN
+                   for c in psutil.Process(pid).net_connections("tcp"))
+
+    assert listens(instance.circusd_pid())
+    assert listens(instance.watcher_pid("forwarder"))
+    assert not listens(instance.watcher_pid("vm"))
+    assert not listens(instance.watcher_pid("idle"))
+
+
+def test_sigterm_stops_everything(instance: Instance) -> None:
+    assert instance.proc is not None
+    children = psutil.Process(instance.proc.pid).children(recursive=True)
+    assert len(children) >= 3
+    instance.proc.send_signal(signal.SIGTERM)
+    assert instance.proc.wait(30) == 0
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", instance.port), timeout=2)
+
+
+def test_watchers_exit_when_circusd_is_killed(instance: Instance) -> None:
+    pids = [instance.watcher_pid(n) for n in ("vm", "forwarder", "idle")]
+    procs = [psutil.Process(p) for p in pids]
+    os.kill(instance.circusd_pid(), signal.SIGKILL)
+    gone, alive = psutil.wait_procs(procs, timeout=2.5)
+    assert alive == [], f"still running: {alive}"
+    # The port is free again: a new arbiter can bind and serve.
+    with Instance(guest_dir=None, port=instance.port) as again:
+        again.start()
+        assert again.circus("status")["statuses"]["forwarder"] == "active"
+
+
+def test_status_when_not_running_is_one_clear_line() -> None:
+    with Instance(guest_dir=None) as inst:
+        out = inst.cli("status", check=False)
+        assert out.returncode == 1
+        assert out.stdout == ""
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "not running" in lines[0]
+        for cmd in ("start", "stop", "pause", "resume"):
+            out = inst.cli(cmd, check=False)
+            assert out.returncode == 1 and "not running" in out.stderr, (cmd, out.stderr)
+
+
+def test_run_fails_loudly_when_the_port_is_taken() -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        with Instance(guest_dir=None, port=port) as inst:
+            out = subprocess.run([sys.executable, "-m", "virby.supervisor.cli", "run", "--config",
+                                  str(inst.config_path)], capture_output=True, text=True, timeout=30)
+            assert out.returncode != 0
+            assert f"127.0.0.1:{port} is already in use" in out.stderr
+            assert f"pid {os.getpid()}" in out.stderr
+
+
+def test_a_boot_without_guest_files_is_a_failed_state_with_the_reason(instance: Instance) -> None:
+    with socket.create_connection(("127.0.0.1", instance.port), timeout=5) as s:
+        s.settimeout(30)
+        assert s.recv(100) == b""  # closed by the forwarder, not left hanging
+    vm = instance.wait_vm("failed", timeout=10)
+    assert "guest kernel (guest.kernel) not found" in vm["reason"]
+    log = (instance.dir / "state" / "logs" / "forwarder.log").read_text()
+    assert "closed: boot failed: guest kernel (guest.kernel) not found" in log

@@ -1,0 +1,308 @@
+"""The vfkit command line and the files it names, against vfkit's documented flags
+(doc/usage.md of crc-org/vfkit: `--bootloader linux,...`, `--device ...`, `--restful-uri`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from virby.supervisor.config import from_dict
+from virby.workers.backends import vfkit as vfkit_mod
+from virby.workers.backends.base import BackendError
+from virby.workers.backends.vfkit import VfkitBackend, ensure_disk, ensure_mac, nested_supported
+from virby.workers.keys import ensure_keys
+
+GiB = 1 << 30
+REAL_CPU_BRAND = vfkit_mod.cpu_brand  # before any test replaces it
+
+
+@pytest.fixture(autouse=True)
+def not_a_mac(monkeypatch):
+    """Tests choose the CPU; nothing asks the real machine."""
+    monkeypatch.setattr(vfkit_mod, "cpu_brand", lambda: None)
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    (guest / "Image").write_bytes(b"MZ\0\0 arm64 Image")
+    (guest / "initrd").write_bytes(b"070701")
+    keys = ensure_keys(str(tmp_path / "state"))
+    vfkit = tmp_path / "bin" / "vfkit"
+    vfkit.parent.mkdir()
+    vfkit.write_text("#!/bin/sh\n")
+    vfkit.chmod(0o755)
+
+    def make(**extra) -> VfkitBackend:
+        guest_cfg = {"kernel": str(guest / "Image"), "initrd": str(guest / "initrd"),
+                     "cmdline": "console=hvc0 init=/nix/store/x-nixos/init loglevel=4"}
+        guest_cfg.update(extra.pop("guest", {}))
+        data = {"backend": "vfkit", "hypervisor": str(vfkit), "cores": 4, "memory": "6GiB",
+                "diskSize": "20GiB", "stateDir": str(tmp_path / "state"),
+                "runtimeDir": str(tmp_path / "run"), "guest": guest_cfg, **extra}
+        return VfkitBackend(from_dict(data), keys)
+
+    make.tmp = tmp_path  # type: ignore[attr-defined]
+    return make
+
+
+def devices(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "--device"]
+
+
+def test_default_command_line(setup) -> None:
+    b = setup()
+    t = setup.tmp
+    mac = b.mac
+    assert b.command() == [
+        str(t / "bin/vfkit"),
+        "--cpus", "4",
+        "--memory", "6144",
+        "--bootloader",
+        f"linux,kernel={t}/guest/Image,initrd={t}/guest/initrd,"
+        'cmdline="console=hvc0 init=/nix/store/x-nixos/init loglevel=4"',
+        "--device", f"virtio-blk,path={t}/state/disk.raw",
+        "--device", f"virtio-net,nat,mac={mac}",
+        "--device", f"virtio-fs,sharedDir={t}/state/guest-keys,mountTag=virby-keys",
+        "--device", f"virtio-vsock,port=1024,socketURL={t}/run/vsock.sock,listen",
+        "--device", f"virtio-vsock,port=1025,socketURL={t}/run/vfkit.agent,connect",
+        "--device", f"virtio-serial,logFilePath={t}/state/logs/console.log",
+        "--device", "virtio-rng",
+        "--device", "virtio-balloon",
+        "--restful-uri", f"unix://{t}/run/vfkit.rest",
+    ]
+
+
+def test_rest_api_is_only_ever_a_unix_socket(setup) -> None:
+    for extra in ({}, {"debug": True}, {"rosetta": True}, {"port": 40000}):
+        argv = setup(**extra).command()
+        uri = argv[argv.index("--restful-uri") + 1]
+        assert uri.startswith("unix:///")
+        assert not any(a.startswith("tcp://") for a in argv)
+
+
+def test_rosetta_device_only_when_enabled(setup) -> None:
+    assert "rosetta,mountTag=rosetta" not in devices(setup().command())
+    assert "rosetta,mountTag=rosetta" in devices(setup(rosetta=True).command())
+
+
+def test_shared_directories_one_virtiofs_each_by_tag(setup, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "cache").mkdir()
+    b = setup(sharedDirectories={"src": str(tmp_path / "src"), "cache": str(tmp_path / "cache")})
+    fs = [d for d in devices(b.command()) if d.startswith("virtio-fs,")]
+    assert fs == [
+        f"virtio-fs,sharedDir={tmp_path}/state/guest-keys,mountTag=virby-keys",
+        f"virtio-fs,sharedDir={tmp_path}/cache,mountTag=cache",
+        f"virtio-fs,sharedDir={tmp_path}/src,mountTag=src",
+    ]
+
+
+def test_store_image_is_a_second_read_only_disk(setup, tmp_path: Path) -> None:
+    (tmp_path / "store.img").write_bytes(b"\0" * 512)
+    b = setup(guest={"disk": str(tmp_path / "store.img")})
+    blk = [d for d in devices(b.command()) if d.startswith("virtio-blk,")]
+    # The data disk first: it is /dev/vda in the guest, the store image /dev/vdb.
+    assert blk == [f"virtio-blk,path={tmp_path}/state/disk.raw",
+                   f"virtio-blk,path={tmp_path}/store.img,readonly"]
+
+
+def test_debug_raises_vfkits_log_level(setup) -> None:
+    assert "--log-level" not in setup().command()
+    argv = setup(debug=True).command()
+    assert argv[argv.index("--log-level") + 1] == "debug"
+
+
+@pytest.mark.parametrize(("brand", "flag"), [
+    (None, True),  # not asked (not a Mac): leave it to vfkit
+    ("Apple M3 Pro", True),
+    ("Apple M4", True),
+    ("Apple M1", False),
+    ("Apple M2 Max", False),
+])
+def test_nested_virtualization_flag(setup, monkeypatch, brand, flag) -> None:
+    monkeypatch.setattr(vfkit_mod, "cpu_brand", lambda: brand)
+    assert ("--nested" in setup(nestedVirtualization=True).command()) is flag
+    assert "--nested" not in setup().command()
+
+
+def test_nested_on_m1_warns_at_check(setup, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(vfkit_mod, "cpu_brand", lambda: "Apple M1 Pro")
+    with caplog.at_level(logging.WARNING):
+        setup(nestedVirtualization=True).check()
+    assert "Apple M1 Pro cannot run nested VMs" in caplog.text
+
+
+def test_nested_supported_reads_brand_names() -> None:
+    assert nested_supported("Apple M3 Max")
+    assert not nested_supported("Apple M2 Ultra")
+    assert nested_supported("Apple M10")  # not M1
+
+
+def test_cpu_brand_asks_nothing_off_macos(monkeypatch) -> None:
+    def boom(*a, **k):
+        raise AssertionError("sysctl must not run off macOS")
+
+    monkeypatch.setattr(subprocess, "run", boom)
+    monkeypatch.setattr(vfkit_mod.sys, "platform", "linux")
+    REAL_CPU_BRAND.cache_clear()
+    try:
+        assert REAL_CPU_BRAND() is None
+    finally:
+        REAL_CPU_BRAND.cache_clear()
+
+
+def test_cpu_brand_reads_sysctl_on_macos(monkeypatch) -> None:
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, stdout="Apple M2 Pro\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(vfkit_mod.sys, "platform", "darwin")
+    REAL_CPU_BRAND.cache_clear()
+    try:
+        assert REAL_CPU_BRAND() == "Apple M2 Pro"
+        assert REAL_CPU_BRAND() == "Apple M2 Pro"
+    finally:
+        REAL_CPU_BRAND.cache_clear()
+    assert calls == [["sysctl", "-n", "machdep.cpu.brand_string"]]  # asked once, then cached
+
+
+# -- MAC -----------------------------------------------------------------------------------------
+
+
+def test_mac_is_locally_administered_unicast_and_stable(tmp_path: Path) -> None:
+    path = str(tmp_path / "mac")
+    mac = ensure_mac(path)
+    first = int(mac.split(":")[0], 16)
+    assert first & 0b10 and not first & 0b01
+    assert len(mac.split(":")) == 6
+    assert ensure_mac(path) == mac
+    assert Path(path).read_text() == mac + "\n"
+
+
+def test_mac_survives_new_backends(setup) -> None:
+    assert setup().mac == setup(rosetta=True).mac
+
+
+def test_garbage_mac_file_is_replaced_with_a_warning(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "mac"
+    path.write_text("01:00:5e:00:00:01\n")  # multicast: not usable
+    with caplog.at_level(logging.WARNING):
+        mac = ensure_mac(str(path))
+    assert mac != "01:00:5e:00:00:01"
+    assert "not a locally administered MAC" in caplog.text
+
+
+# -- data disk -----------------------------------------------------------------------------------
+
+
+def test_disk_is_created_sparse_and_rounded_to_whole_mib(tmp_path: Path) -> None:
+    path = str(tmp_path / "disk.raw")
+    assert ensure_disk(path, GiB + 1) == GiB + (1 << 20)
+    st = os.stat(path)
+    assert st.st_size == GiB + (1 << 20)
+    assert st.st_blocks * 512 < 1 << 20  # no blocks written
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_disk_grows_in_place_keeping_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    ensure_disk(str(path), GiB)
+    with open(path, "r+b") as f:
+        f.write(b"ext4 superblock stand-in")
+    assert ensure_disk(str(path), 2 * GiB) == 2 * GiB
+    assert path.stat().st_size == 2 * GiB
+    with open(path, "rb") as f:
+        assert f.read(24) == b"ext4 superblock stand-in"
+
+
+def test_disk_is_never_shrunk(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "disk.raw"
+    ensure_disk(str(path), 2 * GiB)
+    with caplog.at_level(logging.WARNING):
+        assert ensure_disk(str(path), GiB) == 2 * GiB
+    assert path.stat().st_size == 2 * GiB
+    assert "never shrunk" in caplog.text
+
+
+# -- prepare and check ---------------------------------------------------------------------------
+
+
+def test_prepare_fills_the_guest_key_share(setup) -> None:
+    b = setup(sshUser="nixbuilder")
+    os.makedirs(b.config.runtimeDir)
+    Path(b.rest_socket).write_text("stale")
+    b.prepare()
+    share = Path(b.guest_keys_dir)
+    assert sorted(os.listdir(share)) == ["authorized_keys", "shares", "ssh_host_ed25519_key",
+                                         "user"]
+    assert (share / "shares").read_text() == ""
+    assert (share / "ssh_host_ed25519_key").read_bytes() == Path(b.keys.host_key).read_bytes()
+    assert (share / "authorized_keys").read_bytes() == Path(b.keys.client_pub).read_bytes()
+    assert (share / "user").read_text() == "nixbuilder\n"
+    assert stat.S_IMODE(share.stat().st_mode) == 0o700
+    for f in share.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert os.path.getsize(b.disk_path) == 20 * GiB
+    assert not os.path.exists(b.rest_socket)  # vfkit could not bind over a stale one
+
+
+def test_guest_settings_follow_the_config_without_an_image_change(setup, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "cache").mkdir()
+    on = setup(rosetta=True, sharedDirectories={"src": str(tmp_path / "src"),
+                                                "cache": str(tmp_path / "cache")})
+    on.prepare()
+    share = Path(on.guest_keys_dir)
+    assert (share / "shares").read_text() == "cache\nsrc\n"
+    assert (share / "rosetta").exists()
+    off = setup()
+    off.prepare()
+    assert (share / "shares").read_text() == ""
+    assert not (share / "rosetta").exists()
+
+
+def test_check_passes_for_a_complete_setup(setup) -> None:
+    setup().check()
+
+
+def test_check_names_a_missing_kernel(setup, tmp_path: Path) -> None:
+    b = setup(guest={"kernel": str(tmp_path / "nope")})
+    with pytest.raises(BackendError, match=r"guest kernel not found: .*/nope"):
+        b.check()
+
+
+def test_check_refuses_a_compressed_kernel(setup, tmp_path: Path) -> None:
+    (tmp_path / "Image.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    with pytest.raises(BackendError, match="gzip-compressed"):
+        setup(guest={"kernel": str(tmp_path / "Image.gz")}).check()
+
+
+def test_check_refuses_commas_vfkit_cannot_parse(setup, tmp_path: Path) -> None:
+    odd = tmp_path / "a,b"
+    odd.mkdir()
+    with pytest.raises(BackendError, match="shared directory x path contains a comma"):
+        setup(sharedDirectories={"x": str(odd)}).check()
+
+
+def test_check_refuses_quotes_in_the_cmdline(setup) -> None:
+    with pytest.raises(BackendError, match="must not contain"):
+        setup(guest={"cmdline": 'console=hvc0 foo="bar"'}).check()
+
+
+def test_check_names_a_missing_shared_directory(setup, tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match=r"shared directory src is not a directory"):
+        setup(sharedDirectories={"src": str(tmp_path / "gone")}).check()
+
+
+def test_check_names_a_missing_vfkit(setup) -> None:
+    with pytest.raises(BackendError, match="vfkit not found: vfkit-missing"):
+        setup(hypervisor="vfkit-missing").check()
