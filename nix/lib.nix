@@ -168,7 +168,8 @@ let
   sharedKey = "${clientKey}.shared";
 
   # ConnectTimeout also bounds ssh's wait for the server's banner, which the forwarder delays
-  # until the VM is up: give it the guest's whole start budget and some.
+  # until the VM is up: give it the guest's whole start budget and some. Same text as
+  # `virby ssh-config` prints (supervisor/cli.py; a test compares the two).
   sshConfig = ''
     Host virby-vm
       HostName 127.0.0.1
@@ -180,7 +181,8 @@ let
       UserKnownHostsFile /dev/null
       HostKeyAlias virby-vm-key
       StrictHostKeyChecking yes
-      ConnectTimeout ${toString (o.readyTimeout + 30)}
+      ConnectTimeout ${toString (o.readyTimeout + 15)}
+      BatchMode yes
   '';
 
   isAbsolute = p: isString p && builtins.substring 0 1 p == "/";

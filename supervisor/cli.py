@@ -6,6 +6,7 @@ bad config and 1 with one clear line when the arbiter is not running.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import click
+
 from virby.supervisor import circus_ini
 from virby.supervisor.config import ENV_VAR, Config, ConfigError, load
 
@@ -105,15 +107,17 @@ def prepare_dirs(config: Config) -> None:
         raise click.ClickException(f"cannot prepare {e.filename}: {e.strerror}") from e
 
 
+# What a previous arbiter leaves that must not mislead the next one. The hypervisor's own
+# sockets and pid file are not here: a VM may still run, and the vm worker adopts or cleans it.
+STALE_RUNTIME_FILES = ("ctl.sock", "events.sock", "vm.pub.sock", "vm.in.sock", "vm.ctl.sock",
+                       "idle.pub.sock", "idle.in.sock", "vm.failure", "forwarder.failure",
+                       "idle.failure", "vm.counters.json")
+
+
 def clean_runtime_dir(config: Config) -> None:
-    """Leftovers of a previous arbiter: sockets, failure records, counters. Keep the pid file
-    of a hypervisor that may still run (the vm worker adopts or removes it)."""
-    for name in os.listdir(config.runtimeDir):
-        if name.endswith((".sock", ".failure", ".tmp")) or name == "vm.counters.json":
-            try:
-                os.unlink(os.path.join(config.runtimeDir, name))
-            except OSError:
-                pass
+    for name in STALE_RUNTIME_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.runtime(name))
 
 
 @cli.command()
@@ -235,7 +239,10 @@ def ssh_config_text(config: Config, host: str = "virby-vm") -> str:
         f"  User {config.sshUser}",
         f"  IdentityFile {keys.client_key}",
         "  IdentitiesOnly yes",
-        f"  UserKnownHostsFile {keys.known_hosts}",
+        # Global + /dev/null: the same text works in /etc/ssh/ssh_config.d for every user
+        # (nix/lib.nix writes it there) and no user's own known_hosts can interfere.
+        f"  GlobalKnownHostsFile {keys.known_hosts}",
+        "  UserKnownHostsFile /dev/null",
         f"  HostKeyAlias {HOST_KEY_ALIAS}",
         "  StrictHostKeyChecking yes",
         f"  ConnectTimeout {connect_timeout}",
@@ -303,6 +310,101 @@ def logs(config_path: str | None, follow: bool, lines: int, watcher: str | None)
     names = [watcher] if watcher else ["circusd", "vm", "forwarder", "idle"]
     paths = {n: os.path.join(config.log_dir, LOG_FILES[n]) for n in names}
     logview.show(paths, lines=lines, follow=follow, echo=click.echo)
+
+
+# -- integration with Nix, launchd and circusctl ---------------------------------------------
+
+
+def guest_systems(config: Config) -> list[str]:
+    """The systems the builder serves: the guest runs the host's architecture; Rosetta adds
+    x86_64 on Apple Silicon."""
+    machine = os.uname().machine
+    arch = "aarch64" if machine in ("arm64", "aarch64") else "x86_64"
+    systems = [f"{arch}-linux"]
+    if config.rosetta and arch == "aarch64":
+        systems.append("x86_64-linux")
+    return systems
+
+
+def nix_machines_line(config: Config, *, host: str = "virby-vm", protocol: str = "ssh-ng",
+                      speed_factor: int = 1) -> str:
+    import base64
+
+    from virby.workers.keys import KeyPaths
+
+    keys = KeyPaths.in_dir(config.stateDir)
+    try:
+        with open(keys.host_pub) as f:
+            host_key = base64.b64encode(" ".join(f.read().split()[:2]).encode()).decode()
+    except OSError:
+        host_key = "-"  # no keys yet: `virby run` makes them; ssh_config still pins the key
+    features = ["benchmark", "big-parallel"]
+    if config.nestedVirtualization:
+        features += ["kvm", "nixos-test"]  # only where the guest really has /dev/kvm
+    return " ".join([f"{protocol}://{host}", ",".join(guest_systems(config)), keys.client_key,
+                     str(config.cores), str(speed_factor), ",".join(features), "-", host_key])
+
+
+@cli.command("nix-machines")
+@config_option
+@click.option("--protocol", type=click.Choice(["ssh-ng", "ssh"]), default="ssh-ng", show_default=True)
+@click.option("--speed-factor", type=click.IntRange(1), default=1, show_default=True)
+def nix_machines(config_path: str | None, protocol: str, speed_factor: int) -> None:
+    """Print the /etc/nix/machines line (`--builders` value) for this builder.
+
+    \b
+    Example:
+      nix-build --max-jobs 0 --builders "$(virby nix-machines)" ...
+    """
+    config = _load(config_path)
+    click.echo(nix_machines_line(config, protocol=protocol, speed_factor=speed_factor))
+
+
+@cli.command("launchd-plist")
+@config_option
+@click.option("--user", default=None, help="UserName for the daemon (e.g. _virby).")
+def launchd_plist(config_path: str | None, user: str | None) -> None:
+    """Print the launchd daemon plist that runs `virby run` for this config.
+
+    \b
+    Example:
+      virby launchd-plist --config /etc/virby/config.json --user _virby
+    """
+    import shutil
+
+    from virby.supervisor.launchd import render_plist
+
+    config = _load(config_path)
+    if config.source is None:
+        raise click.UsageError("launchd-plist needs --config FILE: launchd must find the same file")
+    exe = shutil.which("virby") or os.path.abspath(sys.argv[0])
+    click.echo(render_plist(config.source, config, virby_exe=exe, user=user).decode(), nl=False)
+
+
+@cli.command()
+@config_option
+def env(config_path: str | None) -> None:
+    """Print shell variables for this Virby: `eval "$(virby env)"`, then `circusctl status`.
+
+    \b
+    Example:
+      eval "$(virby env --config virby.json)" && circusctl status
+    """
+    import shlex
+
+    config = _load(config_path)
+    values = {
+        "CIRCUSCTL_ENDPOINT": config.endpoint("ctl"),
+        "VIRBY_EVENTS_ENDPOINT": config.endpoint("events"),
+        "VIRBY_VM_ENDPOINT": config.endpoint("vm.pub"),
+        "VIRBY_CONTROL_ENDPOINT": config.endpoint("vm.ctl"),
+        "VIRBY_RUNTIME_DIR": config.runtimeDir,
+        "VIRBY_STATE_DIR": config.stateDir,
+    }
+    if config.source:
+        values["VIRBY_CONFIG"] = config.source
+    for key, value in values.items():
+        click.echo(f"export {key}={shlex.quote(value)}")
 
 
 def main() -> None:

@@ -100,9 +100,10 @@ def default_state_dir() -> str:
     return os.path.join(_xdg("XDG_STATE_HOME", "~/.local/state"), "virby")
 
 
-def default_runtime_dir() -> str:
+def default_runtime_dir(state_dir: str | None = None) -> str:
     if sys.platform == "darwin":
-        return "/var/run/virby"
+        # /var/run is emptied at boot and root-only: keep sockets under the state dir.
+        return os.path.join(state_dir or default_state_dir(), "run")
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base and os.path.isabs(base) and os.path.isdir(base):
         return os.path.join(base, "virby")
@@ -114,7 +115,10 @@ def default_guest_dir() -> str:
     return os.path.join(_xdg("XDG_CACHE_HOME", "~/.cache"), "virby", "guest")
 
 
-DEFAULT_CMDLINE = "console=ttyS0 quiet panic=-1"
+DEFAULT_CMDLINES = {
+    "qemu": "console=ttyS0 quiet panic=-1",
+    "vfkit": "console=hvc0 quiet panic=-1",  # vfkit's console is a virtio console
+}
 
 _TOP_KEYS = {
     "backend", "port", "cores", "memory", "diskSize", "onDemand", "stateDir", "runtimeDir",
@@ -220,12 +224,12 @@ def _on_demand(raw: Any) -> OnDemand:
     return OnDemand(enable=enable, pauseAfter=pause, stopAfter=stop)
 
 
-def _guest(raw: Any, base: str | None) -> Guest:
+def _guest(raw: Any, base: str | None, backend: str) -> Guest:
     data = _check_keys("guest", raw, _GUEST_KEYS)
     gdir = default_guest_dir()
     kernel = _abs_path("guest.kernel", data.get("kernel", os.path.join(gdir, "vmlinuz")), base)
     initrd = _abs_path("guest.initrd", data.get("initrd", os.path.join(gdir, "initrd.img")), base)
-    cmdline = data.get("cmdline", DEFAULT_CMDLINE)
+    cmdline = data.get("cmdline", DEFAULT_CMDLINES[backend])
     if not isinstance(cmdline, str) or "\n" in cmdline or len(cmdline) > 2048:
         raise _fail("guest.cmdline", cmdline, "one line of kernel arguments (at most 2048 characters)")
     disk = data.get("disk")
@@ -263,7 +267,7 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
         raise _fail("diskSize", data.get("diskSize"), "from 1GiB to 16TiB")
 
     state_dir = _abs_path("stateDir", data.get("stateDir", default_state_dir()), base)
-    runtime_dir = _abs_path("runtimeDir", data.get("runtimeDir", default_runtime_dir()), base)
+    runtime_dir = _abs_path("runtimeDir", data.get("runtimeDir", default_runtime_dir(state_dir)), base)
     if len(runtime_dir) + len(_LONGEST_SOCKET_NAME) >= _UNIX_PATH_MAX:
         raise _fail("runtimeDir", runtime_dir,
                     f"a path shorter than {_UNIX_PATH_MAX - len(_LONGEST_SOCKET_NAME)} characters "
@@ -290,7 +294,7 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
         onDemand=_on_demand(data.get("onDemand", {})),
         stateDir=state_dir,
         runtimeDir=runtime_dir,
-        guest=_guest(data.get("guest", {}), base),
+        guest=_guest(data.get("guest", {}), base, backend),
         sshUser=ssh_user,
         rosetta=_bool("rosetta", data.get("rosetta", False)),
         nestedVirtualization=_bool("nestedVirtualization", data.get("nestedVirtualization", False)),
@@ -320,12 +324,10 @@ def load(path: str | Path | None) -> Config:
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror}") from e
     try:
-        if path.endswith(".toml"):
-            data = tomllib.loads(raw.decode("utf-8"))
-        else:
-            data = json.loads(raw)
+        data = tomllib.loads(raw.decode("utf-8")) if path.endswith(".toml") else json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path}: not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}") from e
+        kind = "TOML" if path.endswith(".toml") else "JSON"
+        raise ConfigError(f"config file {path}: not valid {kind}: {e}") from e
     return from_dict(data, source=os.path.abspath(path))
 
 

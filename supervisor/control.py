@@ -12,6 +12,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+
 from virby.supervisor.config import Config
 from virby.workers import bus
 from virby.workers.runtime import read_failure

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import IO
+from typing import BinaryIO
 
 POLL = 0.25
 
@@ -38,12 +38,12 @@ def show(paths: dict[str, str], *, lines: int, follow: bool, echo: Callable[[str
 
 
 def _follow(paths: dict[str, str], prefix: bool, echo: Callable[[str], None]) -> None:
-    files: dict[str, tuple[IO[bytes], int]] = {}
+    files: dict[str, tuple[BinaryIO, int]] = {}
     for name, path in paths.items():
         try:
-            f = open(path, "rb")  # noqa: SIM115 - kept open while following
-            f.seek(0, os.SEEK_END)
-            files[name] = (f, os.fstat(f.fileno()).st_ino)
+            fh: BinaryIO = open(path, "rb")  # noqa: SIM115 - kept open while following
+            fh.seek(0, os.SEEK_END)
+            files[name] = (fh, os.fstat(fh.fileno()).st_ino)
         except OSError:
             pass
     pending: dict[str, bytes] = {}
@@ -76,5 +76,5 @@ def _follow(paths: dict[str, str], prefix: bool, echo: Callable[[str], None]) ->
     except KeyboardInterrupt:
         pass
     finally:
-        for f, _ in files.values():
-            f.close()
+        for fh, _ in files.values():
+            fh.close()

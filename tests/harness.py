@@ -170,7 +170,8 @@ class Instance:
 
     # -- waiting on the bus ---------------------------------------------------------------------
 
-    def wait_bus(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+    def wait_bus(self, predicate: Callable[[dict[str, Any]], bool], timeout: float,
+                 what: str) -> dict[str, Any]:
         """Wait until `predicate(states)` holds, where states maps "vm"/"idle" to the latest
         broadcast (each with its `inc`). Raises AssertionError naming `what` on timeout."""
         sock = self.ctx.socket(zmq.SUB)
@@ -191,7 +192,7 @@ class Instance:
                 if self.proc is not None and self.proc.poll() is not None:
                     raise AssertionError(f"virby run exited ({self.proc.returncode}) while waiting for "
                                          f"{what}: {(self.dir / 'run.out').read_text()[-2000:]}")
-                if sock.poll(min(remaining, 0.5) * 1000):
+                if sock.poll(int(min(remaining, 0.5) * 1000)):
                     try:
                         msg = bus.decode(sock.recv_multipart())
                     except bus.BadMessage:

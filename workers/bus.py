@@ -20,6 +20,7 @@ Anything malformed is logged once per sender and reason, then dropped, never rai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -33,6 +34,7 @@ from typing import Any
 import psutil
 import zmq
 import zmq.asyncio
+
 from virby.supervisor.config import Config
 
 VERSION = 1
@@ -253,10 +255,9 @@ class Node:
         for s in (self._xpub, self._pub):
             if s is None:
                 continue
-            try:
+            # A slow subscriber (zmq.Again): the next heartbeat carries the state again.
+            with contextlib.suppress(zmq.Again):
                 s.send_multipart(frames, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # a slow subscriber: the next heartbeat carries the state again
 
     def _message(self, kind: str, data: dict[str, Any]) -> Message:
         self.seq += 1
@@ -429,7 +430,5 @@ def remove_stale_ipc(config: Config, names: list[str]) -> None:
     """libzmq re-binds over an existing ipc file, but a dangling one confuses `ls`-level
     debugging; remove what a crashed process left."""
     for n in names:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(_ipc_path(config.endpoint(n)))
-        except FileNotFoundError:
-            pass

@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from typing import TextIO
 
 from virby.supervisor.config import Config, ConfigError, load_for_worker
 
@@ -34,28 +35,28 @@ class _SafeStream:
     """stderr that turns into /dev/null once circusd's pipe is gone (BrokenPipeError would
     otherwise kill the task that is shutting us down; reference/circus.md §4.4)."""
 
-    def __init__(self, stream: object) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
 
     def write(self, text: str) -> int:
         try:
-            return self.stream.write(text)  # type: ignore[attr-defined, no-any-return]
+            return self.stream.write(text)
         except (BrokenPipeError, OSError, ValueError):
             self.stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
             return len(text)
 
     def flush(self) -> None:
         try:
-            self.stream.flush()  # type: ignore[attr-defined]
+            self.stream.flush()
         except (BrokenPipeError, OSError, ValueError):
             self.stream = open(os.devnull, "w")  # noqa: SIM115
 
 
 def setup_logging(name: str, debug: bool) -> None:
     stream = _SafeStream(sys.stderr)
-    sys.stderr = stream  # type: ignore[assignment]
-    sys.stdout = _SafeStream(sys.stdout)  # type: ignore[assignment]
-    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    sys.stderr = stream  # type: ignore[assignment,unused-ignore]
+    sys.stdout = _SafeStream(sys.stdout)  # type: ignore[assignment,unused-ignore]
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger()
@@ -79,7 +80,8 @@ def read_failure(config: Config, name: str) -> dict[str, object] | None:
 def _record_failure(config: Config, name: str, reason: str) -> float:
     """Count this failure; return how long to wait before exiting."""
     previous = read_failure(config, name) or {}
-    count = int(previous.get("count", 0)) + 1 if isinstance(previous.get("count"), int) else 1
+    count_before = previous.get("count")
+    count = count_before + 1 if isinstance(count_before, int) else 1
     delay = min(MAX_BACKOFF, 2.0 ** (count - 1))
     record = {"count": count, "reason": reason[-2000:], "time": time.time(), "backoff": delay}
     try:

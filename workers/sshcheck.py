@@ -8,6 +8,7 @@ import base64
 import socket
 
 import paramiko
+
 from virby.workers.keys import KeyPaths
 
 

@@ -172,7 +172,8 @@ class VMWorker:
             await self._resume()
         elif self.state in ("stopped", "failed"):
             if self.state == "failed" and time.time() < self.retry_at:
-                return False, f"boot failed: {self.reason} (next try in {self.retry_at - time.time():.0f}s)", self.snapshot()
+                wait_s = self.retry_at - time.time()
+                return False, f"boot failed: {self.reason} (next try in {wait_s:.0f}s)", self.snapshot()
             self.ensure_boot()
         if wait > 0:
             await self.wait_for(("running", "failed"), wait)

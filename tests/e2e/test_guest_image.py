@@ -28,6 +28,7 @@ import paramiko
 import pytest
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from virby.workers.cpio import CpioEntry, append_archive, newc_archive
 from virby.workers.keys import dropbear_private
 

@@ -112,7 +112,7 @@ def test_kill_9_of_the_vm_worker_keeps_the_session_and_the_vm(vm: Instance) -> N
     assert qemu is not None
     boots = vm.status()["vm"]["boots"]
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(l.decode() for l in stream.stdout))  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: lines.extend(b.decode() for b in stream.stdout))  # type: ignore[union-attr]
     reader.start()
     old_pid = vm.watcher_pid("vm")
     os.kill(old_pid, signal.SIGKILL)

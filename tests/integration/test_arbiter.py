@@ -98,11 +98,11 @@ def test_forwarder_restart_refuses_no_connection(instance: Instance) -> None:
         out = subprocess.run(["circusctl", "restart", "forwarder", "--waiting"], env=env,
                              capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 0, out.stderr
-        instance.wait_bus(lambda s: (s.get("vm", {}).get("peers", {}).get("forwarder") or {}).get("up")
-                          and not s["vm"]["peers"]["forwarder"]["inc"].startswith(f"{old}-"),
+        instance.wait_bus(lambda s: bool((s.get("vm", {}).get("peers", {}).get("forwarder") or {}).get("up")
+                          and not s["vm"]["peers"]["forwarder"]["inc"].startswith(f"{old}-")),
                           10, "the new forwarder")
         # keep connecting a little after the new forwarder is up
-        instance.wait_bus(lambda s: False if attempts < 40 else True, 10, "40 attempts")
+        instance.wait_bus(lambda s: not attempts < 40, 10, "40 attempts")
     finally:
         stop.set()
         t.join()
@@ -138,7 +138,7 @@ def test_sigterm_stops_everything(instance: Instance) -> None:
     assert len(children) >= 3
     instance.proc.send_signal(signal.SIGTERM)
     assert instance.proc.wait(30) == 0
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", instance.port), timeout=2)
@@ -148,7 +148,7 @@ def test_watchers_exit_when_circusd_is_killed(instance: Instance) -> None:
     pids = [instance.watcher_pid(n) for n in ("vm", "forwarder", "idle")]
     procs = [psutil.Process(p) for p in pids]
     os.kill(instance.circusd_pid(), signal.SIGKILL)
-    gone, alive = psutil.wait_procs(procs, timeout=2.5)
+    _gone, alive = psutil.wait_procs(procs, timeout=2.5)
     assert alive == [], f"still running: {alive}"
     # The port is free again: a new arbiter can bind and serve.
     with Instance(guest_dir=None, port=instance.port) as again:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from virby.workers.cpio import CpioEntry, append_archive, newc_archive
 
 

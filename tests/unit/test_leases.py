@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from virby.workers import leases
 
 # Before macOS 15: hw_address is "1,<mac>" with each octet's leading zero dropped. Two leases

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from virby.supervisor.config import from_dict
 from virby.workers.backends import vfkit as vfkit_mod
 from virby.workers.backends.base import BackendError

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from virby.supervisor.config import from_dict
 from virby.workers.backends import vfkit as vfkit_mod
 from virby.workers.backends.base import BackendError, Endpoint, PidRecord

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import psutil
+
 from virby.supervisor.config import Config
 from virby.workers.keys import KeyPaths
 
@@ -202,7 +203,11 @@ async def wait_process_exit(proc: psutil.Process, child: asyncio.subprocess.Proc
             return
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+        def readable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(fd, readable)
         try:
             await done
         finally:

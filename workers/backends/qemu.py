@@ -24,6 +24,7 @@ import time
 import psutil
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
+
 from virby.workers import cpio
 from virby.workers.backends.base import (
     Backend,

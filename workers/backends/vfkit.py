@@ -47,6 +47,7 @@ import time
 from typing import Any
 
 import psutil
+
 from virby.supervisor.config import Config
 from virby.workers import leases
 from virby.workers.backends.base import (
