@@ -212,10 +212,12 @@ cat > "$R/etc/inittab" <<'EOF'
 ::ctrlaltdel:/sbin/poweroff
 ::shutdown:/bin/echo virby-guest: shutting down
 EOF
-# busybox acpid: power button (QMP system_powerdown) -> orderly poweroff through init; the
+# busybox acpid: power button (QMP system_powerdown) -> power off. Everything lives in the
+# initramfs (no disk to flush), so after a sync the guest powers off at once (-f) instead of
+# init's TERM, one-second wait, KILL sequence: the hypervisor is gone ~2 s sooner. The
 # action path is relative to /etc/acpi
 echo 'PWRF power.sh' > "$R/etc/acpid.conf"
-printf '#!/bin/sh\nexec /sbin/poweroff\n' > "$R/etc/acpi/power.sh"
+printf '#!/bin/sh\nsync\nexec /sbin/poweroff -f\n' > "$R/etc/acpi/power.sh"
 
 cat > "$R/etc/rc" <<'EOF'
 #!/bin/sh

@@ -6,10 +6,7 @@ bad config and 1 with one clear line when the arbiter is not running.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +14,6 @@ from typing import Any, NoReturn
 
 import click
 
-from virby.supervisor import circus_ini
 from virby.supervisor.config import ENV_VAR, Config, ConfigError, load
 
 CONFIG_HELP = "Config file (JSON, or TOML by extension). Default: $VIRBY_CONFIG, else built-in defaults."
@@ -67,59 +63,6 @@ def cli() -> None:
 # -- run -------------------------------------------------------------------------------------
 
 
-def _port_holder(port: int) -> str:
-    import psutil
-
-    try:
-        for c in psutil.net_connections("tcp"):
-            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
-                return f" by pid {c.pid} ({psutil.Process(c.pid).name()})"
-    except (psutil.Error, OSError):
-        pass
-    return ""
-
-
-def check_port_free(port: int) -> None:
-    """circusd exits 0 when it cannot bind its socket (reference/circus.md §2.1): find out
-    first and fail loudly instead."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as circus binds it
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise click.ClickException(f"port 127.0.0.1:{port} is already in use{_port_holder(port)}; "
-                                       "stop that program or set `port` in the config") from e
-        raise click.ClickException(f"cannot bind 127.0.0.1:{port}: {e.strerror}") from e
-    finally:
-        s.close()
-
-
-def prepare_dirs(config: Config) -> None:
-    from virby.workers.keys import ensure_keys
-
-    try:
-        os.makedirs(config.runtimeDir, mode=0o700, exist_ok=True)
-        os.chmod(config.runtimeDir, 0o700)  # sockets without auth: only we may reach them
-        os.makedirs(config.log_dir, mode=0o700, exist_ok=True)
-        ensure_keys(config.stateDir)
-    except OSError as e:
-        raise click.ClickException(f"cannot prepare {e.filename}: {e.strerror}") from e
-
-
-# What a previous arbiter leaves that must not mislead the next one. The hypervisor's own
-# sockets and pid file are not here: a VM may still run, and the vm worker adopts or cleans it.
-STALE_RUNTIME_FILES = ("ctl.sock", "events.sock", "vm.pub.sock", "vm.in.sock", "vm.ctl.sock",
-                       "idle.pub.sock", "idle.in.sock", "vm.failure", "forwarder.failure",
-                       "idle.failure", "vm.counters.json")
-
-
-def clean_runtime_dir(config: Config) -> None:
-    for name in STALE_RUNTIME_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(config.runtime(name))
-
-
 @cli.command()
 @config_option
 def run(config_path: str | None) -> None:
@@ -130,24 +73,13 @@ def run(config_path: str | None) -> None:
     Example:
       virby run --config /etc/virby/config.json
     """
-    config = _load(config_path)
-    prepare_dirs(config)
-    # Another arbiter of ours still there? Then the port is taken by it: say so plainly.
-    from virby.supervisor.control import NotRunning, circus_call
+    from virby.supervisor import arbiter
 
+    config = _load(config_path)
     try:
-        circus_call(config, "status", timeout=0.5)
-        raise click.ClickException(f"virby is already running for this config ({config.runtimeDir})")
-    except NotRunning:
-        pass
-    check_port_free(config.port)
-    clean_runtime_dir(config)
-    try:
-        ini = circus_ini.write_all(config)
-    except OSError as e:
-        raise click.ClickException(f"cannot write {e.filename}: {e.strerror}") from e
-    sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "circus.circusd", ini])
+        arbiter.exec_circusd(config)
+    except arbiter.CannotStart as e:
+        raise click.ClickException(str(e)) from e
 
 
 # -- status and VM commands ------------------------------------------------------------------
