@@ -85,42 +85,23 @@ def run(config_path: str | None) -> None:
 # -- status and VM commands ------------------------------------------------------------------
 
 
-def _age(t: float | None) -> str:
-    if not t:
-        return "-"
-    s = max(0.0, time.time() - float(t))
-    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago"
-
-
 def format_status(st: dict[str, Any]) -> str:
-    vm = st["vm"]
-    lines = [f"VM        {vm.get('state')}" + (f" since {_age(vm.get('since'))}" if vm.get("since") else "")]
-    if vm.get("reason"):
-        lines.append(f"reason    {vm['reason']}")
-    lines.append(f"backend   {vm.get('backend', '-')}   boots {vm.get('boots', '-')}   "
-                 f"last cold start {vm.get('last_boot_seconds') or '-'}s")
-    lines.append(f"clients   {vm.get('connections', '-')} open")
-    idle = st.get("idle") or {}
-    if idle:
-        lines.append(f"idle      {idle.get('decision', '-')}")
-    lines.append("")
-    lines.append(f"{'watcher':<10} {'status':<9} incarnation")
-    for name, w in st["watchers"].items():
-        lines.append(f"{name:<10} {w['status']:<9} {w.get('incarnation') or '-'}")
-        if w.get("failure"):
-            f = w["failure"]
-            lines.append(f"           failed {f.get('count')}x: {f.get('reason')}")
-    return "\n".join(lines)
+    from virby.supervisor.statusview import format_status as fmt
+
+    return fmt(st)
 
 
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_path: str | None, as_json: bool) -> None:
-    """Show the VM state, the watchers and their incarnations.
+    """Show the VM state (and since when), boots, the last cold start, open connections,
+    the idle countdown to pause/stop, the hypervisor's memory and CPU, and each watcher's
+    status, uptime, restarts and crash record.
 
     \b
-    Example:
+    Examples:
+      virby status
       virby status --json | jq .vm.state
     """
     from virby.supervisor import control
@@ -130,12 +111,12 @@ def status(config_path: str | None, as_json: bool) -> None:
     click.echo(control.dumps(st) if as_json else format_status(st))
 
 
-def _vm_command(cmd: str, args: dict[str, Any] | None = None, timeout: float = 2.0) -> Callable[..., None]:
+def _vm_command(cmd: str, timeout: float = 2.0) -> Callable[..., None]:
     def command(config_path: str | None) -> None:
         from virby.supervisor import control
 
         config = _load(config_path)
-        reply = _control_call(lambda: control.request(config, cmd, args, timeout=timeout))
+        reply = _control_call(lambda: control.request(config, cmd, None, timeout=timeout))
         state = (reply.get("state") or {}).get("state")
         if not reply.get("ok"):
             _fail(f"{cmd}: {reply.get('error') or 'refused'} (VM {state})")
@@ -144,14 +125,51 @@ def _vm_command(cmd: str, args: dict[str, Any] | None = None, timeout: float = 2
     return command
 
 
-for _name, _args, _timeout, _doc in (
-    ("start", {"wait": 10.0}, 15.0, "Boot the VM now (it boots by itself on the first connection)."),
-    ("stop", None, 60.0, "Shut the VM down cleanly; its memory goes back to the host."),
-    ("pause", None, 5.0, "Pause the VM (its memory stays; the next connection resumes it)."),
-    ("resume", None, 5.0, "Resume a paused VM."),
+for _name, _timeout, _doc, _example in (
+    ("stop", 60.0, "Shut the VM down cleanly; its memory goes back to the host. Open sessions are "
+     "cut: an explicit stop does not wait for them.", "virby stop"),
+    ("pause", 5.0, "Pause the VM (its memory stays; the next connection resumes it).", "virby pause"),
+    ("resume", 5.0, "Resume a paused VM (the guest clock is set again).", "virby resume"),
 ):
-    cli.command(name=_name, help=f"{_doc}\n\n\b\nExample:\n  virby {_name}")(
-        config_option(_vm_command(_name, _args, _timeout)))
+    cli.command(name=_name, help=f"{_doc}\n\n\b\nExample:\n  {_example}")(
+        config_option(_vm_command(_name, _timeout)))
+
+
+def _wait_running(config: Config) -> dict[str, Any]:
+    """Start the VM if needed, with progress on stderr; exit 1 with the reason if it fails."""
+    from virby.supervisor import control
+    from virby.supervisor.progress import Progress, StartFailed, wait_running
+
+    progress = Progress(click.get_text_stream("stderr"))
+    try:
+        state = wait_running(config, progress)
+    except StartFailed as e:
+        progress.done()
+        _fail(f"the VM could not start: {e}\n       (details: `virby logs vm`, `virby logs console`)")
+    except control.NotRunning as e:
+        progress.done()
+        _fail(str(e))
+    except KeyboardInterrupt:
+        progress.done("interrupted (the VM keeps booting; `virby stop` ends it)")
+        sys.exit(130)
+    took = progress.elapsed
+    progress.done(f"VM running (ready after {took:.1f}s)" if took >= 1.0 and progress.tty else None)
+    return state
+
+
+@cli.command()
+@config_option
+def start(config_path: str | None) -> None:
+    """Boot the VM now and wait until it is ready (it also boots by itself on the first
+    connection). Shows a spinner with the elapsed time on a terminal, plain lines otherwise.
+
+    \b
+    Example:
+      virby start && nix build --builders "$(virby nix-machines)" ...
+    """
+    config = _load(config_path)
+    state = _wait_running(config)
+    click.echo(f"VM {state.get('state')}")
 
 
 # -- ssh -------------------------------------------------------------------------------------

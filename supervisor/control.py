@@ -1,23 +1,27 @@
 """The CLI's side of the conversation with a running Virby: circusd's control socket for the
 watchers, the bus for the VM. Every call is bounded by a short timeout and raises NotRunning
-with one clear line when the arbiter is not there."""
+with one clear line when the arbiter is not there.
+
+`virby status` must answer in well under 100 ms, so this module is synchronous and light: it
+speaks circusd's JSON protocol on a plain DEALER (circus.client pulls in tornado and, through
+zmq.ssh, paramiko: ~70 ms) and reads the state owners' XPUB replays with a blocking SUB
+(no asyncio). The bus module is imported only for its message codec.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
+import uuid
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from virby.supervisor.config import Config
-from virby.workers import bus
-from virby.workers.runtime import read_failure
 
 WATCHERS = ("vm", "forwarder", "idle")
+XPUB_OWNERS = ("vm", "idle")  # == bus.XPUB_OWNERS; repeated so `status` needs no asyncio import
 
 
 class NotRunning(Exception):
@@ -28,28 +32,42 @@ def _ipc_file(endpoint: str) -> str:
     return endpoint.removeprefix("ipc://")
 
 
+def _not_running(config: Config) -> NotRunning:
+    return NotRunning(f"virby is not running: no arbiter at {config.endpoint('ctl')} "
+                      "(start it with `virby run`)")
+
+
 def circus_call(config: Config, command: str, timeout: float = 1.0, **props: Any) -> dict[str, Any]:
     """One command to circusd's control socket (the same JSON `circusctl` sends)."""
-    from circus.client import CircusClient
-    from circus.exc import CallError
-
     endpoint = config.endpoint("ctl")
     if not os.path.exists(_ipc_file(endpoint)):
-        raise NotRunning(f"virby is not running: no arbiter at {endpoint} "
-                         "(start it with `virby run`)")
-    client = CircusClient(endpoint=endpoint, timeout=timeout)
+        raise _not_running(config)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    call_id = uuid.uuid4().hex
     try:
-        reply = client.call({"command": command, "properties": props})
-    except CallError as e:
-        raise NotRunning(f"virby is not running: the arbiter at {endpoint} does not answer ({e})") from e
+        sock.connect(endpoint)
+        sock.send(json.dumps({"command": command, "properties": props, "id": call_id}).encode())
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                raise NotRunning(f"virby is not running: the arbiter at {endpoint} does not answer "
+                                 f"within {timeout:g}s")
+            try:
+                reply = json.loads(sock.recv())
+            except ValueError:
+                continue
+            if isinstance(reply, dict) and reply.get("id") == call_id:
+                return reply
     finally:
-        client.stop()
-    if not isinstance(reply, dict):
-        raise NotRunning(f"unexpected reply from circusd: {reply!r}")
-    return reply
+        sock.close(linger=0)
 
 
 def watcher_status(config: Config) -> dict[str, dict[str, Any]]:
+    from virby.workers.runtime import read_failure
+
     reply = circus_call(config, "status")
     statuses = reply.get("statuses", {})
     out: dict[str, dict[str, Any]] = {}
@@ -64,60 +82,130 @@ def watcher_status(config: Config) -> dict[str, dict[str, Any]]:
 
 def request(config: Config, cmd: str, args: dict[str, Any] | None = None,
             timeout: float = 2.0) -> dict[str, Any]:
+    import asyncio
+
+    import zmq.asyncio
+
+    from virby.workers import bus
+
     if not os.path.exists(_ipc_file(config.endpoint("ctl"))):
-        raise NotRunning(f"virby is not running: no arbiter at {config.endpoint('ctl')} "
-                         "(start it with `virby run`)")
+        raise _not_running(config)
     try:
         return asyncio.run(bus.request(config, cmd, args, timeout=timeout, ctx=zmq.asyncio.Context()))
     except bus.RequestError as e:
         raise NotRunning(f"the vm worker does not answer: {e}") from e
 
 
-async def _collect_states(config: Config, timeout: float) -> dict[str, bus.Message]:
-    """Subscribe to the state owners' XPUBs: each replays its state on subscription."""
-    ctx = zmq.asyncio.Context()
+def subscribe(config: Config, ctx: zmq.Context[Any] | None = None) -> zmq.Socket[Any]:
+    """A SUB on both state owners' XPUBs; each replays its state at once on subscription.
+    The caller closes it."""
+    ctx = ctx or zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
-    got: dict[str, bus.Message] = {}
+    sock.setsockopt(zmq.RCVHWM, 1000)
+    for owner in XPUB_OWNERS:
+        sock.setsockopt(zmq.SUBSCRIBE, owner.encode())
+        sock.connect(config.endpoint(f"{owner}.pub"))
+    return sock
+
+
+def collect_states(config: Config, timeout: float) -> dict[str, Any]:
+    """The latest state message of each owner (bus.Message), or fewer on timeout."""
+    from virby.workers import bus
+
+    sock = subscribe(config)
+    got: dict[str, Any] = {}
     try:
-        for owner in bus.XPUB_OWNERS:
-            sock.setsockopt(zmq.SUBSCRIBE, owner.encode())
-            sock.connect(config.endpoint(f"{owner}.pub"))
         deadline = time.monotonic() + timeout
-        while len(got) < len(bus.XPUB_OWNERS):
+        while len(got) < len(XPUB_OWNERS):
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not await sock.poll(remaining * 1000):
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 break
             try:
-                msg = bus.decode(await sock.recv_multipart())
+                msg = bus.decode(sock.recv_multipart())
             except bus.BadMessage:
                 continue
             if msg.kind == "state":
                 got[msg.sender] = msg
     finally:
         sock.close(linger=0)
-        ctx.term()
     return got
 
 
+def _peer(view: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    peers = (view or {}).get("peers") or {}
+    p = peers.get(name)
+    return p if isinstance(p, dict) else {}
+
+
+def _uptime(inc: str | None, now: float) -> float | None:
+    """An incarnation is "<pid>-<create time>": its age needs no process lookup."""
+    try:
+        return round(now - float(str(inc).split("-", 1)[1]), 1)
+    except (IndexError, ValueError):
+        return None
+
+
+def hypervisor_usage(pid: Any) -> dict[str, Any] | None:
+    """RSS and CPU of the hypervisor process. CPU is the average since it started: a sample
+    over the few milliseconds `status` runs would only show clock ticks."""
+    if not isinstance(pid, int):
+        return None
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            times = p.cpu_times()
+            rss = p.memory_info().rss
+            age = max(0.001, time.time() - p.create_time())
+    except (psutil.Error, OSError):
+        return None
+    cpu = times.user + times.system
+    return {"pid": pid, "rss": rss, "cpu_seconds": round(cpu, 2),
+            "cpu_percent_avg": round(100.0 * cpu / age, 1), "age": round(age, 1)}
+
+
 def status(config: Config, timeout: float = 0.5) -> dict[str, Any]:
-    """Everything `virby status` shows, as one JSON-able dict."""
+    """Everything `virby status` shows, as one JSON-able dict.
+
+    Keys kept stable for scripts: watchers.<name>.status/incarnation/failure, vm.*,
+    incarnations.*, connections, idle. Added: watchers.<name>.restarts/uptime, hypervisor,
+    countdown."""
     watchers = watcher_status(config)
-    states = asyncio.run(_collect_states(config, timeout))
+    states = collect_states(config, timeout)
+    now = time.time()
     vm = states.get("vm")
     idle = states.get("idle")
     out: dict[str, Any] = {"watchers": watchers}
     out["vm"] = vm.data if vm else {"state": "unknown", "reason": "the vm worker does not answer"}
     out["idle"] = idle.data if idle else None
-    peers = vm.data.get("peers", {}) if vm else {}
+    vm_view = vm.data if vm else None
+    idle_view = idle.data if idle else None
+    fwd_view = (vm.data.get("forwarder") if vm else None) or None
     out["incarnations"] = {
-        "vm": vm.inc if vm else None,
-        "idle": idle.inc if idle else (peers.get("idle") or {}).get("inc"),
-        "forwarder": (peers.get("forwarder") or {}).get("inc"),
+        "vm": vm.inc if vm else _peer(idle_view, "vm").get("inc"),
+        "idle": idle.inc if idle else _peer(vm_view, "idle").get("inc"),
+        "forwarder": _peer(vm_view, "forwarder").get("inc") or _peer(idle_view, "forwarder").get("inc"),
     }
+    # A process cannot count its own restarts; its peers do (since they started).
+    observers = {"vm": (idle_view, fwd_view), "forwarder": (vm_view, idle_view),
+                 "idle": (vm_view, fwd_view)}
     for name in WATCHERS:
+        counts = [_peer(v, name).get("restarts") for v in observers[name]]
         watchers[name]["incarnation"] = out["incarnations"][name]
+        watchers[name]["restarts"] = max([c for c in counts if isinstance(c, int)], default=None)
+        watchers[name]["uptime"] = _uptime(out["incarnations"][name], now)
     out["connections"] = out["vm"].get("connections")
+    out["hypervisor"] = hypervisor_usage(out["vm"].get("pid"))
+    countdown: dict[str, float | None] = {"pause_in": None, "stop_in": None}
+    if idle is not None:
+        for key, field in (("pause_in", "pause_at"), ("stop_in", "stop_at")):
+            at = idle.data.get(field)
+            if isinstance(at, int | float):
+                countdown[key] = round(max(0.0, at - now), 1)
+    out["countdown"] = countdown
+    out["time"] = now
     return out
 
 

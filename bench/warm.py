@@ -1,0 +1,43 @@
+"""warm: `ssh true` through the forwarder to a running VM, against `ssh true` straight to the
+guest's forwarded port (`virby status --json` .vm.endpoint). Samples alternate between the two
+paths. Target: forwarder / direct <= 1.02 (medians)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.common import Context, Result, summary, timed_ssh_true
+
+NAME = "warm"
+TARGET = 1.02
+
+
+def run(ctx: Context) -> Result:
+    n = ctx.runs(full=30, quick=8)
+    res = Result(NAME, "s", target=f"forwarder ÷ direct ≤ {TARGET}")
+    inst = ctx.running_instance()
+    status = json.loads(inst.cli("status", "--json").stdout)
+    host, port = status["vm"]["endpoint"]
+    if host != "127.0.0.1":
+        raise RuntimeError(f"unexpected guest endpoint {host}:{port}")
+    fwd: list[float] = []
+    direct: list[float] = []
+    timed_ssh_true(inst.ssh_config)  # one untimed of each: caches, guest page cache
+    timed_ssh_true(inst.ssh_config, port=port)
+    for i in range(n):
+        if i % 2 == 0:
+            fwd.append(timed_ssh_true(inst.ssh_config))
+            direct.append(timed_ssh_true(inst.ssh_config, port=port))
+        else:
+            direct.append(timed_ssh_true(inst.ssh_config, port=port))
+            fwd.append(timed_ssh_true(inst.ssh_config))
+    sf, sd = summary(fwd), summary(direct)
+    res.samples = {"forwarder": fwd, "direct": direct}
+    res.measured, res.baseline = float(sf["median"]), float(sd["median"])
+    res.ratio = res.measured / res.baseline
+    res.passed = res.ratio <= TARGET
+    res.details = {"forwarder": sf, "direct": sd, "guest_port": port}
+    res.measured_text = f"{sf['median'] * 1000:.0f} ms (p10–p90 {sf['p10'] * 1000:.0f}–{sf['p90'] * 1000:.0f})"
+    res.baseline_text = f"{sd['median'] * 1000:.0f} ms (p10–p90 {sd['p10'] * 1000:.0f}–{sd['p90'] * 1000:.0f})"
+    res.why = f"the forwarder adds {(res.measured - res.baseline) * 1000:+.1f} ms to a {res.baseline * 1000:.0f} ms ssh"
+    return res

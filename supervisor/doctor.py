@@ -1,0 +1,284 @@
+"""`virby doctor`: check what users trip over, one line each with the fix.
+
+Every check is a function of the config (and the running Virby, when there is one) returning
+a Check: ok (✓), failed (✗, with the fix) or skipped (·, with why). The command exits 1 if any
+check failed. Checks never change anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from virby.supervisor.config import Config
+
+MAX_SKEW = 3.0  # seconds; `date +%s` has 1 s resolution and the round trip adds a little
+UNIX_PATH_MAX = 104  # macOS's sun_path
+LONGEST_SOCKET = "/forwarder.sock"
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool | None  # None: skipped
+    title: str
+    detail: str = ""
+    fix: str = ""
+
+    def line(self, ascii_only: bool = False) -> str:
+        marks = {True: "ok", False: "FAIL", None: "skip"} if ascii_only else {True: "✓", False: "✗", None: "·"}
+        text = f"{marks[self.ok]} {self.title}"
+        if self.detail:
+            text += f": {self.detail}"
+        if self.ok is False and self.fix:
+            text += f"\n    fix: {self.fix}"
+        return text
+
+
+@dataclass
+class Context:
+    config: Config
+    running: bool = False  # circusd answers
+    vm_state: str | None = None
+    ssh_config_path: str | None = None
+
+
+def check_hypervisor(ctx: Context) -> Check:
+    hv = ctx.config.hypervisor
+    path = shutil.which(hv)
+    title = f"hypervisor {hv}"
+    if path is None:
+        fix = ("install QEMU (apt-get install qemu-system-x86, brew install qemu) or set `hypervisor`"
+               if ctx.config.backend == "qemu" else "install vfkit (brew install vfkit) or set `hypervisor`")
+        return Check(False, title, "not found on PATH", fix)
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check(False, title, f"{path} does not run: {e}", "reinstall it; check it is executable")
+    first = (out.stdout or out.stderr).strip().splitlines()[:1]
+    if out.returncode != 0:
+        return Check(False, title, f"`{path} --version` exited {out.returncode}: {' '.join(first)}",
+                     "reinstall it (a missing library shows here)")
+    return Check(True, title, f"{path}: {first[0] if first else 'runs'}")
+
+
+def check_port(ctx: Context) -> Check:
+    port = ctx.config.port
+    title = f"port 127.0.0.1:{port}"
+    if ctx.running:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass
+        except OSError as e:
+            return Check(False, title, f"virby runs but the port does not accept: {e}",
+                         "`virby logs circusd`; restart the arbiter")
+        return Check(True, title, "held by this Virby's arbiter")
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError as e:
+        from virby.supervisor.arbiter import _port_holder
+
+        return Check(False, title, f"in use{_port_holder(port)} ({e.strerror})",
+                     "stop that program, or set `port` to a free one")
+    finally:
+        s.close()
+    return Check(True, title, "free (virby is not running)")
+
+
+def check_runtime_dir(ctx: Context) -> Check:
+    rd = ctx.config.runtimeDir
+    longest = len((rd + LONGEST_SOCKET).encode())
+    title = "runtime dir"
+    if longest >= UNIX_PATH_MAX:
+        return Check(False, title, f"{rd}: socket paths would be {longest} bytes (macOS limit {UNIX_PATH_MAX})",
+                     "set `runtimeDir` to a shorter path")
+    detail = f"{rd} (socket paths {longest}/{UNIX_PATH_MAX} bytes)"
+    try:
+        st = os.stat(rd)
+    except FileNotFoundError:
+        return Check(True if not ctx.running else False, title, detail + ", not created yet",
+                     "`virby run` creates it")
+    if st.st_uid != os.getuid():
+        return Check(False, title, f"{rd} belongs to uid {st.st_uid}, not you ({os.getuid()})",
+                     "run virby commands as the user the daemon runs as (e.g. `sudo -u _virby`)")
+    if st.st_mode & 0o077:
+        return Check(False, title, f"{rd} is mode {stat.S_IMODE(st.st_mode):o}: others can reach the sockets",
+                     f"chmod 700 {rd}")
+    return Check(True, title, detail + ", mode 700")
+
+
+def check_keys(ctx: Context) -> Check:
+    from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
+
+    keys = KeyPaths.in_dir(ctx.config.stateDir)
+    title = "SSH keys"
+    missing = [p for p in (keys.client_key, keys.host_key, keys.host_pub, keys.known_hosts) if not os.path.exists(p)]
+    if missing:
+        return Check(None if not ctx.running else False, title, f"missing {', '.join(missing)}",
+                     "`virby run` creates them on start")
+    problems = []
+    for path in (keys.client_key, keys.host_key):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            problems.append(f"{path} is mode {mode:o} (ssh refuses a private key others can read)")
+        if not os.access(path, os.R_OK):
+            problems.append(f"{path} is not readable by you (uid {os.getuid()})")
+    if not os.access(keys.known_hosts, os.R_OK):
+        problems.append(f"{keys.known_hosts} is not readable: ssh will not know the host key")
+    else:
+        with open(keys.known_hosts) as f:
+            kh = f.read().split()
+        with open(keys.host_pub) as f:
+            pub = f.read().split()
+        if kh[:1] != [HOST_KEY_ALIAS] or kh[1:3] != pub[:2]:
+            problems.append(f"{keys.known_hosts} does not pin {keys.host_pub} under {HOST_KEY_ALIAS}")
+    if problems:
+        return Check(False, title, "; ".join(problems),
+                     f"chmod 600 the private keys, chmod 644 {os.path.basename(keys.known_hosts)}; "
+                     "a wrong known_hosts is rewritten by the next `virby run`")
+    return Check(True, title, f"client key 600, known_hosts pins {HOST_KEY_ALIAS}")
+
+
+def check_guest_files(ctx: Context) -> Check:
+    g = ctx.config.guest
+    files = [("guest.kernel", g.kernel), ("guest.initrd", g.initrd)] + ([("guest.disk", g.disk)] if g.disk else [])
+    missing = [f"{key} {path}" for key, path in files if not os.path.isfile(path)]
+    if missing:
+        fix = ("build the test guest: `bash image/build-test-guest.sh` (or point `guest` at your image)"
+               if ctx.config.backend == "qemu" else "rebuild with nix-darwin (`darwin-rebuild switch`)")
+        return Check(False, "guest files", "missing " + ", ".join(missing), fix)
+    return Check(True, "guest files", ", ".join(os.path.basename(p) for _, p in files))
+
+
+def check_arbiter(ctx: Context) -> Check:
+    from virby.supervisor import control
+
+    try:
+        reply = control.circus_call(ctx.config, "status", timeout=2)
+    except control.NotRunning as e:
+        return Check(False, "arbiter (circusd)", str(e).removeprefix("virby is not running: "),
+                     "start it: `virby run --config …` (macOS: `sudo launchctl kickstart system/org.nixos.virby`)")
+    ctx.running = True
+    statuses = reply.get("statuses") or {}
+    bad = {n: statuses.get(n, "missing") for n in control.WATCHERS if statuses.get(n) != "active"}
+    if bad:
+        return Check(False, "arbiter (circusd)", "watchers not active: " + ", ".join(f"{n} {s}" for n, s in bad.items()),
+                     "`virby status` shows the crash reason; `virby logs <watcher>`")
+    states = control.collect_states(ctx.config, 1.0)
+    vm = states.get("vm")
+    ctx.vm_state = str(vm.data.get("state")) if vm else None
+    if vm is None:
+        return Check(False, "arbiter (circusd)", "the vm worker does not broadcast", "`virby logs vm`")
+    return Check(True, "arbiter (circusd)", f"reachable; watchers active; VM {ctx.vm_state}")
+
+
+def _ssh_config_file(ctx: Context) -> str:
+    if ctx.ssh_config_path is None:
+        from virby.supervisor.cli import ssh_config_text
+
+        fd, path = tempfile.mkstemp(prefix="virby-doctor-", suffix=".ssh_config")
+        with os.fdopen(fd, "w") as f:
+            f.write(ssh_config_text(ctx.config))
+        ctx.ssh_config_path = path
+    return ctx.ssh_config_path
+
+
+def check_ssh_alias(ctx: Context) -> Check:
+    title = "ssh_config alias virby-vm"
+    if shutil.which("ssh") is None:
+        return Check(False, title, "no `ssh` on PATH", "install OpenSSH")
+    out = subprocess.run(["ssh", "-G", "-F", _ssh_config_file(ctx), "virby-vm"], capture_output=True,
+                         text=True, timeout=10, check=False)
+    if out.returncode != 0:
+        return Check(False, title, f"`ssh -G` failed: {out.stderr.strip()}", "check `virby ssh-config`")
+    opts: dict[str, str] = {}
+    for line in out.stdout.splitlines():
+        k, _, v = line.partition(" ")
+        opts.setdefault(k, v)
+    want = {"hostname": "127.0.0.1", "port": str(ctx.config.port), "user": ctx.config.sshUser}
+    wrong = [f"{k} is {opts.get(k)!r}, not {v!r}" for k, v in want.items() if opts.get(k) != v]
+    if wrong:
+        return Check(False, title, "; ".join(wrong), "regenerate it with `virby ssh-config`")
+    return Check(True, title, f"-> {opts['user']}@127.0.0.1:{opts['port']} (ssh -F <(virby ssh-config) virby-vm)")
+
+
+def check_host_key(ctx: Context) -> Check:
+    title = "guest host key"
+    if ctx.vm_state != "running":
+        return Check(None, title, f"not checked: the VM is {ctx.vm_state or 'not running'} "
+                                  "(doctor does not boot it)")
+    from virby.workers.keys import KeyPaths
+    from virby.workers.sshcheck import SSHNotReady, prove_ssh
+
+    keys = KeyPaths.in_dir(ctx.config.stateDir)
+    try:
+        prove_ssh("127.0.0.1", ctx.config.port, ctx.config.sshUser, keys, 15.0)
+    except SSHNotReady as e:
+        text = str(e)
+        if "host key mismatch" in text:
+            return Check(False, title, f"the guest offers a different host key than the one pinned: {text}. "
+                         "Nix shows this only as \"unable to start any build; remote machines may not have "
+                         "all required system features\" or \"Host key verification failed\"",
+                         "restart the VM so it gets the current key (`virby stop`, then build again); "
+                         "if the pinned key was replaced, `virby run` rewrites known_hosts")
+        return Check(False, title, text, "`virby logs vm`, `virby logs console`")
+    except OSError as e:
+        return Check(False, title, f"cannot read the keys: {e}", "see the SSH keys check")
+    return Check(True, title, "matches the pinned key; login works")
+
+
+def check_clock(ctx: Context) -> Check:
+    title = "guest clock"
+    if ctx.vm_state != "running":
+        return Check(None, title, f"not checked: the VM is {ctx.vm_state or 'not running'}")
+    t0 = time.time()
+    try:
+        out = subprocess.run(["ssh", "-F", _ssh_config_file(ctx), "virby-vm", "--", "date", "+%s"],
+                             capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return Check(False, title, "`date` over ssh did not answer in 30s", "`virby doctor` again; `virby logs vm`")
+    t1 = time.time()
+    try:
+        guest = float(out.stdout.strip())
+    except ValueError:
+        return Check(False, title, f"`ssh virby-vm date` failed ({out.returncode}): {out.stderr.strip()[-300:]}",
+                     "see the host key check above")
+    # The guest read its clock somewhere in [t0, t1]; with 1 s resolution, allow that much.
+    skew = 0.0 if t0 - 1 <= guest <= t1 else min(abs(guest - t0), abs(guest - t1))
+    if skew > MAX_SKEW:
+        return Check(False, title, f"{skew:.0f}s off the host's clock (builds see wrong timestamps; TLS may fail)",
+                     "`virby pause` then `virby resume` resyncs it; or `virby stop`")
+    return Check(True, title, f"within {MAX_SKEW:g}s of the host (skew {skew:.0f}s)")
+
+
+CHECKS: list[Callable[[Context], Check]] = [
+    check_hypervisor, check_guest_files, check_runtime_dir, check_keys, check_arbiter, check_port,
+    check_ssh_alias, check_host_key, check_clock,
+]
+
+
+def run(config: Config, emit: Callable[[Check], None]) -> bool:
+    """Run every check in order, emitting each result as it comes; True if none failed."""
+    ctx = Context(config)
+    ok = True
+    try:
+        for check in CHECKS:
+            try:
+                result = check(ctx)
+            except Exception as e:  # a broken check must not hide the others
+                result = Check(False, check.__name__.removeprefix("check_").replace("_", " "),
+                               f"the check itself failed: {type(e).__name__}: {e}", "report this as a bug")
+            ok = ok and result.ok is not False
+            emit(result)
+    finally:
+        if ctx.ssh_config_path:
+            os.unlink(ctx.ssh_config_path)
+    return ok

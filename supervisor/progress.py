@@ -1,0 +1,138 @@
+"""Progress for the waits a person sits through: `virby start`, and `virby ssh`/`virby forward`
+on a VM that is not running yet.
+
+On a terminal a spinner line with the elapsed time is redrawn in place; otherwise (a pipe, a
+log file, CI) a plain line is written when the VM changes state and every PLAIN_EVERY seconds,
+so logs stay readable. Progress goes to stderr: stdout stays the command's own output.
+
+The wait itself follows the vm worker's broadcasts (every change, and a heartbeat each second),
+never a poll of `status`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TextIO
+
+from virby.supervisor import control
+from virby.supervisor.config import Config
+
+FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+TICK = 0.1
+PLAIN_EVERY = 10.0
+REKICK_EVERY = 1.0
+
+
+class StartFailed(Exception):
+    """The VM did not become ready; the text is the reason, worded for the user."""
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _ascii_only(stream: TextIO) -> bool:
+    enc = (getattr(stream, "encoding", None) or "ascii").lower()
+    return "utf" not in enc
+
+
+class Progress:
+    """One line of progress on `stream`: spinner on a TTY, plain lines otherwise."""
+
+    def __init__(self, stream: TextIO, tty: bool | None = None) -> None:
+        self.stream = stream
+        self.tty = _is_tty(stream) if tty is None else tty
+        self.frames = "|/-\\" if _ascii_only(stream) else FRAMES
+        self.t0 = time.monotonic()
+        self.i = 0
+        self.message = ""
+        self.last_plain = 0.0
+        self.drawn = False
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def update(self, message: str) -> None:
+        """Show `message`; plain mode prints it only when it changed (or every PLAIN_EVERY s)."""
+        changed = message != self.message
+        self.message = message
+        if self.tty:
+            self.i += 1
+            frame = self.frames[self.i % len(self.frames)]
+            self.stream.write(f"\r\033[K{frame} {message} {self.elapsed:.1f}s")
+            self.drawn = True
+        elif changed or self.elapsed - self.last_plain >= PLAIN_EVERY:
+            self.last_plain = self.elapsed
+            self.stream.write(f"virby: {message} ({self.elapsed:.0f}s)\n")
+        self.stream.flush()
+
+    def done(self, message: str | None = None) -> None:
+        if self.tty and self.drawn:
+            self.stream.write("\r\033[K")
+        if message:
+            self.stream.write(f"virby: {message}\n")
+        self.stream.flush()
+
+
+WAITING_WORDS = {
+    "stopped": "asking the VM to boot",
+    "starting": "booting the VM (cold start)",
+    "paused": "resuming the VM",
+    "stopping": "waiting for the VM to finish stopping, then booting it again",
+    "failed": "the last boot failed; trying again",
+}
+
+
+def wait_running(config: Config, progress: Progress, timeout: float | None = None) -> dict[str, Any]:
+    """Ask the vm worker to start the VM (it answers at once) and follow its broadcasts until it
+    is `running`. Returns the vm state. Raises StartFailed with the reason, control.NotRunning
+    when there is no arbiter."""
+    from virby.workers import bus
+
+    timeout = timeout if timeout is not None else config.readyTimeout + 30
+    reply = control.request(config, "start", {"wait": 0}, timeout=5)
+    state = reply.get("state") or {}
+    if reply.get("ok") and state.get("state") == "running":
+        return state
+    if not reply.get("ok") and reply.get("error") and state.get("state") == "failed":
+        raise StartFailed(str(reply["error"]))
+    sock = control.subscribe(config)
+    last_kick = time.monotonic()
+    current = str(state.get("state") or "starting")
+    booting = current == "starting"  # a `failed` after this is our boot failing
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            progress.update(WAITING_WORDS.get(current, f"waiting for the VM ({current})"))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StartFailed(f"the VM is not running after {timeout:.0f}s (it is {current}); "
+                                  "see `virby logs vm` and `virby logs console`")
+            if not sock.poll(int(min(TICK, remaining) * 1000) + 1):
+                continue
+            try:
+                msg = bus.decode(sock.recv_multipart())
+            except bus.BadMessage:
+                continue
+            if msg.sender != "vm" or msg.kind != "state":
+                continue
+            current = str(msg.data.get("state"))
+            if current == "running":
+                return dict(msg.data)
+            if current == "starting":
+                booting = True
+            elif current == "failed" and booting:
+                raise StartFailed(str(msg.data.get("reason") or "the boot failed"))
+            elif current in ("stopped", "paused", "failed") and time.monotonic() - last_kick >= REKICK_EVERY:
+                # A stop finished, or our start raced one: ask again (wake is idempotent).
+                last_kick = time.monotonic()
+                reply = control.request(config, "start", {"wait": 0}, timeout=5)
+                st = reply.get("state") or {}
+                if not reply.get("ok") and reply.get("error") and st.get("state") == "failed":
+                    raise StartFailed(str(reply["error"]))
+    finally:
+        sock.close(linger=0)

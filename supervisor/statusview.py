@@ -1,0 +1,96 @@
+"""`virby status` as a person reads it: one table from the dict control.status() returns.
+Pure functions of that dict (and the current time), so they are unit-tested without a Virby."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def duration(seconds: float | None) -> str:
+    """12s, 4m05s, 2h10m, 3d04h."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _ago(t: Any, now: float) -> str:
+    if not isinstance(t, int | float) or not t:
+        return "-"
+    return f"{duration(now - t)} ago"
+
+
+def _short_inc(inc: Any) -> str:
+    return str(inc) if inc else "-"
+
+
+def format_status(st: dict[str, Any], now: float | None = None) -> str:
+    now = now if now is not None else float(st.get("time") or time.time())
+    vm = st.get("vm") or {}
+    state = vm.get("state", "unknown")
+    lines: list[str] = []
+    since = vm.get("since")
+    lines.append(f"{'VM':<12}{state}" + (f" since {time.strftime('%H:%M:%S', time.localtime(since))}"
+                                         f" ({_ago(since, now)})" if isinstance(since, int | float) else ""))
+    if vm.get("reason"):
+        lines.append(f"{'reason':<12}{vm['reason']}")
+    if state == "failed" and isinstance(vm.get("retry_at"), int | float):
+        lines.append(f"{'next try':<12}in {duration(vm['retry_at'] - now)} (on the next connection)")
+    last = vm.get("last_boot_seconds")
+    lines.append(f"{'backend':<12}{vm.get('backend', '-')}    boots {vm.get('boots', '-')}    "
+                 f"last cold start {f'{last:.1f}s' if isinstance(last, int | float) else '-'}")
+    fwd = vm.get("forwarder") or {}
+    conn = vm.get("connections")
+    extra = []
+    if isinstance(fwd.get("waiting"), int) and fwd["waiting"]:
+        extra.append(f"{fwd['waiting']} waiting for the VM")
+    if isinstance(fwd.get("accepted"), int):
+        extra.append(f"{fwd['accepted']} accepted")
+    if isinstance(fwd.get("failed"), int) and fwd["failed"]:
+        extra.append(f"{fwd['failed']} closed unserved")
+    lines.append(f"{'connections':<12}{conn if conn is not None else '-'} open"
+                 + (f" ({', '.join(extra)})" if extra else ""))
+    idle = st.get("idle") or {}
+    cd = st.get("countdown") or {}
+    if idle:
+        steps = []
+        if cd.get("pause_in") is not None:
+            steps.append(f"pause in {duration(cd['pause_in'])}")
+        if cd.get("stop_in") is not None:
+            steps.append(f"stop in {duration(cd['stop_in'])}")
+        lines.append(f"{'idle':<12}{idle.get('decision', '-')}" + (f" ({', '.join(steps)})" if steps else ""))
+    else:
+        lines.append(f"{'idle':<12}(the idle monitor does not answer)")
+    hv = st.get("hypervisor")
+    if hv:
+        lines.append(f"{'hypervisor':<12}pid {hv['pid']}    RSS {size(hv.get('rss'))}    "
+                     f"CPU {hv.get('cpu_percent_avg')}% avg ({hv.get('cpu_seconds')}s in {duration(hv.get('age'))})")
+    lines.append("")
+    lines.append(f"{'watcher':<11}{'status':<10}{'up':<9}{'restarts':<10}incarnation")
+    for name, w in (st.get("watchers") or {}).items():
+        restarts = w.get("restarts")
+        lines.append(f"{name:<11}{w.get('status', '-'):<10}{duration(w.get('uptime')) if w.get('uptime') is not None else '-':<9}"
+                     f"{restarts if restarts is not None else '-'!s:<10}{_short_inc(w.get('incarnation'))}")
+        failure = w.get("failure")
+        if isinstance(failure, dict):
+            when = _ago(failure.get("time"), now)
+            lines.append(f"{'':<11}crashed {failure.get('count')}x, last {when}: {failure.get('reason')}")
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""Nix builds through the forwarder, for real: the host's Nix (Debian's nix-bin 2.8) builds a
+derivation it is not allowed to build itself (`--max-jobs 0`) on `virby-vm`, reached through
+the ssh_config alias `virby ssh-config` prints. The VM is stopped when the build starts, so the
+build's own SSH connection is what boots it.
+
+The host's Nix is configured through the environment only (reference/vm-lab.md §3): no
+`nixbld` group, no binary cache, and `NIX_SSHOPTS=-F <absolute path>` (Nix runs ssh from another
+working directory). Each derivation carries a fresh nonce, so it is never already in the host's
+/nix/store; what it writes (hostname, kernel release, boot id, read from /proc with shell
+builtins only, so it *would* also build on the host) is what proves where it ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Instance
+
+pytestmark = pytest.mark.e2e
+
+NIX_CONFIG = "\n".join([
+    "build-users-group =",  # Debian's nix-bin creates no nixbld group
+    "substituters =",  # loopback only: no binary cache
+    "experimental-features = nix-command",
+])
+
+# Only builtins and /proc: the builder runs on any Linux, so a build that landed on the host
+# would succeed and the checks on its output, not a missing tool, are what catch it.
+WHERE_NIX = """\
+{ nonce }:
+derivation {
+  name = "virby-where-${builtins.substring 0 8 nonce}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  inherit nonce;
+  args = [ "-c" ''
+    read -r h < /proc/sys/kernel/hostname
+    read -r k < /proc/sys/kernel/osrelease
+    read -r b < /proc/sys/kernel/random/boot_id
+    echo "$h $k $b" > "$out"
+  '' ];
+}
+"""
+
+BUILD_TIMEOUT = 180.0  # a cold build is about 5 s alone; 2 cores shared with other VM tests
+
+
+@dataclass(frozen=True)
+class Where:
+    hostname: str
+    kernel: str
+    boot_id: str
+
+    @classmethod
+    def read(cls, path: Path) -> Where:
+        hostname, kernel, boot_id = path.read_text().split()
+        return cls(hostname, kernel, boot_id)
+
+
+@dataclass(frozen=True)
+class Build:
+    proc: subprocess.CompletedProcess[str]
+    seconds: float
+
+    @property
+    def out(self) -> Path:
+        assert self.proc.returncode == 0, f"nix-build exited {self.proc.returncode}:\n{self.proc.stderr}"
+        return Path(self.proc.stdout.strip())
+
+
+def host_boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def assert_built_in_guest(where: Where, guest_boot_id: str) -> None:
+    """The output came from this Virby's VM, not from the host or another machine."""
+    assert where.hostname == "virby-vm", f"built on {where.hostname!r}, not in the guest"
+    assert where.kernel != os.uname().release, f"built under the host's kernel {where.kernel}"
+    assert where.kernel.endswith("-cloud-amd64"), f"not the guest's cloud kernel: {where.kernel}"
+    assert where.boot_id != host_boot_id(), "built under the host's kernel (same boot id)"
+    assert where.boot_id == guest_boot_id, "built in some other VM than this Virby's"
+
+
+class Nix:
+    """nix-build with the host configured through the environment only; remembers what it
+    built so the test can delete it from /nix/store afterwards."""
+
+    def __init__(self, workdir: Path, ssh_config: Path) -> None:
+        assert ssh_config.is_absolute(), "Nix runs ssh from another directory: -F needs an absolute path"
+        self.expr = workdir / "where.nix"
+        self.expr.write_text(WHERE_NIX)
+        self.env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, "NIX_SSHOPTS": f"-F {ssh_config}"}
+        for var in ("NIX_REMOTE", "NIX_BUILDERS"):
+            self.env.pop(var, None)
+        self.paths: list[str] = []
+
+    def build(self, *options: str, builders: str | None = None) -> Build:
+        args = ["nix-build", str(self.expr), "--no-out-link", "--argstr", "nonce", uuid.uuid4().hex]
+        if builders is not None:
+            args += ["--max-jobs", "0", "--builders", builders]
+        t0 = time.monotonic()
+        proc = subprocess.run([*args, *options], env=self.env, capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT, check=False)
+        seconds = time.monotonic() - t0
+        if proc.returncode == 0:
+            self.paths.append(proc.stdout.strip())
+        return Build(proc, seconds)
+
+    def delete_outputs(self) -> None:
+        # --no-out-link: no GC roots, so the outputs and their .drv files can go
+        for out in self.paths:
+            drv = subprocess.run(["nix-store", "--query", "--deriver", out], env=self.env,
+                                 capture_output=True, text=True, check=False).stdout.strip()
+            subprocess.run(["nix-store", "--delete", out, *([drv] if drv.endswith(".drv") else [])],
+                           env=self.env, capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def host_nix() -> None:
+    if shutil.which("nix-build") is None:
+        pytest.fail("nix-build is not on PATH: apt-get install -y --no-install-recommends nix-bin")
+
+
+@pytest.fixture
+def vm(guest_nix_dir: Path) -> Iterator[Instance]:
+    with Instance(guest_dir=guest_nix_dir, memory=512) as inst:
+        inst.start()
+        yield inst
+
+
+@pytest.fixture
+def nix(vm: Instance) -> Iterator[Nix]:
+    n = Nix(vm.dir, vm.ssh_config)
+    yield n
+    n.delete_outputs()
+
+
+def builders_for(vm: Instance, protocol: str, form: str) -> str:
+    if form == "machines":
+        line = vm.cli("nix-machines", "--protocol", protocol).stdout.strip()
+        fields = line.split()
+        assert len(fields) == 8 and fields[0] == f"{protocol}://virby-vm", line
+        assert os.path.isabs(fields[2]), f"the key in the machines line is not absolute: {line}"
+        return line
+    return f"{protocol}://virby-vm x86_64-linux - 1 1"
+
+
+@pytest.mark.parametrize(("protocol", "form"), [
+    ("ssh-ng", "alias"), ("ssh", "alias"), ("ssh-ng", "machines"), ("ssh", "machines"),
+])
+def test_a_build_boots_the_vm_runs_there_and_the_next_reuses_it(
+        vm: Instance, nix: Nix, protocol: str, form: str, record_property: pytest.RecordProperty) -> None:
+    builders = builders_for(vm, protocol, form)
+    assert vm.status()["vm"]["state"] == "stopped" and vm.qemu() is None
+
+    cold = nix.build(builders=builders)
+    first = Where.read(cold.out)
+    assert f"on '{protocol}://virby-vm'" in cold.proc.stderr, cold.proc.stderr
+    st = vm.status()["vm"]
+    assert st["boots"] == 1 and st["state"] == "running", st
+
+    warm = nix.build(builders=builders)
+    second = Where.read(warm.out)
+    assert vm.status()["vm"]["boots"] == 1
+
+    guest = vm.ssh("cat", "/proc/sys/kernel/random/boot_id")
+    assert guest.returncode == 0, guest.stderr
+    for where in (first, second):
+        assert_built_in_guest(where, guest.stdout.strip())
+    assert vm.status()["vm"]["boots"] == 1
+
+    record_property("cold_build_s", round(cold.seconds, 2))
+    record_property("warm_build_s", round(warm.seconds, 2))
+    print(f"\n{protocol} ({form}): cold build {cold.seconds:.2f}s "
+          f"(boot {st['last_boot_seconds']}s), warm build {warm.seconds:.2f}s")
+
+
+def test_the_guest_check_rejects_a_build_done_on_the_host(tmp_path: Path) -> None:
+    """The same derivation built on the host (no builders, no sandbox: Debian's /bin/sh is
+    dynamic) succeeds, and `assert_built_in_guest` refuses its output."""
+    nix = Nix(tmp_path, tmp_path / "unused_ssh_config")
+    try:
+        local = nix.build("--option", "sandbox", "false")
+        where = Where.read(local.out)
+        with pytest.raises(AssertionError):
+            assert_built_in_guest(where, where.boot_id)
+        assert where.boot_id == host_boot_id()
+    finally:
+        nix.delete_outputs()
+
+
+def test_a_stale_pinned_host_key_fails_the_build_with_ssh_s_reason(vm: Instance) -> None:
+    """A known_hosts that pins another key (a reinstalled Virby, say): Nix shows ssh's
+    verdict, then its generic "unable to start any build"; nothing is built anywhere."""
+    stale = vm.dir / "stale_known_hosts"
+    stale.write_text("virby-vm-key ssh-ed25519 "
+                     "AAAAC3NzaC1lZDI1NTE5AAAAIDsQmNGkgesJAJrOH3+8MlSsZ/dv3X2w5jEycjuLr0Hd\n")
+    pinned = str(Path(vm.config.stateDir) / "ssh_known_hosts")
+    text = vm.ssh_config.read_text()
+    assert f"GlobalKnownHostsFile {pinned}\n" in text
+    config = vm.dir / "ssh_config.stale"
+    config.write_text(text.replace(pinned, str(stale)))
+    nix = Nix(vm.dir, config)
+    build = nix.build(builders=builders_for(vm, "ssh-ng", "machines"))
+    nix.delete_outputs()
+    assert build.proc.returncode != 0 and not nix.paths
+    assert "Host key verification failed." in build.proc.stderr
+    assert "unable to start any build" in build.proc.stderr
+
+
+def test_a_vm_that_never_gets_ready_fails_the_build(guest_nix_dir: Path) -> None:
+    """The forwarder holds the connection while the VM boots, then drops it when the boot
+    fails: ssh reports the reset, Nix says "unable to start any build"."""
+    with Instance(guest_dir=guest_nix_dir, memory=512, readyTimeout=8,
+                  guest={"cmdline": "console=ttyS0 quiet panic=-1 virby.noready"}) as inst:
+        inst.start()
+        nix = Nix(inst.dir, inst.ssh_config)
+        build = nix.build(builders=builders_for(inst, "ssh-ng", "alias"))
+        nix.delete_outputs()
+        assert build.proc.returncode != 0 and not nix.paths
+        assert "Connection reset by peer" in build.proc.stderr or \
+            "Connection closed" in build.proc.stderr, build.proc.stderr
+        assert "unable to start any build" in build.proc.stderr
+        st = inst.wait_vm("failed", timeout=30)
+        assert "guest not ready within 8s" in st["reason"]

@@ -1,0 +1,161 @@
+"""The bus protocol over real ZeroMQ ipc sockets in a temp dir (no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from virby.supervisor.config import Config, from_dict
+from virby.workers import bus
+
+
+@pytest.fixture
+def config() -> Iterator[Config]:
+    with tempfile.TemporaryDirectory(prefix="vbus", dir="/tmp") as d:
+        yield from_dict({"runtimeDir": d, "stateDir": d})
+
+
+def frames(body: dict, topic: str = "vm") -> list[bytes]:
+    return [topic.encode(), json.dumps(body).encode()]
+
+
+GOOD = {"v": 1, "kind": "state", "from": "vm", "inc": "1-2.0", "seq": 3, "t": 1.0, "data": {"state": "running"}}
+
+
+def test_decode_accepts_a_good_message() -> None:
+    msg = bus.decode(frames(GOOD))
+    assert (msg.sender, msg.kind, msg.seq, msg.data) == ("vm", "state", 3, {"state": "running"})
+    assert bus.decode(msg.encode()) == msg
+
+
+@pytest.mark.parametrize(("frames_", "reason"), [
+    ([b"vm"], "expected 2 frames"),
+    ([b"vm", b"{"], "not JSON"),
+    ([b"vm", b"[]"], "not an object"),
+    (frames({**GOOD, "v": 2}), "unsupported version"),
+    (frames({**GOOD, "from": "evil"}, "evil"), "unknown sender"),
+    (frames(GOOD, "idle"), "unknown sender"),
+    (frames({**GOOD, "kind": "command"}), "unknown kind"),
+    (frames({**GOOD, "inc": ""}), "bad incarnation"),
+    (frames({**GOOD, "seq": -1}), "bad sequence"),
+    (frames({**GOOD, "seq": True}), "bad sequence"),
+    (frames({**GOOD, "t": "now"}), "bad time"),
+    (frames({**GOOD, "data": []}), "data is not an object"),
+    ([b"vm", b" " * (bus.MAX_MESSAGE + 1)], "over"),
+])
+def test_decode_rejects_with_a_reason(frames_: list[bytes], reason: str) -> None:
+    with pytest.raises(bus.BadMessage, match=reason):
+        bus.decode(frames_)
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"nope", "not JSON"),
+    (b'{"v": 9, "id": "x", "cmd": "wake"}', "version"),
+    (b'{"v": 1, "cmd": "wake"}', "without an id"),
+    (b'{"v": 1, "id": "x", "cmd": "format-disk"}', "unknown command"),
+    (b'{"v": 1, "id": "x", "cmd": "wake", "args": [1]}', "args"),
+])
+def test_requests_are_validated(body: bytes, reason: str) -> None:
+    with pytest.raises(bus.BadMessage, match=reason):
+        bus.decode_request(body)
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_nodes_see_each_other_and_replay_state_on_subscribe(config: Config) -> None:
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+        seen: list[tuple[str, str]] = []
+        vm = bus.Node("vm", config, ctx=ctx)
+        vm.state = {"state": "running"}
+        await vm.start()
+        # The idle node starts later: it still gets vm's state at once (last-value replay).
+        idle = bus.Node("idle", config, lambda m, p, r: seen.append((m.sender, m.data.get("state"))),
+                        ctx=ctx)
+        await idle.start()
+        fwd = bus.Node("forwarder", config, ctx=ctx)
+        fwd.state = {"open": 2}
+        await fwd.start()
+        for _ in range(200):
+            if idle.peers["vm"].up and idle.peers["forwarder"].up and vm.peers["forwarder"].up \
+                    and fwd.peers["vm"].up and fwd.peers["idle"].up:
+                break
+            await asyncio.sleep(0.01)
+        assert ("vm", "running") in seen
+        assert idle.peers["vm"].inc == vm.inc
+        assert vm.peers["forwarder"].state["open"] == 2  # forwarder -> vm.in inbox
+        assert idle.peers["forwarder"].state["open"] == 2  # forwarder -> idle.in inbox
+        assert fwd.peers["idle"].inc == idle.inc
+        for n in (fwd, idle, vm):
+            await n.close()
+        ctx.term()
+
+    run(scenario())
+
+
+def test_control_request_reply_and_timeout(config: Config) -> None:
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+
+        async def handle(cmd: str, args: dict) -> tuple[bool, str | None, dict]:
+            if cmd == "wake":
+                await asyncio.sleep(0.05)
+                return True, None, {"state": "running", "args": args}
+            return False, "nope", {}
+
+        server = bus.ControlServer(config, handle, ctx=ctx)
+        server.start()
+        reply = await bus.request(config, "wake", {"wait": 1}, timeout=2, ctx=ctx)
+        assert reply["ok"] and reply["state"] == {"state": "running", "args": {"wait": 1}}
+        # A slow command does not hold up another one sent meanwhile.
+        both = await asyncio.gather(bus.request(config, "wake", timeout=2, ctx=ctx),
+                                    bus.request(config, "status", timeout=2, ctx=ctx))
+        assert [r["ok"] for r in both] == [True, False] and both[1]["error"] == "nope"
+        await server.close()
+        with pytest.raises(bus.RequestError, match="no answer from the vm worker"):
+            await bus.request(config, "status", timeout=0.2, ctx=ctx)
+        ctx.term()
+
+    run(scenario())
+
+
+def test_garbage_is_dropped_and_logged_once(config: Config, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+        got: list[bus.Message] = []
+        vm = bus.Node("vm", config, lambda m, p, r: got.append(m), ctx=ctx)
+        await vm.start()
+        pub = ctx.socket(zmq.PUB)
+        pub.connect(config.endpoint("vm.in"))
+        good = bus.Message("state", "forwarder", "9-9.0", 1, 1.0, {"open": 0})
+        for _ in range(200):  # until the inbox has our subscription
+            await pub.send_multipart([b"forwarder", b"garbage"])
+            if vm.drops.dropped:
+                break
+            await asyncio.sleep(0.01)
+        for i in range(50):
+            await pub.send_multipart([b"forwarder", b"garbage %d" % i])
+        await pub.send_multipart(good.encode())
+        for _ in range(200):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert [m.data for m in got] == [{"open": 0}]
+        assert vm.drops.dropped >= 51
+        pub.close(0)
+        await vm.close()
+        ctx.term()
+
+    with caplog.at_level(logging.WARNING, logger="virby.bus"):
+        run(scenario())
+    drops = [r for r in caplog.records if "dropped a malformed message" in r.getMessage()]
+    assert len(drops) == 1

@@ -1,0 +1,78 @@
+"""The QEMU command line and the checks made before a boot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from virby.supervisor.config import from_dict
+from virby.workers.backends.base import BackendError
+from virby.workers.backends.qemu import QemuBackend
+from virby.workers.keys import ensure_keys
+
+
+def backend(tmp_path: Path, **over: object) -> QemuBackend:
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "initrd.img").write_bytes(b"i")
+    data = {"runtimeDir": str(tmp_path / "r"), "stateDir": str(tmp_path / "s"), "accel": "tcg",
+            "guest": {"kernel": str(tmp_path / "vmlinuz"), "initrd": str(tmp_path / "initrd.img")},
+            **over}
+    c = from_dict(data)
+    return QemuBackend(c, ensure_keys(c.stateDir))
+
+
+def arg_after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_command_line(tmp_path: Path) -> None:
+    b = backend(tmp_path, cores=2, memory="1GiB")
+    argv = b.command()
+    assert argv[0] == "qemu-system-x86_64"
+    assert arg_after(argv, "-accel") == ["tcg,tb-size=128"]
+    assert arg_after(argv, "-m") == ["1024"] and arg_after(argv, "-smp") == ["2"]
+    assert arg_after(argv, "-M") == ["q35"]
+    assert arg_after(argv, "-kernel") == [str(tmp_path / "vmlinuz")]
+    assert arg_after(argv, "-initrd") == [str(tmp_path / "r" / "initrd.img")]  # base + keys
+    assert arg_after(argv, "-append") == ["console=ttyS0 quiet panic=-1"]
+    # user networking, cut off from the world, sshd forwarded to a loopback port QEMU picks
+    assert arg_after(argv, "-netdev") == ["user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22"]
+    assert arg_after(argv, "-qmp") == [f"unix:{tmp_path}/r/qmp.sock,server=on,wait=off"]
+    assert f"socket,id=agent,path={tmp_path}/r/agent.sock,server=on,wait=off" in arg_after(argv, "-chardev")
+    assert arg_after(argv, "-serial") == ["chardev:console", "chardev:agent"]
+    assert "-daemonize" not in argv  # QEMU stays our child
+    assert "-cpu" not in argv
+
+
+def test_shared_directories_and_disk(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"")
+    argv = backend(tmp_path, sharedDirectories={"src": "/srv/src"},
+                   guest={"disk": str(disk)}).command()
+    assert arg_after(argv, "-virtfs") == ["local,path=/srv/src,mount_tag=src,security_model=none"]
+    assert arg_after(argv, "-drive") == [f"file={disk},if=virtio,format=raw,cache=writeback"]
+
+
+def test_accel_is_a_setting_or_a_recorded_probe_never_the_device(tmp_path: Path) -> None:
+    b = backend(tmp_path, accel="auto")
+    assert b.accel() == "tcg"  # /dev/kvm may exist here and still not run a guest
+    Path(b.config.state("kvm-probe")).write_text("usable\n")
+    assert b.accel() == "kvm"
+    assert "-cpu" in b.command()
+    assert backend(tmp_path, accel="tcg").accel() == "tcg"
+
+
+@pytest.mark.parametrize(("what", "message"), [
+    ("kernel", "guest kernel (guest.kernel) not found"),
+    ("initrd", "guest initrd (guest.initrd) not found"),
+    ("hypervisor", "hypervisor not found: /nonexistent/qemu"),
+])
+def test_check_names_the_missing_file(tmp_path: Path, what: str, message: str) -> None:
+    b = backend(tmp_path, hypervisor="/nonexistent/qemu" if what == "hypervisor" else "qemu-system-x86_64")
+    if what == "kernel":
+        (tmp_path / "vmlinuz").unlink()
+    if what == "initrd":
+        (tmp_path / "initrd.img").unlink()
+    with pytest.raises(BackendError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        b.check()
