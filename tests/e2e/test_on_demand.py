@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -146,3 +147,23 @@ def test_a_guest_that_never_becomes_ready_releases_clients_with_the_reason(guest
         # within the backoff a new client is told at once, without another boot attempt
         status = inst.cli("status", "--json")
         assert '"state": "failed"' in status.stdout
+
+
+def test_auto_accel_probes_kvm_once_and_records_the_answer(guest_dir: Path) -> None:
+    """/dev/kvm opens here but cannot run a stock guest: "auto" must find that out by a real
+    boot, fall back to TCG within the same connection, and remember it."""
+    with Instance(guest_dir=guest_dir, accel="auto") as inst:
+        inst.start()
+        out = inst.ssh("uname", "-r")
+        assert out.returncode == 0, out.stderr
+        record = json.loads((inst.dir / "state" / "accel-probe.json").read_text())
+        kvm_works = record["accel"] == "kvm"
+        log = (inst.dir / "state" / "logs" / "vm.log").read_text()
+        assert ("KVM probe: usable" in log) == kvm_works
+        assert inst.status()["vm"]["boots"] == 1
+        qemu = inst.qemu()
+        assert qemu is not None
+        assert ("kvm" if kvm_works else "tcg,tb-size=128") in qemu.cmdline()
+        inst.cli("stop")
+        assert inst.ssh("true").returncode == 0
+        assert log.count("KVM probe") == (inst.dir / "state" / "logs" / "vm.log").read_text().count("KVM probe")

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -40,6 +42,7 @@ log = logging.getLogger("virby.qemu")
 
 _USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
 _TB_SIZE_MIB = 128  # cap the TCG translation cache (its 1 GiB default inflates RSS)
+KVM_PROBE_TIMEOUT = 10.0  # a guest that works under KVM announces itself in ~1-2 s
 
 
 class QemuBackend(Backend):
@@ -80,16 +83,47 @@ class QemuBackend(Backend):
 
     def accel(self) -> str:
         """The accelerator: a setting, or for "auto" the result of a real boot probe recorded
-        in the state dir (`/dev/kvm` existing proves nothing: reference/vm-lab.md §1)."""
+        in the state dir. `/dev/kvm` existing proves nothing (reference/vm-lab.md §1: it opens
+        here and cannot run a stock guest), so "auto" with an untested /dev/kvm boots with KVM
+        once and keeps that VM if it announces itself in time, else records "tcg"."""
         if self.config.accel != "auto":
             return self.config.accel
         if sys.platform == "darwin":
             return "hvf"
-        try:
-            with open(self.config.state("kvm-probe")) as f:
-                return "kvm" if f.read().strip() == "usable" else "tcg"
-        except OSError:
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             return "tcg"
+        return self._probe_record() or "kvm"
+
+    @property
+    def _probe_path(self) -> str:
+        return self.config.state("accel-probe.json")
+
+    def _probe_key(self) -> str:
+        """The probe holds while the host kernel and the QEMU binary stay the same."""
+        binary = shutil.which(self.config.hypervisor) or self.config.hypervisor
+        try:
+            mtime = os.stat(binary).st_mtime
+        except OSError:
+            mtime = 0.0
+        return f"{os.uname().release} {binary} {mtime:.0f}"
+
+    def _probe_record(self) -> str | None:
+        try:
+            with open(self._probe_path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("key") != self._probe_key():
+            return None
+        accel = data.get("accel")
+        return accel if accel in ("kvm", "tcg") else None
+
+    def _save_probe(self, accel: str, detail: str) -> None:
+        try:
+            with open(self._probe_path, "w") as f:
+                json.dump({"key": self._probe_key(), "accel": accel, "detail": detail}, f)
+        except OSError as e:
+            log.warning("cannot record the KVM probe: %s", e)
 
     def command(self) -> list[str]:
         c = self.config
@@ -149,6 +183,22 @@ class QemuBackend(Backend):
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def boot(self) -> None:
+        if self.config.accel == "auto" and self.accel() == "kvm" and self._probe_record() is None:
+            try:
+                await self._start()
+                await asyncio.wait_for(self.wait_announced(), KVM_PROBE_TIMEOUT)
+                self._save_probe("kvm", "the guest announced itself under KVM")
+                log.info("KVM probe: usable; recorded in %s", self._probe_path)
+                return  # keep this VM: the probe was the boot
+            except (TimeoutError, BackendError) as e:
+                detail = str(e) or f"no announcement within {KVM_PROBE_TIMEOUT:g}s"
+                self._save_probe("tcg", detail)
+                log.warning("KVM probe: /dev/kvm cannot run this guest (%s); using TCG from now "
+                            "on (recorded in %s)", detail, self._probe_path)
+                await self.kill()
+        await self._start()
+
+    async def _start(self) -> None:
         self.check()
         for path in (self.qmp_path, self.agent_path):
             with contextlib.suppress(FileNotFoundError):
