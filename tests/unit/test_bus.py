@@ -26,7 +26,8 @@ def frames(body: dict, topic: str = "vm") -> list[bytes]:
     return [topic.encode(), json.dumps(body).encode()]
 
 
-GOOD = {"v": 1, "kind": "state", "from": "vm", "inc": "1-2.0", "seq": 3, "t": 1.0, "data": {"state": "running"}}
+GOOD = {"v": 1, "kind": "state", "from": "vm", "inc": "1-2.0", "seq": 3, "t": 1.0,
+        "data": {"state": "running"}}
 
 
 def test_decode_accepts_a_good_message() -> None:

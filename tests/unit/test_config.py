@@ -79,7 +79,7 @@ def test_the_message_names_value_and_expectation() -> None:
 
 
 def test_unknown_key_lists_the_known_ones() -> None:
-    with pytest.raises(cfg.ConfigError, match="unknown key .*known: .*readyTimeout"):
+    with pytest.raises(cfg.ConfigError, match=r"unknown key .*known: .*readyTimeout"):
         cfg.from_dict({"readytimeout": 5})
 
 
