@@ -53,6 +53,8 @@ def prepare_dirs(config: Config) -> None:
     try:
         os.makedirs(config.runtimeDir, mode=0o700, exist_ok=True)
         os.chmod(config.runtimeDir, 0o700)  # sockets without auth: only we may reach them
+        # Made before its logs/ child: makedirs gives intermediate dirs the default mode (0755).
+        os.makedirs(config.stateDir, mode=0o700, exist_ok=True)
         os.makedirs(config.log_dir, mode=0o700, exist_ok=True)
         ensure_keys(config.stateDir)
     except OSError as e:
@@ -88,6 +90,7 @@ def exec_circusd(config: Config) -> None:
     try:
         ini = circus_ini.write_all(config)
     except OSError as e:
-        raise CannotStart(f"cannot write {e.filename}: {e.strerror}") from e
+        # A full disk fails in write() or close(), which name no file: name the directory.
+        raise CannotStart(f"cannot write {e.filename or config.runtimeDir}: {e.strerror}") from e
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", "circus.circusd", ini])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -56,7 +55,14 @@ def cli() -> None:
     \b
     Quick start:
       virby run --config virby.json &      # the arbiter (launchd runs this on macOS)
-      ssh -F <(virby ssh-config) virby-vm uname -a
+      export VIRBY_CONFIG=$PWD/virby.json
+      virby doctor                         # what is wrong, and the fix
+      virby ssh -- uname -a                # boots the VM on first use
+      virby status; virby events -f; virby logs -f
+
+    \b
+    Shell completion (bash; zsh and fish likewise):
+      eval "$(_VIRBY_COMPLETE=bash_source virby)"
     """
 
 
@@ -175,6 +181,19 @@ def start(config_path: str | None) -> None:
 # -- ssh -------------------------------------------------------------------------------------
 
 
+def _wait_unless_running(config: Config) -> None:
+    """Before handing over to ssh: a VM that is not running is booted here, where we can show
+    progress (ssh itself would only sit silent until the banner). If the bus does not answer,
+    leave it to the forwarder."""
+    from virby.supervisor import control
+
+    if not os.path.exists(config.endpoint("vm.pub").removeprefix("ipc://")):
+        return
+    vm = control.collect_states(config, 0.5).get("vm")
+    if vm is not None and vm.data.get("state") not in ("running", "paused"):
+        _wait_running(config)
+
+
 def ssh_config_text(config: Config, host: str = "virby-vm") -> str:
     from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
 
@@ -205,11 +224,12 @@ def ssh_config_text(config: Config, host: str = "virby-vm") -> str:
 @config_option
 @click.option("--host", default="virby-vm", show_default=True, help="The Host alias.")
 def ssh_config(config_path: str | None, host: str) -> None:
-    """Print an ssh_config block for the builder.
+    """Print an ssh_config block for the builder. Write it to a file: OpenSSH closes extra
+    file descriptors before it reads its config, so `ssh -F <(virby ssh-config)` does not work.
 
     \b
     Example:
-      ssh -F <(virby ssh-config) virby-vm uname -a
+      virby ssh-config > ~/.ssh/virby.conf && ssh -F ~/.ssh/virby.conf virby-vm uname -a
     """
     click.echo(ssh_config_text(_load(config_path), host), nl=False)
 
@@ -218,16 +238,19 @@ def ssh_config(config_path: str | None, host: str) -> None:
 @config_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def ssh(config_path: str | None, command: tuple[str, ...]) -> None:
-    """Open a shell in the VM, or run COMMAND there (booting it if needed).
+    """Open a shell in the VM, or run COMMAND there (booting it if needed, with progress on
+    stderr while it boots).
 
     \b
-    Example:
+    Examples:
+      virby ssh
       virby ssh -- uname -a
     """
     config = _load(config_path)
     path = config.runtime("ssh_config")
     if not os.path.isdir(config.runtimeDir):
         _fail(f"virby is not running: no runtime dir {config.runtimeDir} (start it with `virby run`)")
+    _wait_unless_running(config)
     with open(path, "w") as f:
         f.write(ssh_config_text(config))
     args = ["ssh", "-F", path, "virby-vm"]
@@ -248,11 +271,14 @@ LOG_FILES = {"circusd": "circusd.log", "vm": "vm.log", "forwarder": "forwarder.l
 @click.option("-n", "--lines", default=40, show_default=True, help="How many lines to show first.")
 @click.argument("watcher", required=False, type=click.Choice(sorted(LOG_FILES)))
 def logs(config_path: str | None, follow: bool, lines: int, watcher: str | None) -> None:
-    """Show the logs: circusd, each watcher, the guest console.
+    """Show the logs: circusd and each watcher (default: all four, each line tagged), or one
+    of them, the guest serial console (`console`) or QEMU's own output (`qemu`). With -f, keep
+    following, across log rotation (the file renamed to .1 and a new one started).
 
     \b
-    Example:
+    Examples:
       virby logs -f vm
+      virby logs -n 200 console
     """
     from virby.supervisor import logview
 
@@ -260,6 +286,94 @@ def logs(config_path: str | None, follow: bool, lines: int, watcher: str | None)
     names = [watcher] if watcher else ["circusd", "vm", "forwarder", "idle"]
     paths = {n: os.path.join(config.log_dir, LOG_FILES[n]) for n in names}
     logview.show(paths, lines=lines, follow=follow, echo=click.echo)
+
+
+# -- events, doctor, forward -----------------------------------------------------------------
+
+
+@cli.command()
+@config_option
+@click.option("-f", "--follow", is_flag=True, help="Keep printing changes as they happen (Ctrl-C ends).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def events(config_path: str | None, follow: bool, as_json: bool) -> None:
+    """Show what happens on the bus: VM state changes, connections accepted and closed,
+    clients closed before the VM was ready, idle decisions, worker restarts. Without -f,
+    print the current state (one line for the vm worker, one for the idle monitor) and exit.
+
+    \b
+    Examples:
+      virby events -f
+      virby events -f --json | jq -c 'select(.kind == "state")'
+    """
+    from virby.supervisor import events as ev
+
+    config = _load(config_path)
+    if not os.path.exists(config.endpoint("ctl").removeprefix("ipc://")):
+        _fail(f"virby is not running: no arbiter at {config.endpoint('ctl')} (start it with `virby run`)")
+
+    def emit(e: ev.Event) -> None:
+        click.echo(e.json() if as_json else e.line())
+
+    if follow:
+        ev.follow(config, emit)
+        return
+    for e in ev.current(config):
+        emit(e)
+
+
+@cli.command()
+@config_option
+def doctor(config_path: str | None) -> None:
+    """Check what users trip over, one line each with the fix: the hypervisor runs, the port
+    is free or ours, the runtime dir path fits the 104-byte socket limit, key and known_hosts
+    permissions, guest files, circusd reachable, the ssh_config alias, and (when the VM runs)
+    the guest's host key against the pinned one and the guest clock. Exits 1 if any check fails.
+
+    \b
+    Example:
+      virby doctor || virby logs vm
+    """
+    from virby.supervisor import doctor as doc
+
+    config = _load(config_path)
+    out = click.get_text_stream("stdout")
+    ascii_only = "utf" not in (getattr(out, "encoding", None) or "").lower()
+    ok = doc.run(config, lambda c: click.echo(c.line(ascii_only)))
+    click.echo("all checks passed" if ok else "some checks failed (✗): see the fixes above"
+               if not ascii_only else "some checks failed: see the fixes above")
+    sys.exit(0 if ok else 1)
+
+
+@cli.command()
+@config_option
+@click.argument("guest_port", type=click.IntRange(1, 65535))
+@click.argument("host_port", type=click.IntRange(0, 65535), required=False, default=0)
+def forward(config_path: str | None, guest_port: int, host_port: int) -> None:
+    """Reach GUEST_PORT inside the builder from this host on 127.0.0.1:HOST_PORT (default: a
+    free port, printed), through an SSH tunnel. Boots the VM if needed; while the tunnel is open
+    the VM counts as in use and is not paused. Ctrl-C (or SIGTERM) closes it.
+
+    \b
+    Example:
+      virby forward 8080          # prints e.g. 127.0.0.1:41233, then: curl http://127.0.0.1:41233/
+    """
+    from virby.supervisor.tunnel import Tunnel, TunnelError
+
+    config = _load(config_path)
+    if not os.path.isdir(config.runtimeDir):
+        _fail(f"virby is not running: no runtime dir {config.runtimeDir} (start it with `virby run`)")
+    _wait_unless_running(config)
+    tunnel = Tunnel(config, guest_port, host_port)
+    try:
+        host, port = tunnel.open(timeout=config.readyTimeout + 15)
+    except TunnelError as e:
+        _fail(f"cannot forward guest port {guest_port}: {e}")
+    click.echo(f"{host}:{port}")
+    click.echo(f"virby: forwarding 127.0.0.1:{port} -> guest 127.0.0.1:{guest_port}; Ctrl-C to stop",
+               err=True)
+    why = tunnel.serve()
+    if why == "dropped":
+        _fail("the SSH connection to the VM was lost (was it stopped?)")
 
 
 # -- integration with Nix, launchd and circusctl ---------------------------------------------

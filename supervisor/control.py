@@ -5,7 +5,10 @@ with one clear line when the arbiter is not there.
 `virby status` must answer in well under 100 ms, so this module is synchronous and light: it
 speaks circusd's JSON protocol on a plain DEALER (circus.client pulls in tornado and, through
 zmq.ssh, paramiko: ~70 ms) and reads the state owners' XPUB replays with a blocking SUB
-(no asyncio). The bus module is imported only for its message codec.
+(no asyncio: importing it costs ~35 ms, and workers.bus and workers.runtime import it at the
+top). So this module reads the two things it needs from them (a state message and a failure
+record) itself; workers/bus.py remains the definition of the protocol, and the unit tests check
+that both readers agree.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import json
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from virby.supervisor.config import Config
+
+VERSION = 1  # == bus.VERSION
 
 WATCHERS = ("vm", "forwarder", "idle")
 XPUB_OWNERS = ("vm", "idle")  # == bus.XPUB_OWNERS; repeated so `status` needs no asyncio import
@@ -42,8 +48,7 @@ def circus_call(config: Config, command: str, timeout: float = 1.0, **props: Any
     endpoint = config.endpoint("ctl")
     if not os.path.exists(_ipc_file(endpoint)):
         raise _not_running(config)
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     call_id = uuid.uuid4().hex
     try:
@@ -65,9 +70,51 @@ def circus_call(config: Config, command: str, timeout: float = 1.0, **props: Any
         sock.close(linger=0)
 
 
-def watcher_status(config: Config) -> dict[str, dict[str, Any]]:
-    from virby.workers.runtime import read_failure
+@dataclass(frozen=True)
+class State:
+    """A `state` message as the bus sends it (workers/bus.py: Message)."""
 
+    sender: str
+    inc: str
+    seq: int
+    t: float
+    data: dict[str, Any]
+
+
+def decode_state(frames: list[bytes]) -> State | None:
+    """A valid state message from a state owner, or None (anything else is not for us).
+    Mirrors bus.decode's checks without importing it."""
+    if len(frames) != 2:
+        return None
+    try:
+        obj = json.loads(frames[1])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(obj, dict) or obj.get("v") != VERSION or obj.get("kind") != "state":
+        return None
+    sender, inc, seq, t, data = (obj.get(k) for k in ("from", "inc", "seq", "t", "data"))
+    if sender not in WATCHERS or frames[0] != str(sender).encode():
+        return None
+    if not isinstance(inc, str) or not isinstance(data, dict):
+        return None
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        return None
+    if isinstance(t, bool) or not isinstance(t, int | float):
+        return None
+    return State(sender, inc, seq, float(t), data)
+
+
+def read_failure(config: Config, name: str) -> dict[str, Any] | None:
+    """The crash record a watcher leaves (workers/runtime.py: failure_path, _record_failure)."""
+    try:
+        with open(config.runtime(f"{name}.failure")) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def watcher_status(config: Config) -> dict[str, dict[str, Any]]:
     reply = circus_call(config, "status")
     statuses = reply.get("statuses", {})
     out: dict[str, dict[str, Any]] = {}
@@ -109,23 +156,18 @@ def subscribe(config: Config, ctx: zmq.Context[Any] | None = None) -> zmq.Socket
     return sock
 
 
-def collect_states(config: Config, timeout: float) -> dict[str, Any]:
-    """The latest state message of each owner (bus.Message), or fewer on timeout."""
-    from virby.workers import bus
-
+def collect_states(config: Config, timeout: float) -> dict[str, State]:
+    """The latest state message of each owner, or fewer on timeout."""
     sock = subscribe(config)
-    got: dict[str, Any] = {}
+    got: dict[str, State] = {}
     try:
         deadline = time.monotonic() + timeout
         while len(got) < len(XPUB_OWNERS):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
                 break
-            try:
-                msg = bus.decode(sock.recv_multipart())
-            except bus.BadMessage:
-                continue
-            if msg.kind == "state":
+            msg = decode_state(sock.recv_multipart())
+            if msg is not None:
                 got[msg.sender] = msg
     finally:
         sock.close(linger=0)

@@ -32,7 +32,8 @@ class Check:
     fix: str = ""
 
     def line(self, ascii_only: bool = False) -> str:
-        marks = {True: "ok", False: "FAIL", None: "skip"} if ascii_only else {True: "✓", False: "✗", None: "·"}
+        marks = ({True: "ok", False: "FAIL", None: "skip"} if ascii_only
+                 else {True: "✓", False: "✗", None: "·"})
         text = f"{marks[self.ok]} {self.title}"
         if self.detail:
             text += f": {self.detail}"
@@ -72,13 +73,17 @@ def check_port(ctx: Context) -> Check:
     port = ctx.config.port
     title = f"port 127.0.0.1:{port}"
     if ctx.running:
+        # Ask circusd rather than connect: a connection would wake the VM.
+        from virby.supervisor import control
+
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2):
-                pass
-        except OSError as e:
-            return Check(False, title, f"virby runs but the port does not accept: {e}",
-                         "`virby logs circusd`; restart the arbiter")
-        return Check(True, title, "held by this Virby's arbiter")
+            sockets = control.circus_call(ctx.config, "listsockets", timeout=2).get("sockets") or []
+        except control.NotRunning as e:
+            return Check(False, title, str(e), "`virby logs circusd`")
+        if any(isinstance(s, dict) and s.get("port") == port for s in sockets):
+            return Check(True, title, "held by this Virby's arbiter")
+        return Check(False, title, f"virby runs but circusd does not hold the port (it has {sockets})",
+                     "`virby logs circusd`; restart the arbiter")
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -98,13 +103,14 @@ def check_runtime_dir(ctx: Context) -> Check:
     longest = len((rd + LONGEST_SOCKET).encode())
     title = "runtime dir"
     if longest >= UNIX_PATH_MAX:
-        return Check(False, title, f"{rd}: socket paths would be {longest} bytes (macOS limit {UNIX_PATH_MAX})",
+        return Check(False, title,
+                     f"{rd}: socket paths would be {longest} bytes (macOS limit {UNIX_PATH_MAX})",
                      "set `runtimeDir` to a shorter path")
     detail = f"{rd} (socket paths {longest}/{UNIX_PATH_MAX} bytes)"
     try:
         st = os.stat(rd)
     except FileNotFoundError:
-        return Check(True if not ctx.running else False, title, detail + ", not created yet",
+        return Check(not ctx.running, title, detail + ", not created yet",
                      "`virby run` creates it")
     if st.st_uid != os.getuid():
         return Check(False, title, f"{rd} belongs to uid {st.st_uid}, not you ({os.getuid()})",
@@ -120,7 +126,8 @@ def check_keys(ctx: Context) -> Check:
 
     keys = KeyPaths.in_dir(ctx.config.stateDir)
     title = "SSH keys"
-    missing = [p for p in (keys.client_key, keys.host_key, keys.host_pub, keys.known_hosts) if not os.path.exists(p)]
+    wanted = (keys.client_key, keys.host_key, keys.host_pub, keys.known_hosts)
+    missing = [p for p in wanted if not os.path.exists(p)]
     if missing:
         return Check(None if not ctx.running else False, title, f"missing {', '.join(missing)}",
                      "`virby run` creates them on start")
@@ -149,7 +156,9 @@ def check_keys(ctx: Context) -> Check:
 
 def check_guest_files(ctx: Context) -> Check:
     g = ctx.config.guest
-    files = [("guest.kernel", g.kernel), ("guest.initrd", g.initrd)] + ([("guest.disk", g.disk)] if g.disk else [])
+    files = [("guest.kernel", g.kernel), ("guest.initrd", g.initrd)]
+    if g.disk:
+        files.append(("guest.disk", g.disk))
     missing = [f"{key} {path}" for key, path in files if not os.path.isfile(path)]
     if missing:
         fix = ("build the test guest: `bash image/build-test-guest.sh` (or point `guest` at your image)"
@@ -165,12 +174,14 @@ def check_arbiter(ctx: Context) -> Check:
         reply = control.circus_call(ctx.config, "status", timeout=2)
     except control.NotRunning as e:
         return Check(False, "arbiter (circusd)", str(e).removeprefix("virby is not running: "),
-                     "start it: `virby run --config …` (macOS: `sudo launchctl kickstart system/org.nixos.virby`)")
+                     "start it: `virby run --config …` "
+                     "(macOS: `sudo launchctl kickstart system/org.nixos.virby`)")
     ctx.running = True
     statuses = reply.get("statuses") or {}
     bad = {n: statuses.get(n, "missing") for n in control.WATCHERS if statuses.get(n) != "active"}
     if bad:
-        return Check(False, "arbiter (circusd)", "watchers not active: " + ", ".join(f"{n} {s}" for n, s in bad.items()),
+        listed = ", ".join(f"{n} {s}" for n, s in bad.items())
+        return Check(False, "arbiter (circusd)", f"watchers not active: {listed}",
                      "`virby status` shows the crash reason; `virby logs <watcher>`")
     states = control.collect_states(ctx.config, 1.0)
     vm = states.get("vm")
@@ -207,7 +218,8 @@ def check_ssh_alias(ctx: Context) -> Check:
     wrong = [f"{k} is {opts.get(k)!r}, not {v!r}" for k, v in want.items() if opts.get(k) != v]
     if wrong:
         return Check(False, title, "; ".join(wrong), "regenerate it with `virby ssh-config`")
-    return Check(True, title, f"-> {opts['user']}@127.0.0.1:{opts['port']} (ssh -F <(virby ssh-config) virby-vm)")
+    return Check(True, title,
+                 f"-> {opts['user']}@127.0.0.1:{opts['port']} (`ssh -G` on `virby ssh-config`'s text)")
 
 
 def check_host_key(ctx: Context) -> Check:
@@ -242,19 +254,23 @@ def check_clock(ctx: Context) -> Check:
     t0 = time.time()
     try:
         out = subprocess.run(["ssh", "-F", _ssh_config_file(ctx), "virby-vm", "--", "date", "+%s"],
-                             capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL)
+                             capture_output=True, text=True, timeout=30, check=False,
+                             stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        return Check(False, title, "`date` over ssh did not answer in 30s", "`virby doctor` again; `virby logs vm`")
+        return Check(False, title, "`date` over ssh did not answer in 30s",
+                     "`virby doctor` again; `virby logs vm`")
     t1 = time.time()
     try:
         guest = float(out.stdout.strip())
     except ValueError:
-        return Check(False, title, f"`ssh virby-vm date` failed ({out.returncode}): {out.stderr.strip()[-300:]}",
+        return Check(False, title,
+                     f"`ssh virby-vm date` failed ({out.returncode}): {out.stderr.strip()[-300:]}",
                      "see the host key check above")
     # The guest read its clock somewhere in [t0, t1]; with 1 s resolution, allow that much.
     skew = 0.0 if t0 - 1 <= guest <= t1 else min(abs(guest - t0), abs(guest - t1))
     if skew > MAX_SKEW:
-        return Check(False, title, f"{skew:.0f}s off the host's clock (builds see wrong timestamps; TLS may fail)",
+        return Check(False, title,
+                     f"{skew:.0f}s off the host's clock (builds see wrong timestamps; TLS may fail)",
                      "`virby pause` then `virby resume` resyncs it; or `virby stop`")
     return Check(True, title, f"within {MAX_SKEW:g}s of the host (skew {skew:.0f}s)")
 

@@ -151,7 +151,8 @@ def _request_event(msg: Any) -> Event:
     since = data.get("idle_since")
     when = (f" (idle since {time.strftime('%H:%M:%S', time.localtime(since))})"
             if isinstance(since, int | float) else "")
-    return Event(msg.t, msg.sender, "request", f"asked the vm worker to {name}{when}", {"event": name, **data})
+    return Event(msg.t, msg.sender, "request", f"asked the vm worker to {name}{when}",
+                 {"event": name, **data})
 
 
 def current(config: Config, timeout: float = 1.0) -> list[Event]:

@@ -11,7 +11,7 @@ def duration(seconds: float | None) -> str:
     """12s, 4m05s, 2h10m, 3d04h."""
     if seconds is None:
         return "-"
-    s = max(0, int(round(seconds)))
+    s = max(0, round(seconds))
     if s < 60:
         return f"{s}s"
     if s < 3600:
@@ -82,13 +82,16 @@ def format_status(st: dict[str, Any], now: float | None = None) -> str:
     hv = st.get("hypervisor")
     if hv:
         lines.append(f"{'hypervisor':<12}pid {hv['pid']}    RSS {size(hv.get('rss'))}    "
-                     f"CPU {hv.get('cpu_percent_avg')}% avg ({hv.get('cpu_seconds')}s in {duration(hv.get('age'))})")
+                     f"CPU {hv.get('cpu_percent_avg')}% avg "
+                     f"({hv.get('cpu_seconds')}s in {duration(hv.get('age'))})")
     lines.append("")
     lines.append(f"{'watcher':<11}{'status':<10}{'up':<9}{'restarts':<10}incarnation")
     for name, w in (st.get("watchers") or {}).items():
         restarts = w.get("restarts")
-        lines.append(f"{name:<11}{w.get('status', '-'):<10}{duration(w.get('uptime')) if w.get('uptime') is not None else '-':<9}"
-                     f"{restarts if restarts is not None else '-'!s:<10}{_short_inc(w.get('incarnation'))}")
+        up = duration(w.get("uptime")) if w.get("uptime") is not None else "-"
+        count = str(restarts) if restarts is not None else "-"
+        lines.append(f"{name:<11}{w.get('status', '-'):<10}{up:<9}{count:<10}"
+                     f"{_short_inc(w.get('incarnation'))}")
         failure = w.get("failure")
         if isinstance(failure, dict):
             when = _ago(failure.get("time"), now)
