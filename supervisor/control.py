@@ -4,11 +4,9 @@ with one clear line when the arbiter is not there.
 
 `virby status` must answer in well under 100 ms, so this module is synchronous and light: it
 speaks circusd's JSON protocol on a plain DEALER (circus.client pulls in tornado and, through
-zmq.ssh, paramiko: ~70 ms) and reads the state owners' XPUB replays with a blocking SUB
-(no asyncio: importing it costs ~35 ms, and workers.bus and workers.runtime import it at the
-top). So this module reads the two things it needs from them (a state message and a failure
-record) itself; workers/bus.py remains the definition of the protocol, and the unit tests check
-that both readers agree.
+zmq.ssh, paramiko: ~70 ms) and reads the state owners' XPUB replays with a blocking SUB. The
+message format comes from workers/protocol.py and the crash records from workers/failures.py,
+neither of which imports asyncio (~35 ms).
 """
 
 from __future__ import annotations
@@ -17,17 +15,15 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from virby.supervisor.config import Config
-
-VERSION = 1  # == bus.VERSION
+from virby.workers.failures import read_failure
+from virby.workers.protocol import XPUB_OWNERS, BadMessage, Message, decode
 
 WATCHERS = ("vm", "forwarder", "idle")
-XPUB_OWNERS = ("vm", "idle")  # == bus.XPUB_OWNERS; repeated so `status` needs no asyncio import
 
 
 class NotRunning(Exception):
@@ -70,48 +66,17 @@ def circus_call(config: Config, command: str, timeout: float = 1.0, **props: Any
         sock.close(linger=0)
 
 
-@dataclass(frozen=True)
-class State:
-    """A `state` message as the bus sends it (workers/bus.py: Message)."""
-
-    sender: str
-    inc: str
-    seq: int
-    t: float
-    data: dict[str, Any]
+# A state broadcast as the bus sends it.
+State = Message
 
 
 def decode_state(frames: list[bytes]) -> State | None:
-    """A valid state message from a state owner, or None (anything else is not for us).
-    Mirrors bus.decode's checks without importing it."""
-    if len(frames) != 2:
-        return None
+    """A valid state message from a state owner, or None (anything else is not for us)."""
     try:
-        obj = json.loads(frames[1])
-    except (ValueError, UnicodeDecodeError):
+        msg = decode(frames)
+    except BadMessage:
         return None
-    if not isinstance(obj, dict) or obj.get("v") != VERSION or obj.get("kind") != "state":
-        return None
-    sender, inc, seq, t, data = (obj.get(k) for k in ("from", "inc", "seq", "t", "data"))
-    if sender not in WATCHERS or frames[0] != str(sender).encode():
-        return None
-    if not isinstance(inc, str) or not isinstance(data, dict):
-        return None
-    if isinstance(seq, bool) or not isinstance(seq, int):
-        return None
-    if isinstance(t, bool) or not isinstance(t, int | float):
-        return None
-    return State(sender, inc, seq, float(t), data)
-
-
-def read_failure(config: Config, name: str) -> dict[str, Any] | None:
-    """The crash record a watcher leaves (workers/runtime.py: failure_path, _record_failure)."""
-    try:
-        with open(config.runtime(f"{name}.failure")) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
+    return msg if msg.kind == "state" else None
 
 
 def watcher_status(config: Config) -> dict[str, dict[str, Any]]:

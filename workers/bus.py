@@ -36,112 +36,37 @@ import zmq
 import zmq.asyncio
 
 from virby.supervisor.config import Config
+from virby.workers.protocol import (  # re-exported: the bus's users import them from here
+    COMMANDS,
+    HEARTBEAT,
+    INBOX_OWNERS,
+    KINDS,
+    MAX_MESSAGE,
+    NAMES,
+    PEER_TIMEOUT,
+    VERSION,
+    XPUB_OWNERS,
+    BadMessage,
+    Message,
+    decode,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
 
-VERSION = 1
-NAMES = ("vm", "forwarder", "idle")
-KINDS = ("state", "event")
-COMMANDS = ("wake", "start", "stop", "pause", "resume", "status")
-HEARTBEAT = 1.0
 EARLY_BEATS = (0.02, 0.05, 0.1, 0.2, 0.4)
-PEER_TIMEOUT = 3 * HEARTBEAT + 0.5  # three missed heartbeats: the peer is down
-MAX_MESSAGE = 64 * 1024
-
-# Who binds what: state owners bind, the forwarder (which may run twice) only connects.
-XPUB_OWNERS = ("vm", "idle")
-INBOX_OWNERS = ("vm", "idle")
-CONTROL_OWNER = "vm"
 
 log = logging.getLogger("virby.bus")
 
-
-class BadMessage(ValueError):
-    """A message that does not follow the protocol; the text says how."""
+__all__ = ["COMMANDS", "HEARTBEAT", "INBOX_OWNERS", "KINDS", "MAX_MESSAGE", "NAMES", "PEER_TIMEOUT",
+           "VERSION", "XPUB_OWNERS", "BadMessage", "Message", "decode", "decode_request",
+           "encode_reply", "encode_request"]
 
 
 def incarnation() -> str:
     """pid and start time: unique per process, stable for its lifetime."""
     me = psutil.Process()
     return f"{me.pid}-{me.create_time():.3f}"
-
-
-@dataclass(frozen=True)
-class Message:
-    kind: str
-    sender: str
-    inc: str
-    seq: int
-    t: float
-    data: dict[str, Any]
-
-    def encode(self) -> list[bytes]:
-        body = {"v": VERSION, "kind": self.kind, "from": self.sender, "inc": self.inc,
-                "seq": self.seq, "t": self.t, "data": self.data}
-        return [self.sender.encode(), json.dumps(body, separators=(",", ":")).encode()]
-
-
-def decode(frames: list[bytes]) -> Message:
-    """Validate two frames from the wire. Raises BadMessage with the reason."""
-    if len(frames) != 2:
-        raise BadMessage(f"expected 2 frames, got {len(frames)}")
-    topic, body = frames
-    if len(body) > MAX_MESSAGE:
-        raise BadMessage(f"message of {len(body)} bytes is over {MAX_MESSAGE}")
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadMessage(f"not JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise BadMessage("body is not an object")
-    if obj.get("v") != VERSION:
-        raise BadMessage(f"unsupported version {obj.get('v')!r}")
-    sender, kind, inc, seq, t, data = (obj.get(k) for k in ("from", "kind", "inc", "seq", "t", "data"))
-    if sender not in NAMES or topic != str(sender).encode():
-        raise BadMessage(f"unknown sender {sender!r} (topic {topic[:32]!r})")
-    if kind not in KINDS:
-        raise BadMessage(f"unknown kind {kind!r}")
-    if not isinstance(inc, str) or not 0 < len(inc) <= 64:
-        raise BadMessage("bad incarnation")
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-        raise BadMessage("bad sequence number")
-    if isinstance(t, bool) or not isinstance(t, int | float):
-        raise BadMessage("bad time")
-    if not isinstance(data, dict):
-        raise BadMessage("data is not an object")
-    return Message(kind, sender, inc, seq, float(t), data)
-
-
-def encode_request(cmd: str, args: dict[str, Any] | None = None, req_id: str | None = None) -> bytes:
-    return json.dumps({"v": VERSION, "id": req_id or uuid.uuid4().hex, "cmd": cmd,
-                       "args": args or {}}).encode()
-
-
-def decode_request(body: bytes) -> tuple[str, str, dict[str, Any]]:
-    if len(body) > MAX_MESSAGE:
-        raise BadMessage("request too large")
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadMessage(f"request not JSON: {e}") from None
-    if not isinstance(obj, dict) or obj.get("v") != VERSION:
-        raise BadMessage("request without a supported version")
-    req_id, cmd, args = obj.get("id"), obj.get("cmd"), obj.get("args", {})
-    if not isinstance(req_id, str) or not 0 < len(req_id) <= 64:
-        raise BadMessage("request without an id")
-    if cmd not in COMMANDS:
-        raise BadMessage(f"unknown command {cmd!r}")
-    if not isinstance(args, dict):
-        raise BadMessage("request args is not an object")
-    return req_id, cmd, args
-
-
-def encode_reply(req_id: str, ok: bool, *, error: str | None = None,
-                 state: dict[str, Any] | None = None) -> bytes:
-    reply: dict[str, Any] = {"v": VERSION, "id": req_id, "ok": ok}
-    if error is not None:
-        reply["error"] = error
-    if state is not None:
-        reply["state"] = state
-    return json.dumps(reply).encode()
 
 
 class _OncePerReason:

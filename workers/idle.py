@@ -71,9 +71,19 @@ class IdleMonitor:
         nxt = min(deadlines)
         return None, max(0.0, nxt - now), {**info, "decision": f"idle; next step in {nxt - now:.0f}s"}
 
+    def _news(self, info: dict[str, Any]) -> bool:
+        """Whether the plan changed (not just the countdown text): then broadcast at once."""
+        def key(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in d.items() if k not in ("decision", "peers")}
+
+        return key(info) != key(self.node.state)
+
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             action, wait, info = self.plan()
+            if self._news(info):
+                self.node.state = info
+                self.node.publish_state()
             self.node.state = info
             if action is not None and time.monotonic() >= self.not_before:
                 await self._ask(action, info["idle_since"])

@@ -11,8 +11,6 @@ status` shows the record. A kill -9 records nothing, so it is respawned at circu
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import signal
@@ -23,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 from virby.supervisor.config import Config, ConfigError, load_for_worker
+from virby.workers.failures import clear_failure, record_failure
 
 HEALTHY_AFTER = 10.0
-MAX_BACKOFF = 60.0
 PARENT_POLL = 0.2
 
 log = logging.getLogger("virby")
@@ -64,41 +62,6 @@ def setup_logging(name: str, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def failure_path(config: Config, name: str) -> str:
-    return config.runtime(f"{name}.failure")
-
-
-def read_failure(config: Config, name: str) -> dict[str, object] | None:
-    try:
-        with open(failure_path(config, name)) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _record_failure(config: Config, name: str, reason: str) -> float:
-    """Count this failure; return how long to wait before exiting."""
-    previous = read_failure(config, name) or {}
-    count_before = previous.get("count")
-    count = count_before + 1 if isinstance(count_before, int) else 1
-    delay = min(MAX_BACKOFF, 2.0 ** (count - 1))
-    record = {"count": count, "reason": reason[-2000:], "time": time.time(), "backoff": delay}
-    try:
-        tmp = failure_path(config, name) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, failure_path(config, name))
-    except OSError as e:  # a full disk must not stop the backoff itself
-        log.error("could not record the failure: %s", e)
-    return delay
-
-
-def _clear_failure(config: Config, name: str) -> None:
-    with contextlib.suppress(FileNotFoundError, OSError):
-        os.unlink(failure_path(config, name))
-
-
 async def _watch_parent(stop: asyncio.Event) -> None:
     """circusd starts us in our own session, so nobody kills us if it dies: watch for it."""
     parent = os.getppid()
@@ -112,7 +75,7 @@ async def _watch_parent(stop: asyncio.Event) -> None:
 
 async def _mark_healthy(config: Config, name: str) -> None:
     await asyncio.sleep(HEALTHY_AFTER)
-    _clear_failure(config, name)
+    clear_failure(config, name)
 
 
 WorkerMain = Callable[[Config, asyncio.Event], Awaitable[None]]
@@ -153,7 +116,7 @@ def run_worker(name: str, main: WorkerMain) -> None:
     except Exception:
         reason = traceback.format_exc()
         log.error("%s failed:\n%s", name, reason)
-        delay = _record_failure(config, name, reason.strip().splitlines()[-1])
+        delay = record_failure(config, name, reason.strip().splitlines()[-1])
         log.error("waiting %.0fs before exiting (crash backoff)", delay)
         _sleep_unless_orphaned(delay)
         sys.exit(1)

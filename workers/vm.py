@@ -81,6 +81,10 @@ class VMWorker:
             "forwarder": self.node.peers["forwarder"].state,
         }
 
+    def _activity_view(self) -> tuple[object, ...]:
+        fwd = self.node.state.get("forwarder") or {}
+        return self.node.state.get("connections"), fwd.get("accepted"), fwd.get("waiting")
+
     def refresh(self) -> None:
         """Bring the broadcast state up to date without sending (the heartbeat sends it)."""
         self.node.state = self.snapshot()
@@ -315,8 +319,11 @@ class VMWorker:
             await self.backend.kill()
 
     async def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
+        before = self._activity_view()
         self.activity.observe(msg)
         self.refresh()
+        if self._activity_view() != before:
+            self.node.publish_state()  # connections opening and closing are news: send now
         if self.state == "paused" and self.activity.open_connections() > 0:
             # A client got through while a pause raced in: never leave it hanging.
             log.info("connection open while paused: resuming")

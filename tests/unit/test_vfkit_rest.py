@@ -518,7 +518,7 @@ def test_a_new_worker_adopts_the_running_vm(make_backend) -> None:
 
 
 def test_adoption_survives_virby_run_clearing_the_runtime_dir(make_backend) -> None:
-    from virby.supervisor.cli import clean_runtime_dir
+    from virby.supervisor.arbiter import clean_runtime_dir
 
     first, second = make_backend(), make_backend()
 
