@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,8 +13,11 @@ from tests.harness import REPO
 
 
 def test_wheel_file_list(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
+    finally:
+        shutil.rmtree(REPO / "build", ignore_errors=True)  # pip builds in the source tree
     [wheel] = tmp_path.glob("virby-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("virby/supervisor/cli.py", "virby/supervisor/config.py", "virby/workers/bus.py",
