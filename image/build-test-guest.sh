@@ -9,6 +9,9 @@
 #   WITH_NIX=1 also copies the host's Debian nix-bin (and its library closure) into the guest.
 # Output: OUTDIR/vmlinuz OUTDIR/initrd.img OUTDIR/stamp (hash of every input). If the stamp
 # already matches, the script exits at once. OUTDIR/debs keeps the downloaded packages.
+# Progress: on a terminal, one status line per step (spinner, bar where the step can count,
+# elapsed time); otherwise (tests, CI, pipes) plain lines, one per step. NO_PROGRESS=1 forces
+# plain lines.
 # Needs: apt-get (a Debian 12 mirror), dpkg-deb, cpio, gzip, flock; WITH_NIX=1 needs nix-bin.
 set -euo pipefail
 umask 022  # the modes in the image must not depend on the caller's umask
@@ -33,6 +36,68 @@ fi
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+
+# --- progress ---------------------------------------------------------------------------------
+# The work stays in the foreground (it sets variables, and `set -e` must stop the script); a
+# background loop, ended by its pid, redraws the status line. Bars: `tick DONE TOTAL` from the
+# work, or the spinner counts files matching a glob (downloads).
+if [ -t 1 ] && [ "${TERM:-dumb}" != dumb ] && [ -z "${NO_PROGRESS:-}" ]; then TTY=1; else TTY=0; fi
+SPIN_PID='' SPIN_LABEL='' SPIN_T0='' PROGRESS=$OUT/.progress
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+bar() {  # bar DONE TOTAL -> [########------------] 4/10
+  awk -v d="$1" -v t="$2" 'BEGIN{ if (t < 1) exit; n = int(20 * d / t); if (n > 20) n = 20
+    s = "["; for (i = 0; i < 20; i++) s = s (i < n ? "#" : "-"); printf "%s] %d/%d", s "", d, t }'
+}
+say() {  # a line of its own, above the status line
+  if [ -n "$SPIN_PID" ]; then printf '\r\033[K'; fi
+  printf '%s\n' "$*"
+}
+spin_start() {  # spin_start LABEL [TOTAL [GLOB]]
+  spin_stop
+  SPIN_LABEL=$1 SPIN_T0=$(now)
+  if [ "$TTY" = 0 ]; then echo "$1…"; return 0; fi
+  local total=${2:-} glob=${3:-} parent=$$
+  rm -f "$PROGRESS"
+  (
+    exec 9>&-  # not the build lock: only the script holds it
+    frames="|/-\\" i=0
+    while kill -0 "$parent" 2>/dev/null; do
+      done_=
+      if [ -n "$glob" ]; then
+        done_=$(compgen -G "$glob" | wc -l)
+      elif [ -n "$total" ] && [ -s "$PROGRESS" ]; then
+        read -r done_ _ < "$PROGRESS" || done_=
+      fi
+      progress=
+      if [ -n "$done_" ]; then progress=" $(bar "$done_" "$total")"; fi
+      printf '\r\033[K%s %s%s %ss' "${frames:i++%4:1}" "$SPIN_LABEL" "$progress" "$(elapsed "$SPIN_T0")"
+      sleep 0.1
+    done
+  ) &
+  SPIN_PID=$!
+}
+spin_stop() {  # spin_stop [ok|fail]
+  [ -n "$SPIN_PID" ] || return 0
+  kill "$SPIN_PID" 2>/dev/null || true
+  # (bash may have reaped it already and warns "No record of process": the group silences that)
+  { wait "$SPIN_PID" || true; } 2>/dev/null
+  SPIN_PID=
+  local mark='✓'
+  if [ "${1:-ok}" != ok ]; then mark='✗'; fi
+  printf '\r\033[K%s %s (%ss)\n' "$mark" "$SPIN_LABEL" "$(elapsed "$SPIN_T0")"
+}
+tick() { if [ "$TTY" = 1 ]; then echo "$1 $2" > "$PROGRESS"; fi; }
+# on any exit: end the spinner first (a failing step is marked), then remove the build dir
+W=
+cleanup() {
+  local rc=$?
+  if [ "$rc" = 0 ]; then spin_stop ok; else spin_stop fail; fi
+  rm -f "$PROGRESS"
+  if [ -n "$W" ]; then rm -rf "$W"; fi
+}
+trap cleanup EXIT
+trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM  # so cleanup sees a failure
 # Two builds into one OUTDIR (parallel test workers) would race: the second waits, then finds
 # the stamp up to date.
 exec 9>"$OUT/.lock"
@@ -58,8 +123,11 @@ apt_update() {
     echo "apt-get update needs root: run 'sudo apt-get update' and try again" >&2
     exit 1
   fi
+  spin_stop
   apt-get update -qq
+  spin_start "resolving packages"
 }
+if [ "$TTY" = 1 ]; then spin_start "resolving packages"; fi
 resolve || { apt_update; resolve; } || { echo "cannot resolve the guest packages" >&2; exit 1; }
 
 nix_inputs() {
@@ -83,6 +151,7 @@ stamp() {
   } | sha256sum | cut -d' ' -f1
 }
 STAMP=$(stamp)
+spin_stop
 
 if [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initrd.img" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$STAMP" ]; then
   echo "guest up to date: $OUT"
@@ -91,7 +160,6 @@ fi
 
 # --- 2. download (only the .debs not already in OUTDIR/debs with the right sha256) -------------
 echo "kernel package: $KPKG"
-echo "downloading packages…"
 D=$OUT/debs
 mkdir -p "$D"
 wanted=$(printf '%s\n' "$URIS" | awk '{print $2}')
@@ -107,25 +175,38 @@ done)
 download() {
   # as root, apt warns that it cannot drop privileges to _apt for a user-owned dir: harmless
   # shellcheck disable=SC2086
-  ( cd "$D" && apt-get download $PKGS 2>&1 ) | { grep -v '^W: Download is performed unsandboxed' || true; }
+  ( cd "$D" && apt-get download $PKGS 2>&1 ) | { grep -v '^W: Download is performed unsandboxed' || true; } |
+    if [ "$TTY" = 1 ]; then cat > "$OUT/.apt.log"; else cat; fi
   for file in $(printf '%s\n' "$URIS" | awk '{print $2}'); do [ -f "$D/$file" ] || return 1; done
 }
+npkgs=$(echo "$PKGS" | wc -w)
 if [ -n "$missing" ]; then
+  spin_start "downloading $(printf '%s\n' "$missing" | wc -l) of $npkgs packages" "$npkgs" "$D/*.deb"
   # stale package lists make the mirror answer 404: update once and resolve again
   if ! download; then
+    if [ -s "$OUT/.apt.log" ]; then say "$(cat "$OUT/.apt.log")"; fi
     apt_update
+    spin_start "downloading packages" "$npkgs" "$D/*.deb"
     if ! { resolve && download; }; then echo "apt-get download failed" >&2; exit 1; fi
     STAMP=$(stamp)
   fi
 fi
+rm -f "$OUT/.apt.log"
+spin_stop
 t_dl=$(date +%s.%N)
 
 # --- 3. assemble the root tree ------------------------------------------------------------------
 W=$(mktemp -d "$OUT/.build.XXXXXX")
-trap 'rm -rf "$W"' EXIT
 X=$W/extract R=$W/root
 mkdir -p "$X" "$R"
-for f in $(printf '%s\n' "$URIS" | awk '{print $2}'); do dpkg-deb -x "$D/$f" "$X"; done
+spin_start "extracting packages" "$npkgs"
+n=0
+for f in $(printf '%s\n' "$URIS" | awk '{print $2}'); do
+  dpkg-deb -x "$D/$f" "$X"
+  n=$((n + 1)); tick "$n" "$npkgs"
+done
+spin_stop
+spin_start "assembling the root tree$([ "$WITH_NIX" = 1 ] && echo ' (with Nix)')"
 cp "$X/boot/vmlinuz-$KVER" "$W/vmlinuz"
 
 mkdir -p "$R"/{bin,sbin,usr/bin,usr/sbin,etc/virby,etc/acpi,proc,sys,dev,run,tmp,var/log,root,home/builder}
@@ -217,7 +298,9 @@ EOF
 # init's TERM, one-second wait, KILL sequence: the hypervisor is gone ~2 s sooner. The
 # action path is relative to /etc/acpi
 echo 'PWRF power.sh' > "$R/etc/acpid.conf"
-printf '#!/bin/sh\nsync\nexec /sbin/poweroff -f\n' > "$R/etc/acpi/power.sh"
+# (-f skips init's ::shutdown line, so the script says it itself: the console contract)
+printf '#!/bin/sh\necho "virby-guest: shutting down" > /dev/console\nsync\nexec /sbin/poweroff -f\n' \
+  > "$R/etc/acpi/power.sh"
 
 cat > "$R/etc/rc" <<'EOF'
 #!/bin/sh
@@ -354,17 +437,21 @@ for bin in $check_bins; do
         awk -v r="$R/" '/not found/ || ($2 == "=>" && index($3, r) != 1)') || true
   [ -z "$bad" ] || { echo "$bin: libraries missing from the image: $bad" >&2; exit 1; }
 done
-"$R/lib64/ld-linux-x86-64.so.2" --library-path "$RLP" "$R/usr/sbin/dropbear" -V 2>&1 | head -1
+v=$("$R/lib64/ld-linux-x86-64.so.2" --library-path "$RLP" "$R/usr/sbin/dropbear" -V 2>&1 | head -1)
+say "$v"
 if [ "$WITH_NIX" = 1 ]; then
-  "$R/lib64/ld-linux-x86-64.so.2" --library-path "$RLP" "$R/usr/bin/nix" --version
+  v=$("$R/lib64/ld-linux-x86-64.so.2" --library-path "$RLP" "$R/usr/bin/nix" --version)
+  say "$v"
 fi
+spin_stop
 
 # --- 5. pack: sorted names, fixed mtimes and inode numbers, gzip -n: same inputs, same bytes --
-echo "packing initramfs…"
+spin_start "packing initramfs"
 ln -s /bin/busybox "$R/init"  # the kernel runs /init = busybox init, which reads /etc/inittab
 find "$R" -exec touch -h -d @0 {} +
 ( cd "$R" && find . -print0 | LC_ALL=C sort -z |
   cpio --null -o -H newc -R 0:0 --reproducible --quiet ) | gzip -6 -n > "$W/initrd.img"
+spin_stop
 
 # replace atomically; the stamp goes last, so an interrupted build is redone next time
 rm -f "$OUT/stamp"

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +158,8 @@ def builders_for(vm: Instance, protocol: str, form: str) -> str:
     ("ssh-ng", "alias"), ("ssh", "alias"), ("ssh-ng", "machines"), ("ssh", "machines"),
 ])
 def test_a_build_boots_the_vm_runs_there_and_the_next_reuses_it(
-        vm: Instance, nix: Nix, protocol: str, form: str, record_property: pytest.RecordProperty) -> None:
+        vm: Instance, nix: Nix, protocol: str, form: str,
+        record_property: Callable[[str, object], None]) -> None:
     builders = builders_for(vm, protocol, form)
     assert vm.status()["vm"]["state"] == "stopped" and vm.qemu() is None
 
