@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,3 +169,36 @@ def test_auto_accel_probes_kvm_once_and_records_the_answer(guest_dir: Path) -> N
         assert inst.ssh("true").returncode == 0
         after = (inst.dir / "state" / "logs" / "vm.log").read_text()
         assert after.count("KVM probe") == log.count("KVM probe")  # the second boot did not probe
+
+
+def test_the_guest_clock_is_set_after_a_resume(guest_dir: Path) -> None:
+    """The guest clock stands still while paused (TCG has no catch-up): after the resume the
+    vm worker sets it from the host's, so builds see the right time."""
+    with Instance(guest_dir=guest_dir, onDemand={"pauseAfter": None, "stopAfter": None}) as inst:
+        inst.start()
+        assert inst.ssh("true").returncode == 0
+        inst.cli("pause")
+        beats: list[float] = []
+
+        def paused_for_3s(states: dict) -> bool:
+            vm = states.get("vm", {})
+            if vm.get("state") == "paused":
+                beats.append(time.monotonic())
+            return len(beats) >= 2 and beats[-1] - beats[0] >= 3.0
+
+        inst.wait_bus(paused_for_3s, 15, "the VM to stay paused for 3 s")
+        inst.cli("resume")
+
+        def skew() -> float:
+            before = time.time()
+            out = inst.ssh("date", "+%s")
+            after = time.time()
+            assert out.returncode == 0, out.stderr
+            return float(out.stdout) - (before + after) / 2
+
+        # the clock is set right after the resume; allow the agent's round trip to land
+        drift = skew()
+        if abs(drift) > 1.5:
+            inst.wait_bus(lambda s: True, 2, "one more broadcast")
+            drift = skew()
+        assert abs(drift) <= 1.5, f"guest clock off by {drift:.1f}s after resume"
