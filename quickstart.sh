@@ -47,10 +47,9 @@ t1=$(date +%s.%N)
 awk -v a="$t0" -v b="$t1" 'BEGIN { printf "cold start through the forwarder: %.2f s (boot, sshd, login, command)\n", b - a }'
 virby status
 
-if [ -x image/nix-build-demo.sh ]; then
-  echo
-  image/nix-build-demo.sh "$VIRBY_CONFIG"
-fi
+echo
+virby stop >/dev/null   # the first build's connection boots the VM again
+image/nix-build-demo.sh "$VIRBY_CONFIG"
 echo
 echo "Virby keeps running. Try: virby status | virby ssh -- uname -a | virby logs -f"
 echo "(export VIRBY_CONFIG=$VIRBY_CONFIG first). Stop it all with: kill \$(cat $(virby env | sed -n "s/^export VIRBY_RUNTIME_DIR=//p" | tr -d "'")/circusd.pid)"
