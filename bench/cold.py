@@ -151,7 +151,7 @@ def run(ctx: Context) -> Result:
                        virby_boot_to_proven=summary([r["last_boot_seconds"] for r in cold]))
     res.measured_text = f"{sc['median']:.2f} s ({sc['min']:.2f}–{sc['max']:.2f})"
     res.baseline_text = f"{sl['median']:.2f} s ({sl['min']:.2f}–{sl['max']:.2f})"
-    res.why = (f"cold is {(res.measured - res.baseline) * 1000:+.0f} ms over the limit "
-               f"(allowed {(TARGET - 1) * res.baseline * 1000:.0f} ms)")
+    res.why = (f"cold − limit = {(res.measured - res.baseline) * 1000:+.0f} ms "
+               f"(allowed +{(TARGET - 1) * res.baseline * 1000:.0f} ms)")
     json.dumps(res.details)  # fail here, not at the end of the run, if anything is not JSON
     return res

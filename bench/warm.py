@@ -12,6 +12,10 @@ NAME = "warm"
 TARGET = 1.02
 
 
+def _ms(s: dict[str, float | int]) -> str:
+    return f"{s['median'] * 1000:.0f} ms (p10–p90 {s['p10'] * 1000:.0f}–{s['p90'] * 1000:.0f})"
+
+
 def run(ctx: Context) -> Result:
     n = ctx.runs(full=30, quick=8)
     res = Result(NAME, "s", target=f"forwarder ÷ direct ≤ {TARGET}")
@@ -37,7 +41,8 @@ def run(ctx: Context) -> Result:
     res.ratio = res.measured / res.baseline
     res.passed = res.ratio <= TARGET
     res.details = {"forwarder": sf, "direct": sd, "guest_port": port}
-    res.measured_text = f"{sf['median'] * 1000:.0f} ms (p10–p90 {sf['p10'] * 1000:.0f}–{sf['p90'] * 1000:.0f})"
-    res.baseline_text = f"{sd['median'] * 1000:.0f} ms (p10–p90 {sd['p10'] * 1000:.0f}–{sd['p90'] * 1000:.0f})"
-    res.why = f"the forwarder adds {(res.measured - res.baseline) * 1000:+.1f} ms to a {res.baseline * 1000:.0f} ms ssh"
+    res.measured_text = _ms(sf)
+    res.baseline_text = _ms(sd)
+    res.why = (f"the forwarder adds {(res.measured - res.baseline) * 1000:+.1f} ms "
+               f"to a {res.baseline * 1000:.0f} ms ssh")
     return res
