@@ -207,6 +207,21 @@ class Instance:
                              f"the VM to be {'/'.join(states)}")["vm"]
 
 
+def exited(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until each process has exited; return those still running. A zombie has exited:
+    only its reaping is left, and PID 1 in this sandbox reaps orphans 1-2 s late."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        psutil.wait_procs(alive, timeout=0.05)
+
+
 def all_up(states: dict[str, Any]) -> bool:
     """Every worker seen by the others: vm sees idle+forwarder, idle sees vm+forwarder."""
     vm, idle = states.get("vm"), states.get("idle")

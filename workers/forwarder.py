@@ -42,6 +42,11 @@ DIAL_BACKOFF_MAX = 1.0
 # never accepted): dial again rather than wait out the whole deadline on one connection.
 DIAL_GREETING_TIMEOUT = 3.0
 DIAL_GREETING_TIMEOUT_MAX = 12.0  # seconds one wake request may wait; renewed until the deadline
+# Upstream sessions still in their SSH handshake: fewer than dropbear's 5 unauthenticated
+# connections per source address (every connection reaches the guest from QEMU's 10.0.2.2), so
+# a storm of clients is let through a few at a time instead of being turned away and redialled.
+DIAL_CONCURRENCY = 4
+HANDSHAKE_GRACE = 1.0  # how long a new session keeps its place after the client is attached
 
 
 class _Half(asyncio.Protocol):
@@ -96,6 +101,18 @@ class _Half(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.link.close()
+
+
+class _Slot:
+    """One held place in the dial gate; `release` is idempotent."""
+
+    def __init__(self, gate: asyncio.Semaphore) -> None:
+        self.gate: asyncio.Semaphore | None = gate
+
+    def release(self) -> None:
+        if self.gate is not None:
+            self.gate.release()
+            self.gate = None
 
 
 class _Link:
@@ -161,6 +178,7 @@ class Forwarder:
         self.tasks: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Task[dict[str, Any]] | None = None
         self._overloaded = False
+        self._dial_gate = asyncio.Semaphore(DIAL_CONCURRENCY)
         self._publish()
 
     def _publish(self) -> None:
@@ -219,23 +237,29 @@ class Forwarder:
                 log.warning("connection %d closed: %s", cid, reason)
                 conn.close()
                 return
-        link = await self._dial(endpoint, cid)
-        if link is None:
-            self.failed += 1
-            conn.close()
-            return
-        loop = asyncio.get_running_loop()
+        await self._dial_gate.acquire()
+        slot = _Slot(self._dial_gate)
         try:
-            await loop.connect_accepted_socket(lambda: link.client, sock=conn)
-        except OSError:
-            link.abort()
-            return
-        self.links.add(link)
-        link.start()
-        try:
-            await link.done
+            link = await self._dial(endpoint, cid)
+            if link is None:
+                self.failed += 1
+                conn.close()
+                return
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.connect_accepted_socket(lambda: link.client, sock=conn)
+            except OSError:
+                link.abort()
+                return
+            self.links.add(link)
+            link.start()
+            loop.call_later(HANDSHAKE_GRACE, slot.release)
+            try:
+                await link.done
+            finally:
+                self.links.discard(link)
         finally:
-            self.links.discard(link)
+            slot.release()
 
     async def _dial(self, endpoint: tuple[str, int], cid: int) -> _Link | None:
         """Connect upstream and wait for its first bytes, dialling again (with backoff) when it

@@ -63,8 +63,30 @@ def setup_logging(name: str, debug: bool) -> None:
 
 
 async def _watch_parent(stop: asyncio.Event) -> None:
-    """circusd starts us in our own session, so nobody kills us if it dies: watch for it."""
+    """circusd starts us in our own session, so nobody kills us if it dies: watch for it.
+    On Linux a pidfd of circusd turns readable when it exits (no wake-ups while it lives);
+    elsewhere we poll."""
     parent = os.getppid()
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            fd = pidfd_open(parent)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            loop = asyncio.get_running_loop()
+            gone = asyncio.Event()
+            loop.add_reader(fd, gone.set)
+            try:
+                if os.getppid() == parent:  # not already gone before the pidfd existed
+                    await gone.wait()
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+            if not stop.is_set():
+                log.warning("circusd (pid %d) is gone; exiting", parent)
+                stop.set()
+            return
     while not stop.is_set():
         if os.getppid() != parent:
             log.warning("circusd (pid %d) is gone; exiting", parent)

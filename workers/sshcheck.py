@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import base64
 import socket
-
-import paramiko
+from typing import TYPE_CHECKING
 
 from virby.workers.keys import KeyPaths
+
+if TYPE_CHECKING:
+    import paramiko
 
 
 class SSHNotReady(Exception):
@@ -17,6 +19,8 @@ class SSHNotReady(Exception):
 
 
 def pinned_host_key(keys: KeyPaths) -> paramiko.PKey:
+    import paramiko  # ~10 MiB of RSS: loaded at the first boot, not by an idle vm worker
+
     with open(keys.host_pub) as f:
         kind, data = f.read().split()[:2]
     return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
@@ -25,6 +29,8 @@ def pinned_host_key(keys: KeyPaths) -> paramiko.PKey:
 def prove_ssh(host: str, port: int, user: str, keys: KeyPaths, timeout: float) -> None:
     """Handshake, check the host key, authenticate with the client key. Blocking: run it in a
     thread. Raises SSHNotReady."""
+    import paramiko
+
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from tests.harness import Instance
+from tests.harness import Instance, exited
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +148,7 @@ def test_watchers_exit_when_circusd_is_killed(instance: Instance) -> None:
     pids = [instance.watcher_pid(n) for n in ("vm", "forwarder", "idle")]
     procs = [psutil.Process(p) for p in pids]
     os.kill(instance.circusd_pid(), signal.SIGKILL)
-    _gone, alive = psutil.wait_procs(procs, timeout=2.5)
+    alive = exited(procs, timeout=2.0)
     assert alive == [], f"still running: {alive}"
     # The port is free again: a new arbiter can bind and serve.
     with Instance(guest_dir=None, port=instance.port) as again:
