@@ -106,6 +106,9 @@ WorkerMain = Callable[[Config, asyncio.Event], Awaitable[None]]
 def run_worker(name: str, main: WorkerMain) -> None:
     """Run `main(config, stop)` until it returns or `stop` is set by SIGTERM/SIGINT/parent loss.
     `main` must return promptly once `stop` is set."""
+    # SIGHUP first of all: circusd's reload and `send_hup` deliver it; we have nothing to
+    # reload, and the default action (die) would restart the VM manager.
+    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP ignored"))
     setup_logging(name, debug=False)
     try:
         config = load_for_worker()
@@ -114,9 +117,6 @@ def run_worker(name: str, main: WorkerMain) -> None:
         _sleep_unless_orphaned(5)  # the config will not fix itself; don't let circus spin
         sys.exit(2)
     setup_logging(name, config.debug)
-    # SIGHUP: circusd's reload and `send_hup` deliver it; we have nothing to reload, and the
-    # default action (die) would restart the VM manager.
-    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP ignored"))
 
     async def runner() -> None:
         stop = asyncio.Event()

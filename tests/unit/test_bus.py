@@ -75,7 +75,7 @@ def run(coro: object) -> object:
 def test_nodes_see_each_other_and_replay_state_on_subscribe(config: Config) -> None:
     async def scenario() -> None:
         ctx = zmq.asyncio.Context()
-        seen: list[tuple[str, str]] = []
+        seen: list[tuple[str, object]] = []
         vm = bus.Node("vm", config, ctx=ctx)
         vm.state = {"state": "running"}
         await vm.start()
