@@ -232,7 +232,7 @@ def check_host_key(ctx: Context) -> Check:
 
     keys = KeyPaths.in_dir(ctx.config.stateDir)
     try:
-        prove_ssh("127.0.0.1", ctx.config.port, ctx.config.sshUser, keys, 15.0)
+        prove_ssh("127.0.0.1", ctx.config.port, keys, 15.0)
     except SSHNotReady as e:
         text = str(e)
         if "host key mismatch" in text:
