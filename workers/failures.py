@@ -11,6 +11,7 @@ import os
 import time
 
 from virby.supervisor.config import Config
+from virby.workers.files import write_json
 
 MAX_BACKOFF = 60.0
 
@@ -38,10 +39,7 @@ def record_failure(config: Config, name: str, reason: str) -> float:
     delay = min(MAX_BACKOFF, 2.0 ** (count - 1))
     record = {"count": count, "reason": reason[-2000:], "time": time.time(), "backoff": delay}
     try:
-        tmp = failure_path(config, name) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, failure_path(config, name))
+        write_json(failure_path(config, name), record)
     except OSError as e:  # a full disk must not stop the backoff itself
         log.error("could not record the failure: %s", e)
     return delay

@@ -7,13 +7,14 @@ disk never leaves half a key behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from virby.workers.files import write_atomic, write_if_changed
 
 HOST_KEY_ALIAS = "virby-vm-key"
 
@@ -40,22 +41,6 @@ class KeyPaths:
         )
 
 
-def _write(path: str, data: bytes, mode: int) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _load_or_create(path: str, comment: str) -> Ed25519PrivateKey:
     if os.path.exists(path):
         with open(path, "rb") as f:
@@ -65,7 +50,7 @@ def _load_or_create(path: str, comment: str) -> Ed25519PrivateKey:
         return key
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption())
-    _write(path, pem, 0o600)
+    write_atomic(path, pem, 0o600)
     return key
 
 
@@ -100,11 +85,5 @@ def ensure_keys(state_dir: str) -> KeyPaths:
         paths.known_hosts: (f"{HOST_KEY_ALIAS} {host_line}".encode(), 0o644),
     }
     for path, (data, mode) in wanted.items():
-        try:
-            with open(path, "rb") as f:
-                if f.read() == data:
-                    continue
-        except FileNotFoundError:
-            pass
-        _write(path, data, mode)
+        write_if_changed(path, data, mode)
     return paths

@@ -30,6 +30,7 @@ from virby.workers import bus
 from virby.workers.activity import Activity
 from virby.workers.backends import make_backend
 from virby.workers.backends.base import Backend, BackendError
+from virby.workers.files import write_json
 from virby.workers.keys import KeyPaths, ensure_keys
 from virby.workers.runtime import run_worker
 from virby.workers.sshcheck import SSHNotReady, prove_ssh
@@ -110,10 +111,7 @@ class VMWorker:
         """Boot counters outlive a worker restart (they count since the arbiter started)."""
         data = {"boots": self.boots, "last_boot_seconds": self.last_boot_seconds}
         try:
-            tmp = self._counters_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(data, f)
-            os.replace(tmp, self._counters_path)
+            write_json(self._counters_path, data)
         except OSError as e:  # a full disk costs us the counters, never the VM
             log.warning("cannot save counters: %s", e)
 

@@ -25,6 +25,7 @@ from typing import ClassVar
 import psutil
 
 from virby.supervisor.config import Config
+from virby.workers.files import write_json
 from virby.workers.keys import KeyPaths
 
 
@@ -159,10 +160,7 @@ class PidRecord:
     argv: Sequence[str]
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"pid": self.pid, "create_time": self.create_time, "argv": list(self.argv)}, f)
-        os.replace(tmp, path)
+        write_json(path, {"pid": self.pid, "create_time": self.create_time, "argv": list(self.argv)})
 
     @classmethod
     def load(cls, path: str) -> PidRecord | None:

@@ -59,6 +59,7 @@ from virby.workers.backends.base import (
     require_file,
     wait_process_exit,
 )
+from virby.workers.files import write_atomic, write_if_changed
 from virby.workers.keys import KeyPaths
 from virby.workers.vfkit_rest import VfkitRest
 
@@ -112,7 +113,7 @@ def ensure_mac(path: str) -> str:
     octets = bytearray(secrets.token_bytes(6))
     octets[0] = (octets[0] & 0b11111100) | 0b10
     mac = ":".join(f"{o:02x}" for o in octets)
-    _write_file(path, (mac + "\n").encode(), 0o644)
+    write_atomic(path, (mac + "\n").encode(), 0o644)
     return mac
 
 
@@ -139,20 +140,6 @@ def ensure_disk(path: str, size: int) -> int:
         os.close(fd)
     log.info("created data disk %s (%d bytes, sparse)", path, size)
     return size
-
-
-def _write_file(path: str, data: bytes, mode: int) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _unlink(path: str) -> None:
@@ -323,14 +310,7 @@ class VfkitBackend(Backend):
         else:
             _unlink(rosetta_flag)
         for name, data in wanted.items():
-            path = os.path.join(self.guest_keys_dir, name)
-            try:
-                with open(path, "rb") as f:
-                    if f.read() == data:
-                        continue
-            except FileNotFoundError:
-                pass
-            _write_file(path, data, 0o600)
+            write_if_changed(os.path.join(self.guest_keys_dir, name), data, 0o600)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -435,7 +415,7 @@ class VfkitBackend(Backend):
     def _set_guest_ip(self, ip: str) -> None:
         self._guest_ip = ip
         # A worker that replaces us reads it back at adoption: the guest announces only once.
-        _write_file(self.ip_path, (ip + "\n").encode(), 0o600)
+        write_atomic(self.ip_path, (ip + "\n").encode(), 0o600)
 
     async def wait_announced(self) -> None:
         if self._announced is None or self._proc is None:
