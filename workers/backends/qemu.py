@@ -204,7 +204,9 @@ class QemuBackend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         os.makedirs(self.config.log_dir, exist_ok=True)
-        cpio.append_archive(self.config.guest.initrd, self._keys_archive(), self.boot_initrd)
+        # Tens of MB copied and fsynced: off the event loop, which keeps answering wakes.
+        await asyncio.to_thread(cpio.append_archive, self.config.guest.initrd, self._keys_archive(),
+                                self.boot_initrd)
         self._ready.clear()
         argv = self.command()
         with open(os.path.join(self.config.log_dir, "qemu.log"), "ab") as qlog:
