@@ -106,21 +106,30 @@ def test_nodes_see_each_other_and_replay_state_on_subscribe(config: Config) -> N
 def test_control_request_reply_and_timeout(config: Config) -> None:
     async def scenario() -> None:
         ctx = zmq.asyncio.Context()
+        wake_waiting, status_answered = asyncio.Event(), asyncio.Event()
 
         async def handle(cmd: str, args: dict) -> tuple[bool, str | None, dict]:
-            if cmd == "wake":
-                await asyncio.sleep(0.05)
+            if cmd == "start":
                 return True, None, {"state": "running", "args": args}
+            if cmd == "wake":
+                # A wake that waits for a boot: it ends only once a status was answered
+                # meanwhile, so a server that serialises requests never answers either.
+                wake_waiting.set()
+                await status_answered.wait()
+                return True, None, {"state": "running"}
+            status_answered.set()
             return False, "nope", {}
 
         server = bus.ControlServer(config, handle, ctx=ctx)
         server.start()
-        reply = await bus.request(config, "wake", {"wait": 1}, timeout=2, ctx=ctx)
+        reply = await bus.request(config, "start", {"wait": 1}, timeout=2, ctx=ctx)
         assert reply["ok"] and reply["state"] == {"state": "running", "args": {"wait": 1}}
         # A slow command does not hold up another one sent meanwhile.
-        both = await asyncio.gather(bus.request(config, "wake", timeout=2, ctx=ctx),
-                                    bus.request(config, "status", timeout=2, ctx=ctx))
-        assert [r["ok"] for r in both] == [True, False] and both[1]["error"] == "nope"
+        wake = asyncio.create_task(bus.request(config, "wake", timeout=5, ctx=ctx))
+        await asyncio.wait_for(wake_waiting.wait(), 5)
+        status = await bus.request(config, "status", timeout=5, ctx=ctx)
+        assert not status["ok"] and status["error"] == "nope"
+        assert (await wake)["ok"]
         await server.close()
         with pytest.raises(bus.RequestError, match="no answer from the vm worker"):
             await bus.request(config, "status", timeout=0.2, ctx=ctx)
