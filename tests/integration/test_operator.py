@@ -9,7 +9,6 @@ import os
 import queue
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -71,6 +70,13 @@ class Lines:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+
+    def rest(self, timeout: float = 15) -> list[str]:
+        """After `stop`: every line not yet waited for, up to the end of the output."""
+        out = []
+        while (line := self.q.get(timeout=timeout)) is not None:
+            out.append(line)
+        return out
 
 
 @pytest.fixture
@@ -153,7 +159,8 @@ def test_status_after_a_failed_boot_names_the_reason_and_the_unserved_client(ins
     assert "connections 0 open (1 accepted, 1 closed unserved)" in out
 
 
-def test_status_is_fast_and_imports_neither_paramiko_nor_asyncio_nor_circus(instance: Instance) -> None:
+def test_status_imports_neither_paramiko_nor_asyncio_nor_circus(instance: Instance) -> None:
+    """What keeps `virby status` quick; its wall time is measured by `python -m bench status`."""
     probe = ("import sys, time; t = time.monotonic(); from virby.supervisor import cli\n"
              "try:\n cli.cli(['status', '--json', '--config', sys.argv[1]], prog_name='virby')\n"
              "except SystemExit: pass\n"
@@ -163,14 +170,6 @@ def test_status_is_fast_and_imports_neither_paramiko_nor_asyncio_nor_circus(inst
                          text=True, timeout=30, check=True)
     assert json.loads(out.stdout)["vm"]["state"] == "stopped"
     assert out.stderr.strip() == "[]"
-    times = []
-    for _ in range(7):
-        t0 = time.monotonic()
-        instance.cli("status")
-        times.append(time.monotonic() - t0)
-    # The budget is 100 ms on an idle machine (whole process, measured ~80 ms); CI boxes run the
-    # tiers in parallel, so allow headroom here and keep the import check above strict.
-    assert statistics.median(times) < 0.25, times
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -206,9 +205,7 @@ def test_events_follow_shows_changes_once_and_ctrl_c_ends_it(instance: Instance,
     instance.wait_bus(lambda s: (s.get("vm") or {}).get("peers", {}).get("idle", {}).get("seq", 0) > 6, 15,
                       "a few heartbeats of the new idle monitor")
     assert ev.stop() == 0
-    rest = ev.proc.stdout.read() if ev.proc.stdout else ""
-    extra = ev.seen[before:] + [x for x in rest.splitlines() if x]
-    assert all("restarted" in x or "idle " in x for x in extra), extra
+    assert ev.seen[before:] + ev.rest() == []  # heartbeats print nothing
     states = [x for x in ev.seen if "->" in x and " vm " in x]
     assert len(states) == 2, states  # stopped->starting, starting->failed: each exactly once
 
