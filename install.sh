@@ -13,6 +13,8 @@ PACKAGES=(
   socat                        # the throughput benchmark's baseline
   python3 python3-venv python3-pip
   procps iproute2
+  mount                        # reliability tests mount small tmpfs file systems (as root)
+  debootstrap                  # tests/py313.sh: the tiers on Debian 13's Python 3.13
 )
 
 SUDO=""

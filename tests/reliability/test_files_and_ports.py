@@ -27,6 +27,7 @@ from tests.reliability.support import (
     umount,
     wait_until,
 )
+from tests.require import unavailable
 
 pytestmark = pytest.mark.reliability
 
@@ -53,7 +54,7 @@ def tmpfs(request: pytest.FixtureRequest) -> Iterator[Path]:
         size += 2 * os.path.getsize(request.getfixturevalue("guest_dir") / "initrd.img")
     mnt = Path(f"/tmp/vbfs{os.getpid()}")
     if not mount_tmpfs(mnt, f"{size // 1024}k"):
-        pytest.skip("cannot mount a tmpfs here (needs root): disk-full cases not exercised")
+        unavailable("cannot mount a tmpfs here (needs root): disk-full cases not exercised")
     try:
         yield mnt
     finally:
@@ -208,7 +209,7 @@ def test_unusable_dirs_are_one_clear_line(key: str, make: object, expect: str) -
 def test_read_only_state_and_runtime_dirs(tmp_path: Path) -> None:
     mnt = Path(f"/tmp/vbro{os.getpid()}")
     if not mount_tmpfs(mnt, "1m", "ro"):
-        pytest.skip("cannot mount a read-only tmpfs here")
+        unavailable("cannot mount a read-only tmpfs here")
     try:
         for key in ("stateDir", "runtimeDir"):
             with Instance(guest_dir=None, **{key: str(mnt / "x")}) as inst:

@@ -147,18 +147,3 @@ def test_resolved_config_round_trips() -> None:
                        "onDemand": {"enable": False, "pauseAfter": None}})
     again = cfg.from_dict(json.loads(c.to_json()))
     assert again == c
-
-
-def test_run_with_a_bad_config_exits_2_before_starting_anything(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    run_dir = tmp_path / "run"
-    path = tmp_path / "virby.json"
-    path.write_text(json.dumps({"runtimeDir": str(run_dir), "stateDir": str(tmp_path / "s"),
-                                "memory": "lots"}))
-    out = subprocess.run([sys.executable, "-m", "virby.supervisor.cli", "run", "--config", str(path)],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 2
-    assert "config key 'memory'" in out.stderr
-    assert not run_dir.exists() and not (tmp_path / "s").exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from pathlib import Path
 
 import paramiko
@@ -34,14 +33,6 @@ def test_known_hosts_pins_the_host_key_under_the_alias(tmp_path: Path) -> None:
     assert line[0] == HOST_KEY_ALIAS and line[1:3] == pub[:2]
     loaded = paramiko.Ed25519Key.from_private_key_file(keys.host_key)
     assert loaded.get_base64() == pub[1]
-
-
-def test_the_dropbear_key_is_the_same_key(tmp_path: Path) -> None:
-    keys = ensure_keys(str(tmp_path))
-    out = subprocess.run(["dropbearkey", "-y", "-f", keys.host_key_dropbear],
-                         capture_output=True, text=True, check=True).stdout
-    dropbear_pub = next(line for line in out.splitlines() if line.startswith("ssh-ed25519"))
-    assert dropbear_pub.split()[1] == Path(keys.host_pub).read_text().split()[1]
 
 
 def test_missing_public_files_are_rebuilt_from_the_private_keys(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import subprocess
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -30,18 +29,6 @@ def test_ssh_config_block(tmp_path: Path) -> None:
         "  ConnectTimeout 60",
         "  BatchMode yes",
     ]
-
-
-def test_openssh_reads_it_as_intended(tmp_path: Path) -> None:
-    path = tmp_path / "ssh_config"
-    path.write_text(ssh_config_text(from_dict({"stateDir": str(tmp_path), "port": 40022})))
-    out = subprocess.run(["ssh", "-G", "-F", str(path), "virby-vm"], capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    settings = dict(line.split(" ", 1) for line in out)
-    assert settings["hostname"] == "127.0.0.1" and settings["port"] == "40022"
-    assert settings["user"] == "builder" and settings["hostkeyalias"] == "virby-vm-key"
-    assert settings["stricthostkeychecking"] in ("yes", "true")
-    assert settings["identitiesonly"] == "yes"
 
 
 def test_nix_machines_line(tmp_path: Path) -> None:

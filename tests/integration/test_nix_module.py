@@ -9,24 +9,20 @@ from __future__ import annotations
 import json
 import os
 import plistlib
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.require import require
 from virby.supervisor import cli, launchd
 from virby.supervisor.config import from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 LIB = REPO / "nix" / "lib.nix"
-_found = shutil.which("nix-instantiate")
-if _found is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("nix-instantiate is missing: install Debian's nix-bin for these tests")
-    pytest.skip("nix-instantiate not installed (apt-get install nix-bin)", allow_module_level=True)
-NIX: str = _found or ""
+pytestmark = pytest.mark.integration
+NIX = require("nix-instantiate", "apt-get install nix-bin", module=True)
 
 
 def _env(tmp: Path) -> dict[str, str]:

@@ -1,0 +1,49 @@
+"""Unit-tier checks that need a real process: `virby run` refusing a bad config, and what our
+files look like to the programs that read them (dropbearkey, OpenSSH)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from virby.supervisor.cli import ssh_config_text
+from virby.supervisor.config import from_dict
+from virby.workers.keys import ensure_keys
+
+pytestmark = pytest.mark.integration
+
+
+def test_run_with_a_bad_config_exits_2_before_starting_anything(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    path = tmp_path / "virby.json"
+    path.write_text(json.dumps({"runtimeDir": str(run_dir), "stateDir": str(tmp_path / "s"),
+                                "memory": "lots"}))
+    out = subprocess.run([sys.executable, "-m", "virby.supervisor.cli", "run", "--config", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "config key 'memory'" in out.stderr
+    assert not run_dir.exists() and not (tmp_path / "s").exists()
+
+
+def test_the_dropbear_key_is_the_same_key(tmp_path: Path) -> None:
+    keys = ensure_keys(str(tmp_path))
+    out = subprocess.run(["dropbearkey", "-y", "-f", keys.host_key_dropbear],
+                         capture_output=True, text=True, check=True).stdout
+    dropbear_pub = next(line for line in out.splitlines() if line.startswith("ssh-ed25519"))
+    assert dropbear_pub.split()[1] == Path(keys.host_pub).read_text().split()[1]
+
+
+def test_openssh_reads_it_as_intended(tmp_path: Path) -> None:
+    path = tmp_path / "ssh_config"
+    path.write_text(ssh_config_text(from_dict({"stateDir": str(tmp_path), "port": 40022})))
+    out = subprocess.run(["ssh", "-G", "-F", str(path), "virby-vm"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    settings = dict(line.split(" ", 1) for line in out)
+    assert settings["hostname"] == "127.0.0.1" and settings["port"] == "40022"
+    assert settings["user"] == "builder" and settings["hostkeyalias"] == "virby-vm-key"
+    assert settings["stricthostkeychecking"] in ("yes", "true")
+    assert settings["identitiesonly"] == "yes"
