@@ -1,5 +1,6 @@
-"""Shared fixtures. Tiers: tests/unit (fast, no processes: tests/unit/conftest.py refuses them), tests/integration (real circusd and
-ZeroMQ, no VM), tests/e2e (a real QEMU guest). All run in CI."""
+"""Shared fixtures. Tiers: tests/unit (fast, no processes: tests/unit/conftest.py refuses them),
+tests/integration (real circusd and ZeroMQ, no VM, or another real program), tests/e2e (a real
+QEMU guest). All run in CI."""
 
 from __future__ import annotations
 
