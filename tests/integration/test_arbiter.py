@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,8 @@ import time
 import psutil
 import pytest
 
-from tests.harness import Instance, exited
+from tests.harness import REPO, Instance, exited
+from virby.supervisor import control
 
 pytestmark = pytest.mark.integration
 
@@ -72,28 +74,93 @@ def test_kill_9_of_a_watcher_heals_and_the_others_see_it(instance: Instance, vic
     assert instance.watcher_pid(victim) != pid
 
 
-def test_forwarder_restart_refuses_no_connection(instance: Instance) -> None:
+class StandInSshd:
+    """A host-side stand-in for the guest's sshd: on accept it speaks its banner (as sshd does,
+    and as the forwarder waits for), then closes once the client has. Runs in a thread."""
+
+    BANNER = b"SSH-2.0-standin\r\n"
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.settimeout(10)
+                with contextlib.suppress(OSError):
+                    conn.sendall(self.BANNER)
+                    while conn.recv(4096):
+                        pass
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(10)
+
+
+def _use_stand_in_vm(instance: Instance, sshd: StandInSshd) -> None:
+    """Swap the vm watcher's command for bench/fakevm.py, a vm worker on the real bus that says
+    `running` with the stand-in sshd as the guest endpoint: the real forwarder then serves
+    clients with no QEMU behind it."""
+    old = instance.watcher_pid("vm")
+    reply = control.circus_call(instance.config, "set", timeout=60, name="vm", waiting=True, options={
+        "cmd": f"{sys.executable} -m bench.fakevm {sshd.port}", "working_dir": str(REPO)})
+    assert reply.get("status") == "ok", reply
+    # A reload of the vm watcher is a SIGHUP the worker ignores: restart it onto the new command.
+    reply = control.circus_call(instance.config, "restart", timeout=60, name="vm", waiting=True)
+    assert reply.get("status") == "ok", reply
+    instance.wait_bus(lambda s: not s.get("vm", {}).get("inc", f"{old}-").startswith(f"{old}-")
+                      and s["vm"].get("state") == "running"
+                      and s["vm"].get("endpoint") == ["127.0.0.1", sshd.port], 20, "the stand-in vm worker")
+
+
+def test_forwarder_restart_serves_every_connection(instance: Instance) -> None:
     """circusd owns the listening socket: while the forwarder restarts, clients wait in the
-    backlog. Count connect() failures while `circusctl restart forwarder` runs."""
-    refused: list[str] = []
-    attempts = 0
+    backlog and the next forwarder serves them. A client counts as served when the SSH banner
+    reaches it through the forwarder (connect() alone proves nothing: the kernel's backlog
+    accepts it with no forwarder at all)."""
+    sshd = StandInSshd()
+    _use_stand_in_vm(instance, sshd)
+    served: list[float] = []  # when each served connection started
+    unserved: list[str] = []
+    restarted_at: list[float] = []  # set once the new forwarder is up
+    before_restart, after_restart = threading.Event(), threading.Event()
     stop = threading.Event()
 
     def client() -> None:
-        nonlocal attempts
         while not stop.is_set():
-            attempts += 1
+            t0 = time.monotonic()
             try:
-                with socket.create_connection(("127.0.0.1", instance.port), timeout=5) as s:
-                    s.sendall(b"SSH-2.0-probe\r\n")
+                with socket.create_connection(("127.0.0.1", instance.port), timeout=15) as s:
+                    s.settimeout(15)
+                    banner = s.recv(len(StandInSshd.BANNER))
             except OSError as e:
-                refused.append(str(e))
-            time.sleep(0.025)  # a new connection every 25 ms, as a busy Nix would
+                unserved.append(f"{type(e).__name__}: {e}")
+            else:
+                if banner == StandInSshd.BANNER:
+                    served.append(t0)
+                else:
+                    unserved.append(f"got {banner!r}, not the banner")
+            if len(served) >= 5:
+                before_restart.set()
+            if restarted_at and sum(t > restarted_at[0] for t in served) >= 20:
+                after_restart.set()
+            stop.wait(0.025)  # a new connection every 25 ms, as a busy Nix would
 
     t = threading.Thread(target=client)
     t.start()
     try:
+        assert before_restart.wait(30), f"the old forwarder served no 5 connections: {unserved[-3:]}"
         old = instance.watcher_pid("forwarder")
+        begun = time.monotonic()
         env = {**os.environ, "CIRCUSCTL_ENDPOINT": instance.config.endpoint("ctl")}
         out = subprocess.run(["circusctl", "restart", "forwarder", "--waiting"], env=env,
                              capture_output=True, text=True, timeout=60, check=False)
@@ -101,13 +168,15 @@ def test_forwarder_restart_refuses_no_connection(instance: Instance) -> None:
         instance.wait_bus(lambda s: bool((s.get("vm", {}).get("peers", {}).get("forwarder") or {}).get("up")
                           and not s["vm"]["peers"]["forwarder"]["inc"].startswith(f"{old}-")),
                           10, "the new forwarder")
-        # keep connecting a little after the new forwarder is up
-        instance.wait_bus(lambda s: not attempts < 40, 10, "40 attempts")
+        restarted_at.append(time.monotonic())
+        assert after_restart.wait(30), f"fewer than 20 connections served after the restart: {unserved[-3:]}"
     finally:
         stop.set()
         t.join()
-    assert attempts >= 40
-    assert refused == []
+        sshd.close()
+    assert unserved == []
+    assert any(t0 < begun for t0 in served), "no connection went through the old forwarder"
+    assert instance.watcher_pid("forwarder") != old
 
 
 def test_circusctl_works_against_the_rendered_ini(instance: Instance) -> None:
