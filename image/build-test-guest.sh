@@ -391,10 +391,13 @@ while IFS= read -r line; do
   case $line in
     hello) if listening; then echo virby-ready; else echo virby-booting; fi ;;
     "time "*)
-      t=${line#time }; t=${t%%.*}
-      case $t in
+      # busybox date sets whole seconds: round to the nearest (within 0.5 s of the host's)
+      t=${line#time }; s=${t%%.*}; f=
+      case $t in *.*) f=${t#*.} ;; esac
+      case $s in
         ''|*[!0-9]*) echo "virby-error time" ;;
-        *) if date -s "@$t" >/dev/null 2>&1; then echo virby-time-ok; else echo "virby-error time"; fi ;;
+        *) case $f in [5-9]*) s=$((s + 1)) ;; esac
+           if date -s "@$s" >/dev/null 2>&1; then echo virby-time-ok; else echo "virby-error time"; fi ;;
       esac ;;
     *) echo "virby-error unknown" ;;
   esac
