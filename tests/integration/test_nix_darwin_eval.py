@@ -176,7 +176,7 @@ def test_assertions_name_the_option(system: str, tmp_path: Path, settings, messa
 
 
 def test_a_misspelt_option_is_refused(system: str, tmp_path: Path) -> None:
-    with pytest.raises(NixError, match="services.virby.rossetta' does not exist"):
+    with pytest.raises(NixError, match=r"services\.virby\.rossetta' does not exist"):
         darwin_eval(tmp_path, system, {"rossetta": True})
 
 

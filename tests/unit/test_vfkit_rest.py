@@ -376,7 +376,7 @@ def make_backend(short_dir: Path, fake_vfkit: Path, monkeypatch):
     monkeypatch.setattr(vfkit_mod, "cpu_brand", lambda: None)
     guest = short_dir / "guest"
     guest.mkdir()
-    (guest / "Image").write_bytes(b"MZ\0\0 uncompressed arm64 Image")
+    (guest / "Image").write_bytes(b"MZ" + bytes(54) + b"ARM\x64" + bytes(8))  # arm64 Image header magic at 56
     (guest / "initrd").write_bytes(b"070701")
     state = short_dir / "state"
     keys = ensure_keys(str(state))
