@@ -21,6 +21,7 @@ let
   debianGuest = pkgs.callPackage ./guest.nix {
     virby = cfg.package;
     lockFile = cfg.guestLock;
+    securityMirror = cfg.debianSecurityMirror;
   };
   # The NixOS guest (opt-in): an aarch64-linux build, so it needs a Linux builder, which the
   # Debian guest is once the first switch is done. Only extraConfig changes it.
@@ -165,6 +166,17 @@ in
       '';
     };
 
+    debianSecurityMirror = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "http://<a Debian security mirror>/debian-security";
+      description = ''
+        Base URL of Debian's security archive. Needed when the lock takes packages from it
+        (their URLs start with mirror://debian-security/, often the kernel): nixpkgs' fetchurl
+        resolves mirror://debian/ itself but has no mirror list for the security archive.
+      '';
+    };
+
     nixosGuest.enable = mkOption {
       type = types.bool;
       default = false;
@@ -217,6 +229,13 @@ in
           {
             assertion = pkgs.stdenv.hostPlatform.isDarwin && pkgs.stdenv.hostPlatform.isAarch64;
             message = "services.virby needs an Apple silicon Mac (aarch64-darwin).";
+          }
+          {
+            assertion = cfg.nixosGuest.enable || cfg.debianSecurityMirror != null
+              || debianGuest.securityPackages == [ ];
+            message = "services.virby.debianSecurityMirror: the guest lock takes "
+              + lib.concatStringsSep ", " debianGuest.securityPackages
+              + " from Debian's security archive (mirror://debian-security/), which nixpkgs' fetchurl cannot resolve: set this option to that archive's base URL.";
           }
           {
             assertion = !cfg.supportDeterminateNix

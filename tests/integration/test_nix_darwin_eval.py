@@ -50,8 +50,9 @@ class NixError(Exception):
     pass
 
 
-def darwin_eval(tmp: Path, system: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    args = ["--argstr", "settings", json.dumps(settings or {})]
+def darwin_eval(tmp: Path, system: str, settings: dict[str, Any] | None = None,
+                what: str = "all") -> dict[str, Any]:
+    args = ["--argstr", "settings", json.dumps(settings or {}), "--argstr", "what", what]
     if system == "nix-darwin":
         args += ["--arg", "nixDarwin", str(REAL["nixDarwin"]),
                  "--arg", "nixpkgsLib", str(REAL["nixpkgsLib"])]
@@ -98,7 +99,20 @@ def test_guest_packages_are_fixed_output_downloads_named_by_the_lock(default) ->
     lock = json.loads(LOCK.read_text())
     wanted = [p for p in lock["arches"]["aarch64"]["packages"] if "nix" in p["variants"]]
     debs = default["guestDebs"]
-    assert [d.split("-", 1)[1] for d in debs] == [f"{p['name']}_arm64.deb" for p in wanted]
+    assert [d["path"].split("-", 1)[1] for d in debs] == [f"{p['name']}_arm64.deb" for p in wanted]
+    assert [d["outputHash"] for d in debs] == [p["sha256"] for p in wanted]
+    # The main archive through nixpkgs' own mirror list; the security archive (the sample's
+    # kernel) through the configured base URL. No host is written in the repository.
+    assert [d["urls"] for d in debs] == [
+        [f"http://security.invalid/debian-security/{p['path']}"] if "security" in p["urls"][0]
+        else [f"mirror://debian/{p['path']}"] for p in wanted]
+
+
+def test_a_lock_with_security_packages_needs_the_security_mirror(system: str, tmp_path: Path) -> None:
+    out = darwin_eval(tmp_path, system, {"debianSecurityMirror": None}, what="assertions")
+    [message] = out["failedAssertions"]
+    assert message.startswith("services.virby.debianSecurityMirror: the guest lock takes "
+                              "linux-image-6.12.57+deb13-cloud-arm64 from Debian's security archive")
 
 
 def test_every_etc_file_the_module_writes(default, system: str) -> None:
@@ -166,12 +180,10 @@ def test_options_reach_every_output(system: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("settings", "message"), [
     ({"supportDeterminateNix": True}, "services.virby.supportDeterminateNix needs determinateNix.enable"),
     ({"onDemand": {"pauseAfter": 600, "stopAfter": 300}}, "services.virby.onDemand.stopAfter: got 300"),
+    ({"port": 80}, "services.virby.port: got 80, expected a port from 1024 to 65535"),
 ])
 def test_assertions_name_the_option(system: str, tmp_path: Path, settings, message: str) -> None:
-    try:
-        failed = darwin_eval(tmp_path, system, settings)["failedAssertions"]
-    except NixError as e:  # the config document refuses to exist too; the assertion comes first
-        failed = [str(e)]
+    failed = darwin_eval(tmp_path, system, settings, what="assertions")["failedAssertions"]
     assert any(message in f for f in failed), failed
 
 

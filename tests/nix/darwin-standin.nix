@@ -28,6 +28,8 @@ let
     concatMapStrings = f: xs: concatStringsSep "" (map f xs);
     genAttrs = names: f: listToAttrs (map (n: { name = n; value = f n; }) names);
     hasPrefix = p: s: substring 0 (stringLength p) s == p;
+    removeSuffix = p: s: if hasSuffix p s then substring 0 (stringLength s - stringLength p) s else s;
+    inherit concatStringsSep;
     hasSuffix = p: s: let n = stringLength s; m = stringLength p; in n >= m && substring (n - m) m s == p;
     hasInfix = p: s: any (i: substring i (stringLength p) s == p) (genList (i: i) (stringLength s + 1));
     all = builtins.all;

@@ -9,7 +9,9 @@
 #
 # Without nixDarwin/nixpkgsLib it runs on ./darwin-standin.nix: a hand-written stand-in of the
 # module system and of the nix-darwin options the module sets (what CI can run offline).
-{ nixDarwin ? null, nixpkgsLib ? null, settings ? "{}" }:
+{ nixDarwin ? null, nixpkgsLib ? null, settings ? "{}"
+, what ? "all" # or "assertions": only the failed assertions (what darwin-rebuild shows first)
+}:
 
 let
   real = nixDarwin != null;
@@ -21,6 +23,8 @@ let
     inherit enable;
     package = pkgs.virby;
     guestLock = ./guest.lock.sample.json;
+    # The sample lock's kernel comes from the security archive; ".invalid" names no real host.
+    debianSecurityMirror = "http://security.invalid/debian-security/";
   } // builtins.fromJSON settings;
 
   system = enable:
@@ -51,9 +55,12 @@ let
     source = "${f.source}";
   };
   failed = builtins.filter (a: !a.assertion) on.assertions;
-in
-{
   evaluatedIn = if real then "nix-darwin" else "stand-in";
+in
+if what == "assertions" then { inherit evaluatedIn; failedAssertions = map (a: a.message) failed; }
+else
+{
+  inherit evaluatedIn;
   etc = lib.genAttrs etcNames etcFile;
   launchd = on.launchd.daemons.virby.serviceConfig;
   plist = if real then on.environment.launchDaemons."org.nixos.virby.plist".text else null;
@@ -66,7 +73,7 @@ in
   };
   activation = on.system.activationScripts.postActivation.text;
   guest = "${on.system.build.virbyGuest}";
-  guestDebs = map (d: "${d}") on.system.build.virbyGuest.debs;
+  guestDebs = map (d: { path = "${d}"; inherit (d) urls outputHash; }) on.system.build.virbyGuest.debs;
   failedAssertions = map (a: a.message) failed;
   # nix-darwin runs its activation phases in a fixed order (modules/system/activation-scripts.nix):
   # groups, users, ..., etc, ..., launchd (loads the daemons), ..., postActivation.
