@@ -1,8 +1,8 @@
 # The Mac's default guest, with no Linux builder: the Debian packages named in the lock
-# (image/guest.lock.json), each fetched by a fixed-output derivation from Debian's mirror, then
-# assembled on the Mac itself by Virby's own Python (`virby guest build --offline`). Only
-# cache.nixos.org (for Python and Virby's dependencies) and the Debian mirror are needed, so the
-# first `darwin-rebuild switch` already gets a bootable guest.
+# (image/guest.lock.json), each fetched by a fixed-output derivation, then assembled on the Mac
+# itself by Virby's own Python (`virby guest build --offline`). Only the Nix binary cache (for
+# Python and Virby's dependencies) and Debian's archives are needed: mirror://debian/ through
+# nixpkgs' mirror list, the security archive through `securityMirror` when the lock uses it.
 #
 #   pkgs.callPackage ./guest.nix { virby = <the virby package>; }
 #   => a store path holding vmlinuz (the uncompressed arm64 Image), initrd.img, manifest.json;
