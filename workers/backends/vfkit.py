@@ -554,7 +554,8 @@ class VfkitBackend(Backend):
     async def _forget(self) -> None:
         """The process is gone: drop every file and socket that described it."""
         await self._stop_listening()
-        for path in (self.pid_path, self.ip_path, self.rest_socket, self.agent_socket):
+        for path in (self.pid_path, self.ip_path, self.rest_socket, self.agent_socket,
+                     self.boot_initrd):
             _unlink(path)
         self._proc = None
         self._child = None
