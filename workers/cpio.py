@@ -3,7 +3,8 @@
 The qemu backend uses it to hand the guest its keys at boot: it appends a small uncompressed
 archive to the image's gzip initrd, and the kernel unpacks the concatenated archives in order,
 so no image ever holds a key; the guest builder packs whole images with it. Regular files,
-directories and symbolic links; no hard links, no device nodes. Output is deterministic (mtime 0, inode numbers counted from 1).
+directories and symbolic links; no hard links, no device nodes. Output is deterministic
+(mtime 0, inode numbers counted from 1).
 """
 
 from __future__ import annotations

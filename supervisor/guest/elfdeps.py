@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import posixpath
 from dataclasses import dataclass
+from typing import Any
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
@@ -41,12 +42,14 @@ def dynamic(data: bytes) -> Dynamic:
         soname = None
         runpath: list[str] = []
         interp = None
+        seg: Any
         for seg in elf.iter_segments():
             if seg["p_type"] == "PT_INTERP":
                 interp = seg.get_interp_name()
         for sec in elf.iter_sections():
             if not isinstance(sec, DynamicSection):
                 continue
+            tag: Any  # (pyelftools sets needed/soname/runpath per tag at run time)
             for tag in sec.iter_tags():
                 if tag.entry.d_tag == "DT_NEEDED":
                     needed.append(tag.needed)
@@ -69,7 +72,9 @@ def resolve_link(tree: Tree, path: str, depth: int = 0) -> str | None:
         head = "/".join(parts[:i])
         node = tree.get(head)
         if node is None:
-            return None
+            if i == len(parts):
+                return None
+            continue  # a directory the package did not list
         if node.kind == "link":
             target = node.target
             base = "" if target.startswith("/") else posixpath.dirname(head)

@@ -15,6 +15,7 @@ import tempfile
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 CHUNK = 1 << 16
 TIMEOUT = 30.0
@@ -83,6 +84,18 @@ def cached(cache: Path, sha256: str, size: int, what: str) -> Path | None:
     return path
 
 
+class _Sink:
+    """Writes a download to its temp file, hashing it and counting progress on the way."""
+
+    def __init__(self, file: BinaryIO, progress: Callable[[int], None]) -> None:
+        self.file, self.progress, self.sha = file, progress, hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.progress(len(data))
+
+
 def download(urls: list[str], cache: Path, sha256: str, size: int, what: str,
              progress: Callable[[int], None] = lambda n: None) -> Path:
     """Fetch the first of `urls` that works into the cache; verify size and sha256."""
@@ -94,20 +107,16 @@ def download(urls: list[str], cache: Path, sha256: str, size: int, what: str,
     for url in urls:
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=".part-")
         try:
-            h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as f:
-                def chunk(data: bytes, f=f) -> None:  # type: ignore[no-untyped-def]
-                    f.write(data)
-                    h.update(data)
-                    progress(len(data))
-                http_get(url, chunk)
-                f.flush()
-                os.fsync(f.fileno())
+            h = _Sink(os.fdopen(fd, "wb"), progress)
+            with h.file:
+                http_get(url, h.write)
+                h.file.flush()
+                os.fsync(h.file.fileno())
             got = os.path.getsize(tmp)
             if got != size:
                 raise FetchError(f"truncated download ({got} of {size} bytes)")
-            if h.hexdigest() != sha256:
-                raise FetchError(f"sha256 mismatch (got {h.hexdigest()}, the lock says {sha256})")
+            if h.sha.hexdigest() != sha256:
+                raise FetchError(f"sha256 mismatch (got {h.sha.hexdigest()}, the lock says {sha256})")
             os.replace(tmp, cache_path(cache, sha256))
             return cache_path(cache, sha256)
         except FetchError as e:

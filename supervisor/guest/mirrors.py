@@ -26,7 +26,8 @@ def apt_uris(files: tuple[str, ...] = APT_SOURCES) -> list[tuple[str, str]]:
     out = []
     for path in files:
         try:
-            text = open(path).read()
+            with open(path) as f:
+                text = f.read()
         except OSError:
             continue
         if path.endswith(".sources"):

@@ -36,10 +36,7 @@ class Report:
             return
         self.last_draw = now
         n = int(20 * done / total) if total else 20
-        if unit == "MB":
-            counts = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB"
-        else:
-            counts = f"{done}/{total}"
+        counts = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if unit == "MB" else f"{done}/{total}"
         self._draw(f" [{'#' * n}{'-' * (20 - n)}] {counts}")
 
     def _draw(self, extra: str) -> None:
