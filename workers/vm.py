@@ -187,8 +187,8 @@ class VMWorker:
                 wait_s = self.retry_at - time.time()
                 return False, f"boot failed: {self.reason} (next try in {wait_s:.0f}s)", self.snapshot()
             self.ensure_boot()
-        if wait > 0:
-            await self.wait_for(("running", "failed"), wait)
+        if wait > 0:  # (`stopped` again: the boot was cancelled, this worker is ending)
+            await self.wait_for(("running", "failed", "stopped"), wait)
         if self.state == "failed":
             return False, f"boot failed: {self.reason}", self.snapshot()
         return self.state == "running", None, self.snapshot()

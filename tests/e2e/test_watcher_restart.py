@@ -30,7 +30,7 @@ def vm(guest_dir: Path) -> Iterator[Instance]:
 
 def circusctl(inst: Instance, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CIRCUSCTL_ENDPOINT": inst.config.endpoint("ctl")}
-    return subprocess.run(["circusctl", *args], env=env, capture_output=True, text=True,
+    return subprocess.run(["circusctl", "--timeout", "90", *args], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
 
 
@@ -43,7 +43,8 @@ def vm_log(inst: Instance) -> str:
 def test_circusctl_restart_vm_keeps_guest(vm: Instance, command: list[str]) -> None:
     stream = vm.ssh_popen(COUNT_TO_12, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert stream.stdout is not None
-    assert stream.stdout.readline() == b"1\n"  # the session is up, through the forwarder
+    first = stream.stdout.readline()  # the session is up, through the forwarder
+    assert first == b"1\n", stream.stderr.read() if stream.stderr else ""
     before = vm.status()["vm"]
     qemu = vm.qemu()
     assert qemu is not None and before["state"] == "running" and before["boots"] == 1
