@@ -132,7 +132,8 @@ def run(test: Callable[[vm.VMWorker, FakeBackend], Any], config: Config) -> None
 
 
 def connections(open_: int, inc: str = "1-1", seq: int = 1) -> bus.Message:
-    return bus.Message("state", "forwarder", inc, seq, time.time(), {"open": open_, "last_activity": time.time()})
+    data = {"open": open_, "last_activity": time.time()}
+    return bus.Message("state", "forwarder", inc, seq, time.time(), data)
 
 
 async def booted(worker: vm.VMWorker) -> None:
@@ -210,7 +211,8 @@ def test_a_guest_that_never_announces_fails_with_the_timeout(config: Config) -> 
     run(t, config)
 
 
-def test_an_ssh_proof_that_never_passes_is_a_failed_boot(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_ssh_proof_that_never_passes_is_a_failed_boot(config: Config,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: object) -> None:
         raise SSHNotReady("host key mismatch")
 
