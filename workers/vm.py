@@ -307,8 +307,8 @@ class VMWorker:
             else:
                 await self._kill_quietly()  # reap and clean up
                 self._set("stopped", "the hypervisor exited unexpectedly")
-        if not self.config.onDemand.enable:
-            self.ensure_boot()
+        if not self.config.onDemand.enable and self.state == "stopped":
+            self.ensure_boot()  # (a failed guest waits for the next wake, after the backoff)
 
     async def _wait_broken(self) -> str:
         try:
