@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import socket
 import tempfile
 import time
@@ -112,6 +113,7 @@ def test_a_client_is_closed_when_the_vm_never_becomes_running(config: Config,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(forwarder, "WAIT_GRACE", 0.0)
     monkeypatch.setattr(forwarder, "WAKE_SLICE", 0.2)
+    config = from_dict({**json.loads(config.to_json()), "readyTimeout": 1})
 
     async def t() -> None:
         node = FakeNode()
