@@ -146,7 +146,7 @@ def test_a_guest_that_never_becomes_ready_releases_clients_with_the_reason(guest
             s.settimeout(10)
             assert s.recv(100) == b""
         closed_at = time.time()
-        log = (inst.dir / "state" / "logs" / "vm.log").read_text()
+        log = inst.wait_log("vm", "boot failed")
         assert log.count("-> starting") == 1, log  # one boot attempt, not two
         now = inst.status()["vm"]
         assert (now["state"], now["since"], now["boots"]) == ("failed", st["since"], 0)
@@ -154,7 +154,7 @@ def test_a_guest_that_never_becomes_ready_releases_clients_with_the_reason(guest
         assert "guest not ready within 8s" in st["reason"]
         assert closed_at < st["retry_at"], "too slow to test the backoff: the client came after it"
         assert "boot failed" in log and "guest not ready within 8s" in log
-        fwd = (inst.dir / "state" / "logs" / "forwarder.log").read_text()
+        fwd = inst.wait_log("forwarder", "connection 2 closed: ")
         assert "connection 1 closed: boot failed: guest not ready within 8s" in fwd
         assert "connection 2 closed: boot failed: guest not ready within 8s" in fwd
         assert "(next try in " in fwd  # what the second client was told

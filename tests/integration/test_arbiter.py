@@ -256,5 +256,4 @@ def test_a_boot_without_guest_files_is_a_failed_state_with_the_reason(instance: 
         assert s.recv(100) == b""  # closed by the forwarder, not left hanging
     vm = instance.wait_vm("failed", timeout=10)
     assert "guest kernel (guest.kernel) not found" in vm["reason"]
-    log = (instance.dir / "state" / "logs" / "forwarder.log").read_text()
-    assert "closed: boot failed: guest kernel (guest.kernel) not found" in log
+    instance.wait_log("forwarder", "closed: boot failed: guest kernel (guest.kernel) not found")
