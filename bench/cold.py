@@ -31,7 +31,7 @@ from virby.supervisor import control
 from virby.supervisor.cli import ssh_config_text
 from virby.supervisor.config import Config, from_dict
 from virby.workers import cpio
-from virby.workers.backends.qemu import _USERNET_RE, QemuBackend
+from virby.workers.backends.qemu.backend import _USERNET_RE, QemuBackend
 from virby.workers.keys import ensure_keys
 
 NAME = "cold"

@@ -10,7 +10,7 @@ import pytest
 
 from virby.supervisor.config import from_dict
 from virby.workers.backends.base import BackendError
-from virby.workers.backends.qemu import QemuBackend
+from virby.workers.backends.qemu.backend import QemuBackend
 from virby.workers.keys import ensure_keys
 
 

@@ -27,11 +27,11 @@ import psutil
 import pytest
 
 from virby.supervisor.config import from_dict
-from virby.workers.backends import vfkit as vfkit_mod
 from virby.workers.backends.base import BackendError, Endpoint, PidRecord
 from virby.workers.backends.vfkit import VfkitBackend
+from virby.workers.backends.vfkit import backend as vfkit_mod
+from virby.workers.backends.vfkit.rest import VfkitRest, VmState
 from virby.workers.keys import ensure_keys
-from virby.workers.vfkit_rest import VfkitRest, VmState
 
 FAKE_VFKIT = textwrap.dedent('''\
     import http.server, json, os, socket, socketserver, sys, threading, time

@@ -49,7 +49,6 @@ from typing import Any
 import psutil
 
 from virby.supervisor.config import Config
-from virby.workers import leases
 from virby.workers.backends.base import (
     Backend,
     BackendError,
@@ -59,9 +58,10 @@ from virby.workers.backends.base import (
     require_file,
     wait_process_exit,
 )
+from virby.workers.backends.vfkit import leases
+from virby.workers.backends.vfkit.rest import VfkitRest
 from virby.workers.files import write_atomic, write_if_changed
 from virby.workers.keys import KeyPaths
-from virby.workers.vfkit_rest import VfkitRest
 
 log = logging.getLogger(__name__)
 
