@@ -30,8 +30,8 @@ from tests.harness import Instance
 from virby.supervisor import control
 from virby.supervisor.cli import ssh_config_text
 from virby.supervisor.config import Config, from_dict
-from virby.workers import cpio
 from virby.workers.backends.qemu.backend import _USERNET_RE, QemuBackend
+from virby.workers.backends.qemu.initrd import build_keyed_initrd
 from virby.workers.keys import ensure_keys
 
 NAME = "cold"
@@ -55,7 +55,8 @@ class DirectGuest:
         keys = ensure_keys(self.config.stateDir)
         self.backend = QemuBackend(self.config, keys)
         # The same keys initrd the vm worker builds at each boot, built once, before timing.
-        cpio.append_archive(self.config.guest.initrd, self.backend._keys_archive(), self.backend.boot_initrd)
+        build_keyed_initrd(self.config.guest.initrd, self.backend.keys, self.config.sshUser,
+                           self.backend.boot_initrd)
         self.argv = self.backend.command()
         self.ssh_config = self.dir / "ssh_config"
         self.ssh_config.write_text(ssh_config_text(self.config))

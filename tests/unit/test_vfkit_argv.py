@@ -14,7 +14,8 @@ import pytest
 from virby.supervisor.config import from_dict
 from virby.workers.backends.base import BackendError
 from virby.workers.backends.vfkit import backend as vfkit_mod
-from virby.workers.backends.vfkit.backend import VfkitBackend, ensure_disk, ensure_mac, nested_supported
+from virby.workers.backends.vfkit.backend import VfkitBackend, nested_supported
+from virby.workers.backends.vfkit.provision import ensure_disk, ensure_mac
 from virby.workers.keys import ensure_keys
 
 GiB = 1 << 30

@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
-import shutil
-import sys
 import time
 
 import psutil
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from virby.workers import cpio
 from virby.workers.backends.base import (
     Backend,
     BackendError,
@@ -37,12 +33,13 @@ from virby.workers.backends.base import (
     require_file,
     wait_process_exit,
 )
+from virby.workers.backends.qemu.accel import KVM_PROBE_TIMEOUT, AccelProbe
+from virby.workers.backends.qemu.initrd import build_keyed_initrd
 
 log = logging.getLogger("virby.qemu")
 
 _USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
 _TB_SIZE_MIB = 128  # cap the TCG translation cache (its 1 GiB default inflates RSS)
-KVM_PROBE_TIMEOUT = 10.0  # a guest that works under KVM announces itself in ~1-2 s
 
 
 class QemuBackend(Backend):
@@ -59,6 +56,7 @@ class QemuBackend(Backend):
         self._ready = asyncio.Event()
         self._agent_replies: asyncio.Queue[str] = asyncio.Queue()
         self._port: int | None = None
+        self.probe = AccelProbe(self.config)
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -82,48 +80,8 @@ class QemuBackend(Backend):
     # -- pure parts -----------------------------------------------------------------------------
 
     def accel(self) -> str:
-        """The accelerator: a setting, or for "auto" the result of a real boot probe recorded
-        in the state dir. `/dev/kvm` existing proves nothing (reference/vm-lab.md §1: it opens
-        here and cannot run a stock guest), so "auto" with an untested /dev/kvm boots with KVM
-        once and keeps that VM if it announces itself in time, else records "tcg"."""
-        if self.config.accel != "auto":
-            return self.config.accel
-        if sys.platform == "darwin":
-            return "hvf"
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            return "tcg"
-        return self._probe_record() or "kvm"
-
-    @property
-    def _probe_path(self) -> str:
-        return self.config.state("accel-probe.json")
-
-    def _probe_key(self) -> str:
-        """The probe holds while the host kernel and the QEMU binary stay the same."""
-        binary = shutil.which(self.config.hypervisor) or self.config.hypervisor
-        try:
-            mtime = os.stat(binary).st_mtime
-        except OSError:
-            mtime = 0.0
-        return f"{os.uname().release} {binary} {mtime:.0f}"
-
-    def _probe_record(self) -> str | None:
-        try:
-            with open(self._probe_path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            return None
-        if not isinstance(data, dict) or data.get("key") != self._probe_key():
-            return None
-        accel = data.get("accel")
-        return accel if accel in ("kvm", "tcg") else None
-
-    def _save_probe(self, accel: str, detail: str) -> None:
-        try:
-            with open(self._probe_path, "w") as f:
-                json.dump({"key": self._probe_key(), "accel": accel, "detail": detail}, f)
-        except OSError as e:
-            log.warning("cannot record the KVM probe: %s", e)
+        """The accelerator: a setting, or for "auto" the KVM probe's record (accel.py)."""
+        return self.probe.accel()
 
     def command(self) -> list[str]:
         c = self.config
@@ -167,34 +125,21 @@ class QemuBackend(Backend):
         if self.accel() == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise BackendError("accel is kvm but /dev/kvm is not accessible")
 
-    def _keys_archive(self) -> bytes:
-        with open(self.keys.host_key_dropbear, "rb") as f:
-            host_key = f.read()
-        with open(self.keys.client_pub, "rb") as f:
-            client_pub = f.read()
-        return cpio.newc_archive([
-            cpio.CpioEntry("etc", mode=0o755, directory=True),
-            cpio.CpioEntry("etc/virby", mode=0o700, directory=True),
-            cpio.CpioEntry("etc/virby/ssh_host_ed25519_key", data=host_key, mode=0o600),
-            cpio.CpioEntry("etc/virby/authorized_keys", data=client_pub, mode=0o644),
-            cpio.CpioEntry("etc/virby/user", data=self.config.sshUser.encode() + b"\n", mode=0o644),
-        ])
-
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def boot(self) -> None:
-        if self.config.accel == "auto" and self.accel() == "kvm" and self._probe_record() is None:
+        if self.probe.needs_probe():
             try:
                 await self._start()
                 await asyncio.wait_for(self.wait_announced(), KVM_PROBE_TIMEOUT)
-                self._save_probe("kvm", "the guest announced itself under KVM")
-                log.info("KVM probe: usable; recorded in %s", self._probe_path)
+                self.probe.record("kvm", "the guest announced itself under KVM")
+                log.info("KVM probe: usable; recorded in %s", self.probe.path)
                 return  # keep this VM: the probe was the boot
             except (TimeoutError, BackendError) as e:
                 detail = str(e) or f"no announcement within {KVM_PROBE_TIMEOUT:g}s"
-                self._save_probe("tcg", detail)
+                self.probe.record("tcg", detail)
                 log.warning("KVM probe: /dev/kvm cannot run this guest (%s); using TCG from now "
-                            "on (recorded in %s)", detail, self._probe_path)
+                            "on (recorded in %s)", detail, self.probe.path)
                 await self.kill()
         await self._start()
 
@@ -205,8 +150,8 @@ class QemuBackend(Backend):
                 os.unlink(path)
         os.makedirs(self.config.log_dir, exist_ok=True)
         # Tens of MB copied and fsynced: off the event loop, which keeps answering wakes.
-        await asyncio.to_thread(cpio.append_archive, self.config.guest.initrd, self._keys_archive(),
-                                self.boot_initrd)
+        await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
+                                self.config.sshUser, self.boot_initrd)
         self._ready.clear()
         argv = self.command()
         with open(os.path.join(self.config.log_dir, "qemu.log"), "ab") as qlog:

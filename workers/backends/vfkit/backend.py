@@ -39,7 +39,6 @@ import ipaddress
 import logging
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -59,8 +58,9 @@ from virby.workers.backends.base import (
     wait_process_exit,
 )
 from virby.workers.backends.vfkit import leases
+from virby.workers.backends.vfkit.provision import ensure_disk, ensure_mac, fill_guest_keys
 from virby.workers.backends.vfkit.rest import VfkitRest
-from virby.workers.files import write_atomic, write_if_changed
+from virby.workers.files import write_atomic
 from virby.workers.keys import KeyPaths
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,6 @@ ROSETTA_TAG = "rosetta"
 ANNOUNCE_PORT = 1024  # guest -> host: "virby-ready <ip>"
 AGENT_PORT = 1025  # host -> guest: qemu-guest-agent
 SSH_PORT = 22
-DISK_ALIGN = 1 << 20  # Virtualization.framework wants whole sectors; keep whole MiB
 
 REST_START_TIMEOUT = 15.0  # vfkit itself gives the VM 5 s to reach Running
 ANNOUNCE_GRACE = 15.0  # wait this long for the vsock announcement before reading leases
@@ -79,7 +78,6 @@ HARD_STOP_WAIT = 5.0
 STATE_SETTLE = 5.0  # a Pause/Resume the REST API accepted shows in /vm/state within this
 
 _ANNOUNCE_RE = re.compile(r"^virby-ready (\S+)$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 @functools.cache
@@ -98,48 +96,6 @@ def cpu_brand() -> str | None:
 def nested_supported(brand: str | None) -> bool:
     """Virtualization.framework offers nested virtualization from M3 on (macOS 15)."""
     return brand is None or re.search(r"\bM[12]\b", brand) is None
-
-
-def ensure_mac(path: str) -> str:
-    """The install's MAC: read from `path`, or made once (locally administered, unicast)."""
-    try:
-        with open(path) as f:
-            mac = f.read().strip().lower()
-        if _MAC_RE.match(mac) and int(mac[:2], 16) & 0b11 == 0b10:
-            return mac
-        log.warning("%s holds %r, not a locally administered MAC; making a new one", path, mac)
-    except FileNotFoundError:
-        pass
-    octets = bytearray(secrets.token_bytes(6))
-    octets[0] = (octets[0] & 0b11111100) | 0b10
-    mac = ":".join(f"{o:02x}" for o in octets)
-    write_atomic(path, (mac + "\n").encode(), 0o644)
-    return mac
-
-
-def ensure_disk(path: str, size: int) -> int:
-    """Create the sparse data disk, or grow it to `size`. Never shrinks. Returns its size."""
-    size = -(-size // DISK_ALIGN) * DISK_ALIGN
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        current = os.stat(path).st_size
-        if current < size:
-            os.truncate(path, size)
-            log.info("grew %s from %d to %d bytes; the guest grows its filesystem at boot",
-                     path, current, size)
-            return size
-        if current > size:
-            log.warning("diskSize asks for %d bytes but %s already has %d; disks are never "
-                        "shrunk (delete the file to start over with an empty disk)",
-                        size, path, current)
-        return current
-    try:
-        os.ftruncate(fd, size)  # sparse on APFS: no blocks until the guest writes
-    finally:
-        os.close(fd)
-    log.info("created data disk %s (%d bytes, sparse)", path, size)
-    return size
 
 
 def _unlink(path: str) -> None:
@@ -283,34 +239,10 @@ class VfkitBackend(Backend):
         os.makedirs(c.runtimeDir, mode=0o700, exist_ok=True)
         ensure_disk(self.disk_path, c.diskSize)
         ensure_mac(self.mac_path)
-        self._fill_guest_keys()
+        fill_guest_keys(self.guest_keys_dir, self.keys, c)
         # vfkit refuses to bind a socket path that exists; any left here are stale.
         for path in (self.rest_socket, self.agent_socket, self.ip_path):
             _unlink(path)
-
-    def _fill_guest_keys(self) -> None:
-        os.makedirs(self.guest_keys_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.guest_keys_dir, 0o700)
-        with open(self.keys.host_key, "rb") as f:
-            host_key = f.read()
-        with open(self.keys.client_pub, "rb") as f:
-            authorized = f.read()
-        c = self.config
-        # Besides keys, the settings the guest applies at boot, so that changing them never
-        # needs a new guest image: the shares to mount and whether to register Rosetta.
-        wanted = {
-            "ssh_host_ed25519_key": host_key,
-            "authorized_keys": authorized,
-            "user": (c.sshUser + "\n").encode(),
-            "shares": "".join(f"{tag}\n" for tag in sorted(c.sharedDirectories)).encode(),
-        }
-        rosetta_flag = os.path.join(self.guest_keys_dir, "rosetta")
-        if c.rosetta:
-            wanted["rosetta"] = b"rosetta\n"
-        else:
-            _unlink(rosetta_flag)
-        for name, data in wanted.items():
-            write_if_changed(os.path.join(self.guest_keys_dir, name), data, 0o600)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
