@@ -27,7 +27,8 @@ import psutil
 import pytest
 
 from virby.supervisor.config import from_dict
-from virby.workers.backends.base import BackendError, Endpoint, PidRecord
+from virby.workers.backends.base import BackendError, Endpoint
+from virby.workers.backends.process import PidRecord
 from virby.workers.backends.vfkit import VfkitBackend
 from virby.workers.backends.vfkit import backend as vfkit_mod
 from virby.workers.backends.vfkit.rest import VfkitRest, VmState

@@ -20,21 +20,14 @@ import os
 import re
 import time
 
-import psutil
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from virby.workers.backends.base import (
-    Backend,
-    BackendError,
-    Endpoint,
-    PidRecord,
-    require_binary,
-    require_file,
-    wait_process_exit,
-)
+from virby.workers.backends.base import Backend, BackendError, Endpoint, require_binary, require_file
+from virby.workers.backends.process import HypervisorProcess
 from virby.workers.backends.qemu.accel import KVM_PROBE_TIMEOUT, AccelProbe
 from virby.workers.backends.qemu.initrd import build_keyed_initrd
+from virby.workers.logtail import last_line
 
 log = logging.getLogger("virby.qemu")
 
@@ -47,8 +40,7 @@ class QemuBackend(Backend):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._child: asyncio.subprocess.Process | None = None
-        self._proc: psutil.Process | None = None
+        self.process = HypervisorProcess("qemu", self.pid_path)
         self._qmp: QMPClient | None = None
         self._agent_reader: asyncio.StreamReader | None = None
         self._agent_writer: asyncio.StreamWriter | None = None
@@ -71,6 +63,10 @@ class QemuBackend(Backend):
     @property
     def pid_path(self) -> str:
         return self.config.runtime("qemu.pid.json")
+
+    @property
+    def qemu_log(self) -> str:
+        return os.path.join(self.config.log_dir, "qemu.log")
 
     @property
     def boot_initrd(self) -> str:
@@ -153,14 +149,8 @@ class QemuBackend(Backend):
         await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
                                 self.config.sshUser, self.boot_initrd)
         self._ready.clear()
-        argv = self.command()
-        with open(os.path.join(self.config.log_dir, "qemu.log"), "ab") as qlog:
-            self._child = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
-                start_new_session=True)
-        self._proc = psutil.Process(self._child.pid)
-        PidRecord(self._child.pid, self._proc.create_time(), argv).save(self.pid_path)
-        log.info("qemu started, pid %d, accel %s", self._child.pid, self.accel())
+        await self.process.start(self.command(), log_path=self.qemu_log)
+        log.info("qemu started, pid %s, accel %s", self.process.pid, self.accel())
         try:
             await self._connect_control()
         except BackendError:
@@ -171,8 +161,8 @@ class QemuBackend(Backend):
         """QMP and the agent socket appear once QEMU has parsed its command line."""
         deadline = time.monotonic() + 10
         while not (os.path.exists(self.qmp_path) and os.path.exists(self.agent_path)):
-            if self._proc is None or not self._alive():
-                raise BackendError(f"qemu exited at start: {self._qemu_log_tail()}")
+            if not self.process.alive():
+                raise BackendError(f"qemu exited at start: {last_line(self.qemu_log)}")
             if time.monotonic() > deadline:
                 raise BackendError("qemu did not create its QMP socket within 10s")
             await asyncio.sleep(0.005)
@@ -207,24 +197,6 @@ class QemuBackend(Backend):
             raise BackendError(f"no SSH port forward in `info usernet`: {out!r}")
         return int(m.group(1))
 
-    def _alive(self) -> bool:
-        if self._proc is None:
-            return False
-        try:
-            return self._proc.is_running() and self._proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    def _qemu_log_tail(self) -> str:
-        try:
-            with open(os.path.join(self.config.log_dir, "qemu.log"), "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 2000))
-                lines = f.read().decode("utf-8", "replace").strip().splitlines()
-                return lines[-1] if lines else "no output"
-        except OSError:
-            return "no output"
-
     async def wait_announced(self) -> None:
         ready = asyncio.create_task(self._ready.wait())
         exited = asyncio.create_task(self.wait_exit())
@@ -234,7 +206,7 @@ class QemuBackend(Backend):
             ready.cancel()
             exited.cancel()
         if ready not in done:
-            raise BackendError(f"qemu exited during boot: {self._qemu_log_tail()}")
+            raise BackendError(f"qemu exited during boot: {last_line(self.qemu_log)}")
 
     def endpoint(self) -> Endpoint:
         if self._port is None:
@@ -263,7 +235,7 @@ class QemuBackend(Backend):
         await self._agent_writer.drain()
 
     async def status(self) -> str:
-        if not self._alive():
+        if not self.process.alive():
             return "stopped"
         reply = await self._execute("query-status")
         status = reply.get("status") if isinstance(reply, dict) else None
@@ -271,7 +243,7 @@ class QemuBackend(Backend):
             str(status), "stopped" if status in ("shutdown", "postmigrate") else "running")
 
     async def shutdown(self, timeout: float) -> None:
-        if self._alive():
+        if self.process.alive():
             try:
                 if await self.status() == "paused":
                     await self._execute("cont")  # a paused guest cannot hear the power button
@@ -282,18 +254,14 @@ class QemuBackend(Backend):
         await self.kill()
 
     async def kill(self) -> None:
-        if self._alive() and self._proc is not None:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                self._proc.kill()
-            await self.wait_exit()
+        await self.process.kill()
         await self._cleanup()
 
     async def _cleanup(self) -> None:
         await self.close()
-        self._child = None
-        self._proc = None
+        self.process.forget()
         self._port = None
-        for path in (self.pid_path, self.qmp_path, self.agent_path, self.boot_initrd):
+        for path in (self.qmp_path, self.agent_path, self.boot_initrd):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
@@ -310,29 +278,25 @@ class QemuBackend(Backend):
             self._qmp = None
 
     async def wait_exit(self) -> None:
-        if self._proc is None:
-            return
-        await wait_process_exit(self._proc, self._child)
+        await self.process.wait_exit()
 
     async def adopt(self) -> bool:
-        record = PidRecord.load(self.pid_path)
-        proc = record.alive_process() if record else None
-        if record is None or proc is None:
-            if record is not None:
-                log.info("stale qemu pid file (pid %d is gone or not ours); removing", record.pid)
+        had_record = os.path.exists(self.pid_path)
+        if not self.process.adopt():
+            if had_record:
+                log.info("stale qemu pid file (the process is gone or not ours); removing")
             await self._cleanup()
             return False
-        self._proc = proc
-        self._child = None
+        pid = self.process.pid
         self._ready.clear()
         try:
             await self._connect_control()
         except (BackendError, OSError) as e:
-            log.warning("cannot re-attach to qemu pid %d (%s); killing it", proc.pid, e)
+            log.warning("cannot re-attach to qemu pid %s (%s); killing it", pid, e)
             await self.kill()
             return False
-        log.info("adopted running qemu, pid %d", proc.pid)
+        log.info("adopted running qemu, pid %s", pid)
         return True
 
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self.process.pid

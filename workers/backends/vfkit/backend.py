@@ -45,23 +45,21 @@ import sys
 import time
 from typing import Any
 
-import psutil
-
 from virby.supervisor.config import Config
 from virby.workers.backends.base import (
     Backend,
     BackendError,
     Endpoint,
-    PidRecord,
     require_binary,
     require_file,
-    wait_process_exit,
 )
+from virby.workers.backends.process import HypervisorProcess
 from virby.workers.backends.vfkit import leases
 from virby.workers.backends.vfkit.provision import ensure_disk, ensure_mac, fill_guest_keys
 from virby.workers.backends.vfkit.rest import VfkitRest
 from virby.workers.files import write_atomic
 from virby.workers.keys import KeyPaths
+from virby.workers.logtail import tail_lines
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +116,7 @@ class VfkitBackend(Backend):
         super().__init__(config, keys)
         self.rest = VfkitRest(self.rest_socket)
         self.leases_path = leases.LEASES_PATH
-        self._child: asyncio.subprocess.Process | None = None
-        self._proc: psutil.Process | None = None
+        self.process = HypervisorProcess("vfkit", self.pid_path)
         self._guest_ip: str | None = None
         self._announcer: asyncio.Server | None = None
         self._announced: asyncio.Future[str] | None = None
@@ -252,31 +249,14 @@ class VfkitBackend(Backend):
         await self._listen_for_announcement()
         argv = self.command()
         log.info("starting vfkit: %s", " ".join(argv))
-        out = open(self.vfkit_log, "ab")  # noqa: SIM115 - the child keeps its own copy
-        try:
-            # Own session: a signal to the worker's process group must not reach the VM; a
-            # new worker adopts it instead.
-            child = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                cwd=self.config.stateDir, start_new_session=True)
-        except OSError as e:
-            raise BackendError(f"cannot start vfkit ({argv[0]}): {e.strerror or e}") from None
-        finally:
-            out.close()
-        self._child = child
-        try:
-            self._proc = psutil.Process(child.pid)
-            # Record what psutil will compare at adoption (a script shows its interpreter).
-            seen = self._proc.cmdline()
-            PidRecord(child.pid, self._proc.create_time(), seen or argv).save(self.pid_path)
-        except psutil.Error:
-            pass  # it died already; _wait_rest reports why
+        # If it dies at once, _wait_rest reports why.
+        await self.process.start(argv, log_path=self.vfkit_log, cwd=self.config.stateDir)
         await self._wait_rest()
 
     async def _wait_rest(self) -> None:
         """Until the REST API answers (the VM exists), or vfkit exits, or a deadline passes."""
-        assert self._child is not None
-        child = self._child
+        child = self.process.child
+        assert child is not None
         exited = asyncio.ensure_future(child.wait())
         deadline = time.monotonic() + REST_START_TIMEOUT
         try:
@@ -299,14 +279,7 @@ class VfkitBackend(Backend):
                            f"{self._vfkit_tail() or '(no output)'}")
 
     def _vfkit_tail(self, lines: int = 5) -> str:
-        try:
-            with open(self.vfkit_log, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 4096))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+        return " | ".join(line.strip() for line in tail_lines(self.vfkit_log, lines) if line.strip())
 
     async def _listen_for_announcement(self) -> None:
         await self._stop_listening()
@@ -350,7 +323,7 @@ class VfkitBackend(Backend):
         write_atomic(self.ip_path, (ip + "\n").encode(), 0o600)
 
     async def wait_announced(self) -> None:
-        if self._announced is None or self._proc is None:
+        if self._announced is None or self.process.proc is None:
             raise BackendError("vfkit is not running")
         exited = asyncio.ensure_future(self.wait_exit())
         fallback = asyncio.ensure_future(self._lease_fallback())
@@ -366,7 +339,7 @@ class VfkitBackend(Backend):
         if fallback in done:
             self._set_guest_ip(fallback.result())  # raises its BackendError if it gave up
             return
-        status = self._child.returncode if self._child is not None else None
+        status = self.process.returncode
         raise BackendError(f"vfkit exited (status {status}) before the guest announced itself: "
                            f"{self._vfkit_tail() or '(no output)'}")
 
@@ -403,7 +376,7 @@ class VfkitBackend(Backend):
         await self._change("Resume", "running")
 
     async def _change(self, action: str, want: str) -> None:
-        if self._proc is None:
+        if self.process.proc is None:
             raise BackendError(f"cannot {action.lower()}: vfkit is not running")
         if (await self.rest.state()).state == want:
             return
@@ -416,7 +389,7 @@ class VfkitBackend(Backend):
             await asyncio.sleep(0.05)
 
     async def shutdown(self, timeout: float) -> None:
-        if self._proc is None or not self._alive():
+        if not self.process.alive():
             await self._forget()
             return
         try:
@@ -426,79 +399,52 @@ class VfkitBackend(Backend):
         except BackendError as e:
             # vfkit's own SIGTERM handler asks the guest to stop, then forces it after 5 s.
             log.warning("cannot ask the guest to stop over REST (%s); sending vfkit SIGTERM", e)
-            with contextlib.suppress(psutil.Error):
-                self._proc.send_signal(signal.SIGTERM)
-        if await self._exits_within(timeout):
+            self.process.send_signal(signal.SIGTERM)
+        if await self.process.exits_within(timeout):
             await self._forget()
             return
         log.warning("the guest did not power off within %gs; stopping it hard", timeout)
         with contextlib.suppress(BackendError):
             await self.rest.change_state("HardStop")
-        if await self._exits_within(HARD_STOP_WAIT):
+        if await self.process.exits_within(HARD_STOP_WAIT):
             await self._forget()
             return
         await self.kill()
 
-    async def _exits_within(self, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(self.wait_exit(), seconds)
-            return True
-        except TimeoutError:
-            return False
-
     async def kill(self) -> None:
-        proc = self._proc
-        if proc is not None:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-            await self.wait_exit()
+        await self.process.kill()
         await self._forget()
-
-    def _alive(self) -> bool:
-        if self._proc is None:
-            return False
-        if self._child is not None:
-            return self._child.returncode is None
-        try:
-            return self._proc.is_running() and self._proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
 
     async def _forget(self) -> None:
         """The process is gone: drop every file and socket that described it."""
         await self._stop_listening()
-        for path in (self.pid_path, self.ip_path, self.rest_socket, self.agent_socket):
+        self.process.forget()
+        for path in (self.ip_path, self.rest_socket, self.agent_socket):
             _unlink(path)
-        self._proc = None
-        self._child = None
         self._guest_ip = None
         self._announced = None
 
     async def status(self) -> str:
-        if not self._alive():
+        if not self.process.alive():
             return "stopped"
         return (await self.rest.state()).state
 
     async def wait_exit(self) -> None:
-        if self._proc is not None:
-            await wait_process_exit(self._proc, self._child)
+        await self.process.wait_exit()
 
     async def adopt(self) -> bool:
-        record = PidRecord.load(self.pid_path)
-        proc = record.alive_process() if record is not None else None
-        if proc is None:
-            for path in (self.pid_path, self.ip_path, self.rest_socket, self.agent_socket,
-                         self.announce_socket):
+        if not self.process.adopt():
+            for path in (self.ip_path, self.rest_socket, self.agent_socket, self.announce_socket):
                 _unlink(path)
             return False
-        self._proc, self._child = proc, None
+        pid = self.process.pid
         try:
             await self.rest.state()
         except BackendError as e:
             # A vfkit we cannot control still holds the data disk: end it, or the next boot
             # would start a second VM on the same disk. The disk's contents survive.
             log.warning("vfkit pid %d from an earlier worker cannot be controlled (%s); "
-                        "killing it", proc.pid, e)
+                        "killing it", pid, e)
             await self.kill()
             return False
         # Listen again: a guest still booting announces to whoever listens on the socket now.
@@ -511,7 +457,7 @@ class VfkitBackend(Backend):
         if ip is not None and self._announced is not None:
             self._guest_ip = ip
             self._announced.set_result(ip)
-        log.info("adopted vfkit pid %d (guest %s)", proc.pid, ip or "not announced yet")
+        log.info("adopted vfkit pid %s (guest %s)", pid, ip or "not announced yet")
         return True
 
     async def sync_clock(self) -> None:
@@ -539,7 +485,7 @@ class VfkitBackend(Backend):
         await self._stop_listening()
 
     def pid(self) -> int | None:
-        return self._proc.pid if self._alive() and self._proc is not None else None
+        return self.process.pid
 
 
 async def _port_open(host: str, port: int) -> bool:
