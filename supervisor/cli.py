@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import click
 
 from virby.supervisor.config import ENV_VAR, Config, ConfigError, load
+from virby.workers import protocol
 
 CONFIG_HELP = "Config file (JSON, or TOML by extension). Default: $VIRBY_CONFIG, else built-in defaults."
 
@@ -187,7 +188,7 @@ def _wait_unless_running(config: Config) -> None:
     leave it to the forwarder."""
     from virby.supervisor import control
 
-    if not os.path.exists(config.endpoint("vm.pub").removeprefix("ipc://")):
+    if not os.path.exists(config.endpoint(protocol.state_endpoint("vm")).removeprefix("ipc://")):
         return
     vm = control.collect_states(config, 0.5).get("vm")
     if vm is not None and vm.data.get("state") not in ("running", "paused"):
@@ -283,7 +284,7 @@ def logs(config_path: str | None, follow: bool, lines: int, watcher: str | None)
     from virby.supervisor import logview
 
     config = _load(config_path)
-    names = [watcher] if watcher else ["circusd", "vm", "forwarder", "idle"]
+    names = [watcher] if watcher else ["circusd", *protocol.WATCHERS]
     paths = {n: os.path.join(config.log_dir, LOG_FILES[n]) for n in names}
     logview.show(paths, lines=lines, follow=follow, echo=click.echo)
 
@@ -308,8 +309,9 @@ def events(config_path: str | None, follow: bool, as_json: bool) -> None:
     from virby.supervisor import events as ev
 
     config = _load(config_path)
-    if not os.path.exists(config.endpoint("ctl").removeprefix("ipc://")):
-        _fail(f"virby is not running: no arbiter at {config.endpoint('ctl')} (start it with `virby run`)")
+    ctl = config.endpoint(protocol.CIRCUS_CONTROL)
+    if not os.path.exists(ctl.removeprefix("ipc://")):
+        _fail(f"virby is not running: no arbiter at {ctl} (start it with `virby run`)")
 
     def emit(e: ev.Event) -> None:
         click.echo(e.json() if as_json else e.line())
@@ -458,10 +460,10 @@ def env(config_path: str | None) -> None:
 
     config = _load(config_path)
     values = {
-        "CIRCUSCTL_ENDPOINT": config.endpoint("ctl"),
-        "VIRBY_EVENTS_ENDPOINT": config.endpoint("events"),
-        "VIRBY_VM_ENDPOINT": config.endpoint("vm.pub"),
-        "VIRBY_CONTROL_ENDPOINT": config.endpoint("vm.ctl"),
+        "CIRCUSCTL_ENDPOINT": config.endpoint(protocol.CIRCUS_CONTROL),
+        "VIRBY_EVENTS_ENDPOINT": config.endpoint(protocol.CIRCUS_EVENTS),
+        "VIRBY_VM_ENDPOINT": config.endpoint(protocol.state_endpoint("vm")),
+        "VIRBY_CONTROL_ENDPOINT": config.endpoint(protocol.VM_COMMANDS),
         "VIRBY_RUNTIME_DIR": config.runtimeDir,
         "VIRBY_STATE_DIR": config.stateDir,
     }
