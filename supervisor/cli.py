@@ -92,12 +92,6 @@ def run(config_path: str | None) -> None:
 # -- status and VM commands ------------------------------------------------------------------
 
 
-def format_status(st: dict[str, Any]) -> str:
-    from virby.supervisor.statusview import format_status as fmt
-
-    return fmt(st)
-
-
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -115,7 +109,12 @@ def status(config_path: str | None, as_json: bool) -> None:
 
     config = _load(config_path)
     st = _control_call(lambda: control.status(config))
-    click.echo(control.dumps(st) if as_json else format_status(st))
+    if as_json:
+        click.echo(control.dumps(st))
+    else:
+        from virby.supervisor.statusview import format_status
+
+        click.echo(format_status(st))
 
 
 def _vm_command(cmd: str, timeout: float = 2.0) -> Callable[..., None]:
@@ -195,32 +194,6 @@ def _wait_unless_running(config: Config) -> None:
         _wait_running(config)
 
 
-def ssh_config_text(config: Config, host: str = "virby-vm") -> str:
-    from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
-
-    keys = KeyPaths.in_dir(config.stateDir)
-    # The forwarder accepts at once but the banner comes only when the guest is up: the
-    # timeout must cover a cold boot.
-    connect_timeout = int(config.readyTimeout) + 15
-    return "\n".join([
-        f"Host {host}",
-        "  HostName 127.0.0.1",
-        f"  Port {config.port}",
-        f"  User {config.sshUser}",
-        f"  IdentityFile {keys.client_key}",
-        "  IdentitiesOnly yes",
-        # Global + /dev/null: the same text works in /etc/ssh/ssh_config.d for every user
-        # (nix/lib.nix writes it there) and no user's own known_hosts can interfere.
-        f"  GlobalKnownHostsFile {keys.known_hosts}",
-        "  UserKnownHostsFile /dev/null",
-        f"  HostKeyAlias {HOST_KEY_ALIAS}",
-        "  StrictHostKeyChecking yes",
-        f"  ConnectTimeout {connect_timeout}",
-        "  BatchMode yes",
-        "",
-    ])
-
-
 @cli.command("ssh-config")
 @config_option
 @click.option("--host", default="virby-vm", show_default=True, help="The Host alias.")
@@ -232,6 +205,8 @@ def ssh_config(config_path: str | None, host: str) -> None:
     Example:
       virby ssh-config > ~/.ssh/virby.conf && ssh -F ~/.ssh/virby.conf virby-vm uname -a
     """
+    from virby.supervisor.sshconfig import ssh_config_text
+
     click.echo(ssh_config_text(_load(config_path), host), nl=False)
 
 
@@ -252,6 +227,8 @@ def ssh(config_path: str | None, command: tuple[str, ...]) -> None:
     if not os.path.isdir(config.runtimeDir):
         _fail(f"virby is not running: no runtime dir {config.runtimeDir} (start it with `virby run`)")
     _wait_unless_running(config)
+    from virby.supervisor.sshconfig import ssh_config_text
+
     with open(path, "w") as f:
         f.write(ssh_config_text(config))
     args = ["ssh", "-F", path, "virby-vm"]
@@ -381,36 +358,6 @@ def forward(config_path: str | None, guest_port: int, host_port: int) -> None:
 # -- integration with Nix, launchd and circusctl ---------------------------------------------
 
 
-def guest_systems(config: Config) -> list[str]:
-    """The systems the builder serves: the guest runs the host's architecture; Rosetta adds
-    x86_64 on Apple Silicon."""
-    machine = os.uname().machine
-    arch = "aarch64" if machine in ("arm64", "aarch64") else "x86_64"
-    systems = [f"{arch}-linux"]
-    if config.rosetta and arch == "aarch64":
-        systems.append("x86_64-linux")
-    return systems
-
-
-def nix_machines_line(config: Config, *, host: str = "virby-vm", protocol: str = "ssh-ng",
-                      speed_factor: int = 1) -> str:
-    import base64
-
-    from virby.workers.keys import KeyPaths
-
-    keys = KeyPaths.in_dir(config.stateDir)
-    try:
-        with open(keys.host_pub) as f:
-            host_key = base64.b64encode(" ".join(f.read().split()[:2]).encode()).decode()
-    except OSError:
-        host_key = "-"  # no keys yet: `virby run` makes them; ssh_config still pins the key
-    features = ["benchmark", "big-parallel"]
-    if config.nestedVirtualization:
-        features += ["kvm", "nixos-test"]  # only where the guest really has /dev/kvm
-    return " ".join([f"{protocol}://{host}", ",".join(guest_systems(config)), keys.client_key,
-                     str(config.cores), str(speed_factor), ",".join(features), "-", host_key])
-
-
 @cli.command("nix-machines")
 @config_option
 @click.option("--protocol", type=click.Choice(["ssh-ng", "ssh"]), default="ssh-ng", show_default=True)
@@ -422,6 +369,8 @@ def nix_machines(config_path: str | None, protocol: str, speed_factor: int) -> N
     Example:
       nix-build --max-jobs 0 --builders "$(virby nix-machines)" ...
     """
+    from virby.supervisor.sshconfig import nix_machines_line
+
     config = _load(config_path)
     click.echo(nix_machines_line(config, protocol=protocol, speed_factor=speed_factor))
 

@@ -194,7 +194,7 @@ def check_arbiter(ctx: Context) -> Check:
 
 def _ssh_config_file(ctx: Context) -> str:
     if ctx.ssh_config_path is None:
-        from virby.supervisor.cli import ssh_config_text
+        from virby.supervisor.sshconfig import ssh_config_text
 
         fd, path = tempfile.mkstemp(prefix="virby-doctor-", suffix=".ssh_config")
         with os.fdopen(fd, "w") as f:
