@@ -21,12 +21,11 @@ from bench.common import (
     Result,
     free_port,
     probe_until_ssh,
-    qmp_command,
     summary,
     timed_ssh_true,
     wait_pid_gone,
 )
-from tests.harness import Instance
+from tests.harness import Instance, qmp_execute
 from virby.supervisor import control
 from virby.supervisor.config import Config, from_dict
 from virby.supervisor.sshconfig import ssh_config_text
@@ -77,7 +76,7 @@ class DirectGuest:
             log.close()
         try:
             deadline = t0 + BOOT_DEADLINE
-            usernet = qmp_command(self.backend.qmp_path, "human-monitor-command",
+            usernet = qmp_execute(self.backend.qmp_path, "human-monitor-command",
                                   {"command-line": "info usernet"}, deadline=t0 + 10)
             m = _USERNET_RE.search(str(usernet))
             if not m:
