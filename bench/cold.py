@@ -29,8 +29,8 @@ from tests.harness import Instance, qmp_execute
 from virby.supervisor import control
 from virby.supervisor.config import Config, from_dict
 from virby.supervisor.sshconfig import ssh_config_text
+from virby.workers.backends.initrd import build_keyed_initrd
 from virby.workers.backends.qemu.backend import _USERNET_RE, QemuBackend
-from virby.workers.backends.qemu.initrd import build_keyed_initrd
 from virby.workers.keys import ensure_keys
 
 NAME = "cold"

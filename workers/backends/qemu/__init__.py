@@ -1,5 +1,5 @@
-"""The QEMU backend: backend.py (the Backend), initrd.py (the keyed initrd), accel.py (the
-accelerator and its KVM probe)."""
+"""The QEMU backend: backend.py (the Backend) and accel.py (the accelerator and its KVM
+probe). The keyed initrd and the data disk are shared with vfkit (backends/initrd.py, disk.py)."""
 
 from virby.workers.backends.qemu.backend import QemuBackend
 

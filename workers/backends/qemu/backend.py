@@ -24,9 +24,10 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from virby.workers.backends.base import Backend, BackendError, Endpoint, require_binary, require_file
+from virby.workers.backends.disk import ensure_disk
+from virby.workers.backends.initrd import build_keyed_initrd
 from virby.workers.backends.process import HypervisorProcess
 from virby.workers.backends.qemu.accel import KVM_PROBE_TIMEOUT, AccelProbe
-from virby.workers.backends.qemu.initrd import build_keyed_initrd
 from virby.workers.logtail import last_line
 
 log = logging.getLogger("virby.qemu")
@@ -106,6 +107,8 @@ class QemuBackend(Backend):
         ]
         if accel in ("kvm", "hvf"):
             argv += ["-cpu", "host"]
+        # the data disk first (/dev/vda: the guest's Nix store), then the optional image disk
+        argv += ["-drive", f"file={c.state('disk.raw')},if=virtio,format=raw,cache=writeback"]
         if c.guest.disk:
             argv += ["-drive", f"file={c.guest.disk},if=virtio,format=raw,cache=writeback"]
         for tag, path in sorted(c.sharedDirectories.items()):
@@ -141,6 +144,7 @@ class QemuBackend(Backend):
 
     async def _start(self) -> None:
         self.check()
+        ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # refuses to shrink
         for path in (self.qmp_path, self.agent_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -1,5 +1,5 @@
 """The vfkit backend (macOS): backend.py (the Backend), rest.py (its REST API client),
-provision.py (data disk, MAC, key share) and leases.py (the DHCP lease fallback)."""
+provision.py (MAC, key share) and leases.py (the DHCP lease fallback)."""
 
 from virby.workers.backends.vfkit.backend import VfkitBackend
 

@@ -1,11 +1,14 @@
 """The vfkit backend: macOS Virtualization.framework through vfkit (crc-org/vfkit).
 
-Boot is direct: vfkit loads the guest's kernel and initrd (no EFI, no bootloader on a disk). The
-guest gets these devices, in this order:
+Boot is direct: vfkit loads the guest's kernel (the uncompressed arm64 Image) and initrd (no EFI,
+no bootloader on a disk). The initrd it gets is the guest's with the keys cpio appended
+(<runtimeDir>/initrd.img, remade at each boot), as the guest contract in image/README.md says:
+the Mac's default guest is the lock's aarch64 Debian guest. The guest gets these devices, in
+this order:
 
-* `virtio-blk` <stateDir>/disk.raw: the persistent data disk (/dev/vda). A sparse raw file,
-  created on first boot, grown in place when diskSize grows, never shrunk or wiped.
-* `virtio-blk` guest.disk, read-only, when set: the guest's store image (/dev/vdb).
+* `virtio-blk` <stateDir>/disk.raw: the persistent data disk (/dev/vda), the guest's Nix store.
+  A sparse raw file, created on first boot, grown in place when diskSize grows, never shrunk.
+* `virtio-blk` guest.disk, read-only, when set (the opt-in NixOS guest): its store image.
 * `virtio-net,nat` with a locally administered MAC made once per install (<stateDir>/mac), so
   the guest keeps its DHCP lease across boots.
 * `virtio-fs` tag `virby-keys`: <stateDir>/guest-keys (host key, authorized_keys, user name,
@@ -53,9 +56,11 @@ from virby.workers.backends.base import (
     require_binary,
     require_file,
 )
+from virby.workers.backends.disk import ensure_disk
+from virby.workers.backends.initrd import build_keyed_initrd
 from virby.workers.backends.process import HypervisorProcess
 from virby.workers.backends.vfkit import leases
-from virby.workers.backends.vfkit.provision import ensure_disk, ensure_mac, fill_guest_keys
+from virby.workers.backends.vfkit.provision import ensure_mac, fill_guest_keys
 from virby.workers.backends.vfkit.rest import VfkitRest
 from virby.workers.files import write_atomic
 from virby.workers.keys import KeyPaths
@@ -68,6 +73,7 @@ ROSETTA_TAG = "rosetta"
 ANNOUNCE_PORT = 1024  # guest -> host: "virby-ready <ip>"
 AGENT_PORT = 1025  # host -> guest: qemu-guest-agent
 SSH_PORT = 22
+ARM64_IMAGE_MAGIC = (56, b"ARM\x64")  # offset and magic of an arm64 Linux Image header
 
 REST_START_TIMEOUT = 15.0  # vfkit itself gives the VM 5 s to reach Running
 ANNOUNCE_GRACE = 15.0  # wait this long for the vsock announcement before reading leases
@@ -154,6 +160,11 @@ class VfkitBackend(Backend):
         return self.config.runtime("vfkit.pid")
 
     @property
+    def boot_initrd(self) -> str:
+        """The guest's initrd with the per-install keys appended (remade at every boot)."""
+        return self.config.runtime("initrd.img")
+
+    @property
     def ip_path(self) -> str:
         return self.config.runtime("guest-ip")
 
@@ -171,9 +182,14 @@ class VfkitBackend(Backend):
         require_file("guest kernel", g.kernel)
         require_file("guest initrd", g.initrd)
         with open(g.kernel, "rb") as f:
-            if f.read(2) == b"\x1f\x8b":
-                raise BackendError(f"guest kernel is gzip-compressed: {g.kernel} (vfkit needs "
-                                   "an uncompressed arm64 Image)")
+            head = f.read(64)
+        offset, magic = ARM64_IMAGE_MAGIC
+        if head[:2] == b"\x1f\x8b":
+            raise BackendError(f"guest kernel is gzip-compressed: {g.kernel} (vfkit needs "
+                               "an uncompressed arm64 Image)")
+        if head[offset:offset + len(magic)] != magic:
+            raise BackendError(f"guest kernel is not an arm64 Image: {g.kernel} (vfkit's "
+                               "--bootloader linux needs the uncompressed arm64 Image)")
         if g.disk is not None:
             require_file("guest store image", g.disk)
         if '"' in g.cmdline:
@@ -217,7 +233,8 @@ class VfkitBackend(Backend):
             "--cpus", str(c.cores),
             "--memory", str(c.memory),
             # vfkit keeps commas inside the quotes and strips the quotes themselves.
-            "--bootloader", f'linux,kernel={g.kernel},initrd={g.initrd},cmdline="{g.cmdline}"',
+            "--bootloader",
+            f'linux,kernel={g.kernel},initrd={self.boot_initrd},cmdline="{g.cmdline}"',
         ]
         for d in dev:
             argv += ["--device", d]
@@ -246,6 +263,9 @@ class VfkitBackend(Backend):
     async def boot(self) -> None:
         self.check()
         self.prepare()
+        # Tens of MB copied and fsynced: off the event loop.
+        await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
+                                self.config.sshUser, self.boot_initrd)
         await self._listen_for_announcement()
         argv = self.command()
         log.info("starting vfkit: %s", " ".join(argv))
@@ -419,7 +439,7 @@ class VfkitBackend(Backend):
         """The process is gone: drop every file and socket that described it."""
         await self._stop_listening()
         self.process.forget()
-        for path in (self.ip_path, self.rest_socket, self.agent_socket):
+        for path in (self.ip_path, self.rest_socket, self.agent_socket, self.boot_initrd):
             _unlink(path)
         self._guest_ip = None
         self._announced = None

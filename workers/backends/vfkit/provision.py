@@ -1,5 +1,5 @@
-"""What vfkit's command line names, made before a boot: the sparse data disk, the install's
-MAC and the guest's key share. Each is idempotent and keeps what a user already has."""
+"""What vfkit's command line names, made before a boot besides the data disk (backends/disk.py):
+the install's MAC and the guest's key share. Each is idempotent and keeps what a user has."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from virby.workers.files import write_atomic, write_if_changed
 from virby.workers.keys import KeyPaths
 
 log = logging.getLogger(__name__)
-
-DISK_ALIGN = 1 << 20  # Virtualization.framework wants whole sectors; keep whole MiB
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -35,31 +33,6 @@ def ensure_mac(path: str) -> str:
     mac = ":".join(f"{o:02x}" for o in octets)
     write_atomic(path, (mac + "\n").encode(), 0o644)
     return mac
-
-
-def ensure_disk(path: str, size: int) -> int:
-    """Create the sparse data disk, or grow it to `size`. Never shrinks. Returns its size."""
-    size = -(-size // DISK_ALIGN) * DISK_ALIGN
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        current = os.stat(path).st_size
-        if current < size:
-            os.truncate(path, size)
-            log.info("grew %s from %d to %d bytes; the guest grows its filesystem at boot",
-                     path, current, size)
-            return size
-        if current > size:
-            log.warning("diskSize asks for %d bytes but %s already has %d; disks are never "
-                        "shrunk (delete the file to start over with an empty disk)",
-                        size, path, current)
-        return current
-    try:
-        os.ftruncate(fd, size)  # sparse on APFS: no blocks until the guest writes
-    finally:
-        os.close(fd)
-    log.info("created data disk %s (%d bytes, sparse)", path, size)
-    return size
 
 
 def fill_guest_keys(keys_dir: str, keys: KeyPaths, c: Config) -> None:
