@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.harness import qmp_execute
 from virby.supervisor.config import from_dict
+from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.qemu import QemuBackend
 from virby.workers.cpio import CpioEntry, append_archive, newc_archive
 from virby.workers.keys import KeyPaths, dropbear_private
@@ -178,6 +179,7 @@ def guest_backend(image: Path, run: Path, *, memory: int, append: str) -> QemuBa
     """The qemu backend for a guest image, with state and sockets in `run` (TCG, one core)."""
     config = from_dict({
         "stateDir": str(run / "state"), "runtimeDir": str(run), "accel": "tcg", "memory": memory,
+        "diskSize": "1GiB",
         "guest": {"kernel": str(image / "vmlinuz"), "initrd": str(image / "initrd.img"),
                   "cmdline": f"console=ttyS0 quiet panic=-1 {append}".strip()},
     }, source=None)
@@ -192,6 +194,7 @@ def booted(image: Path, keys: Keys, *, memory: int = 256, append: str = "",
     try:
         backend = guest_backend(image, run, memory=memory, append=append)
         os.makedirs(backend.config.log_dir)
+        ensure_disk(backend.config.state("disk.raw"), backend.config.diskSize)  # what _start does
         # This test's own keys in the appended archive, where the backend puts its keyed initrd.
         append_archive(str(image / "initrd.img"), keys.archive(user), backend.boot_initrd)
         with open(run / "qemu.log", "wb") as qlog:
