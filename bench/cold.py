@@ -29,6 +29,7 @@ from tests.harness import Instance, qmp_execute
 from virby.supervisor import control
 from virby.supervisor.config import Config, from_dict
 from virby.supervisor.sshconfig import ssh_config_text
+from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.initrd import build_keyed_initrd
 from virby.workers.backends.qemu.backend import _USERNET_RE, QemuBackend
 from virby.workers.keys import ensure_keys
@@ -53,6 +54,7 @@ class DirectGuest:
         os.makedirs(self.config.log_dir, exist_ok=True)
         keys = ensure_keys(self.config.stateDir)
         self.backend = QemuBackend(self.config, keys)
+        ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # the argv names it
         # The same keys initrd the vm worker builds at each boot, built once, before timing.
         build_keyed_initrd(self.config.guest.initrd, self.backend.keys, self.config.sshUser,
                            self.backend.boot_initrd)
