@@ -61,7 +61,8 @@ def test_the_builder_guest_builds_without_apt_dpkg_or_cpio(tmp_path: Path, arch:
         assert kernel[0x202:0x206] == b"HdrS"
     names = cpio_names((out / "initrd.img").read_bytes())
     for path in ("init", "etc/rc", "usr/bin/busybox", "usr/sbin/dropbear", "usr/bin/nix",
-                 "usr/sbin/mke2fs", "usr/sbin/resize2fs", "etc/nix/nix.conf", "usr/lib/modules/virtio_blk.ko"):
+                 "usr/sbin/mke2fs", "usr/sbin/resize2fs", "etc/nix/nix.conf",
+                 "usr/lib/modules/virtio_blk.ko"):
         assert path in names, path
     assert not [n for n in names if n.startswith("usr/share/doc") or n.endswith("perl")]
 
