@@ -32,7 +32,8 @@ def guest_build(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def cpio_names(initrd: bytes) -> set[str]:
-    data, pos, names = gzip.decompress(initrd), 0, set()
+    data, pos = gzip.decompress(initrd), 0
+    names: set[str] = set()
     while True:
         assert data[pos:pos + 6] == b"070701", f"not a newc member at {pos}"
         namesize, filesize = int(data[pos + 94:pos + 102], 16), int(data[pos + 54:pos + 62], 16)
