@@ -24,7 +24,8 @@ from tests.e2e.test_guest_image import USERNET_RE, Agent, Keys, Qmp, Vm, connect
 from virby.workers.cpio import append_archive
 
 
-def argv_for(arch: str, guest: Path, run_dir: Path, memory: int, disk: str | None) -> list[str]:
+def argv_for(arch: str, guest: Path, run_dir: Path, memory: int, disk: str | None,
+             extra: str = "") -> list[str]:
     common = ["-accel", "tcg", "-m", str(memory), "-nodefaults", "-no-user-config",
               "-display", "none", "-no-reboot", "-kernel", str(guest / "vmlinuz"),
               "-initrd", str(run_dir / "initrd.img"),
@@ -37,19 +38,20 @@ def argv_for(arch: str, guest: Path, run_dir: Path, memory: int, disk: str | Non
         common += ["-drive", f"file={disk},if=virtio,format=raw,cache=writeback"]
     if arch == "aarch64":
         return ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", *common,
-                "-append", "console=ttyAMA0 quiet panic=-1", "-device", "virtio-serial-pci",
+                "-append", f"console=ttyAMA0 quiet panic=-1 {extra}".strip(), "-device", "virtio-serial-pci",
                 "-device", "virtserialport,chardev=agent,name=virby.agent"]
-    return ["qemu-system-x86_64", "-M", "q35", *common, "-append", "console=ttyS0 quiet panic=-1",
-            "-serial", "chardev:agent"]
+    return ["qemu-system-x86_64", "-M", "q35", *common,
+            "-append", f"console=ttyS0 quiet panic=-1 {extra}".strip(), "-serial", "chardev:agent"]
 
 
-def boot_once(arch: str, guest: Path, memory: int, disk: str | None) -> tuple[float, float]:
+def boot_once(arch: str, guest: Path, memory: int, disk: str | None,
+              extra: str = "") -> tuple[float, float]:
     keys = Keys.generate()
     run_dir = Path(tempfile.mkdtemp(dir="/tmp", prefix="vbg-"))
     try:
         append_archive(str(guest / "initrd.img"), keys.archive(), str(run_dir / "initrd.img"))
         with open(run_dir / "qemu.log", "wb") as log:
-            proc = subprocess.Popen(argv_for(arch, guest, run_dir, memory, disk),
+            proc = subprocess.Popen(argv_for(arch, guest, run_dir, memory, disk, extra),
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         t0 = time.monotonic()
         try:
@@ -77,10 +79,11 @@ def main() -> None:
     p.add_argument("-n", type=int, default=5)
     p.add_argument("--memory", type=int, default=512)
     p.add_argument("--disk")
+    p.add_argument("--append", default="", help="more kernel arguments")
     a = p.parse_args()
     ready, done = [], []
     for i in range(a.n):
-        r, s = boot_once(a.arch, a.guest, a.memory, a.disk)
+        r, s = boot_once(a.arch, a.guest, a.memory, a.disk, a.append)
         ready.append(r)
         done.append(s)
         print(f"boot {i + 1}: virby-ready {r:.2f}s, ssh true done {s:.2f}s", flush=True)
