@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import sys
 import tomllib
@@ -111,8 +112,9 @@ def default_runtime_dir(state_dir: str | None = None) -> str:
 
 
 def default_guest_dir() -> str:
-    """Where `image/build-test-guest.sh` puts the Linux test guest by default."""
-    return os.path.join(_xdg("XDG_CACHE_HOME", "~/.cache"), "virby", "guest")
+    """Where `virby guest build` puts the builder guest (the `nix` variant, this host's arch)."""
+    arch = "aarch64" if platform.machine().lower() in ("arm64", "aarch64") else "x86_64"
+    return os.path.join(_xdg("XDG_CACHE_HOME", "~/.cache"), "virby", "guests", f"{arch}-nix")
 
 
 DEFAULT_CMDLINES = {

@@ -106,7 +106,7 @@ def test_no_file_at_all_gives_working_linux_defaults(monkeypatch: pytest.MonkeyP
     c = cfg.from_dict({})
     assert (c.backend, c.port, c.memory, c.sshUser) == ("qemu", 31222, 512, "builder")
     assert c.onDemand == cfg.OnDemand(enable=True, pauseAfter=60.0, stopAfter=600.0)
-    assert c.guest.kernel.endswith("virby/guest/vmlinuz")
+    assert c.guest.kernel.endswith("-nix/vmlinuz") and "/virby/guests/" in c.guest.kernel
     assert c.guest.cmdline.startswith("console=ttyS0")
     assert os.path.isabs(c.stateDir) and os.path.isabs(c.runtimeDir)
 

@@ -172,11 +172,17 @@ class QemuBackend(Backend):
             if time.monotonic() > deadline:
                 raise BackendError("qemu did not create its QMP socket within 10s")
             await asyncio.sleep(0.005)
-        qmp = QMPClient("virby-vm")
-        try:
-            await asyncio.wait_for(qmp.connect(self.qmp_path), 5)
-        except (QMPError, OSError, TimeoutError) as e:
-            raise BackendError(f"cannot connect to QMP at {self.qmp_path}: {e}") from e
+        while True:
+            qmp = QMPClient("virby-vm")
+            try:
+                await asyncio.wait_for(qmp.connect(self.qmp_path), 5)
+                break
+            except (QMPError, OSError, TimeoutError) as e:
+                # the socket file appears at bind(), a moment before listen(): "refused" = not yet
+                if "refused" in str(e) and self._alive() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                    continue
+                raise BackendError(f"cannot connect to QMP at {self.qmp_path}: {e}") from e
         self._qmp = qmp
         self._port = await self._forwarded_port()
         reader, writer = await asyncio.open_unix_connection(self.agent_path)
