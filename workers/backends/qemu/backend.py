@@ -179,7 +179,7 @@ class QemuBackend(Backend):
                 break
             except (QMPError, OSError, TimeoutError) as e:
                 # the socket file appears at bind(), a moment before listen(): "refused" = not yet
-                if "refused" in str(e) and self._alive() and time.monotonic() < deadline:
+                if "refused" in str(e) and self.process.alive() and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
                     continue
                 raise BackendError(f"cannot connect to QMP at {self.qmp_path}: {e}") from e
