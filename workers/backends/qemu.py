@@ -28,6 +28,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from virby.workers import cpio
+from virby.workers.backends import qemu_machine
 from virby.workers.backends.base import (
     Backend,
     BackendError,
@@ -88,6 +89,8 @@ class QemuBackend(Backend):
         once and keeps that VM if it announces itself in time, else records "tcg"."""
         if self.config.accel != "auto":
             return self.config.accel
+        if not qemu_machine.can_accelerate(self.config.arch):
+            return "tcg"
         if sys.platform == "darwin":
             return "hvf"
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -127,13 +130,14 @@ class QemuBackend(Backend):
 
     def command(self) -> list[str]:
         c = self.config
+        m = qemu_machine.machine_for(c.arch)
         accel = self.accel()
         accel_arg = f"tcg,tb-size={_TB_SIZE_MIB}" if accel == "tcg" else accel
         argv = [
             c.hypervisor,
             "-name", "virby-vm",
             "-accel", accel_arg,
-            "-M", "q35",
+            "-M", m.machine,
             "-m", str(c.memory),
             "-smp", str(c.cores),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -147,11 +151,10 @@ class QemuBackend(Backend):
             "-chardev", f"file,id=console,path={self.console_log},append=on",
             "-serial", "chardev:console",
             "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
-            "-serial", "chardev:agent",
+            *qemu_machine.agent_args(m, "agent"),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
-        if accel in ("kvm", "hvf"):
-            argv += ["-cpu", "host"]
+        argv += qemu_machine.cpu_args(m, accel)
         if c.guest.disk:
             argv += ["-drive", f"file={c.guest.disk},if=virtio,format=raw,cache=writeback"]
         for tag, path in sorted(c.sharedDirectories.items()):
@@ -330,11 +333,18 @@ class QemuBackend(Backend):
             try:
                 if await self.status() == "paused":
                     await self._execute("cont")  # a paused guest cannot hear the power button
-                await self._execute("system_powerdown")
+                await self._power_off()
                 await asyncio.wait_for(self.wait_exit(), timeout)
             except (BackendError, TimeoutError):
                 log.warning("guest did not power off within %.0fs; killing qemu", timeout)
         await self.kill()
+
+    async def _power_off(self) -> None:
+        if qemu_machine.machine_for(self.config.arch).power_button:
+            await self._execute("system_powerdown")
+        elif self._agent_writer is not None:
+            self._agent_writer.write(b"poweroff\n")  # the guest syncs, then powers off
+            await self._agent_writer.drain()
 
     async def kill(self) -> None:
         if self._alive() and self._proc is not None:
