@@ -225,13 +225,12 @@ def test_disk_grows_in_place_keeping_its_data(tmp_path: Path) -> None:
         assert f.read(24) == b"ext4 superblock stand-in"
 
 
-def test_disk_is_never_shrunk(tmp_path: Path, caplog) -> None:
+def test_disk_is_never_shrunk(tmp_path: Path) -> None:
     path = tmp_path / "disk.raw"
     ensure_disk(str(path), 2 * GiB)
-    with caplog.at_level(logging.WARNING):
-        assert ensure_disk(str(path), GiB) == 2 * GiB
+    with pytest.raises(BackendError, match="never shrunk"):
+        ensure_disk(str(path), GiB)
     assert path.stat().st_size == 2 * GiB
-    assert "never shrunk" in caplog.text
 
 
 # -- prepare and check ---------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from virby.workers.backends.base import (
     require_file,
     wait_process_exit,
 )
+from virby.workers.backends.disk import ensure_disk
 from virby.workers.files import write_atomic, write_if_changed
 from virby.workers.keys import KeyPaths
 from virby.workers.vfkit_rest import VfkitRest
@@ -70,7 +71,6 @@ ROSETTA_TAG = "rosetta"
 ANNOUNCE_PORT = 1024  # guest -> host: "virby-ready <ip>"
 AGENT_PORT = 1025  # host -> guest: qemu-guest-agent
 SSH_PORT = 22
-DISK_ALIGN = 1 << 20  # Virtualization.framework wants whole sectors; keep whole MiB
 
 REST_START_TIMEOUT = 15.0  # vfkit itself gives the VM 5 s to reach Running
 ANNOUNCE_GRACE = 15.0  # wait this long for the vsock announcement before reading leases
@@ -115,31 +115,6 @@ def ensure_mac(path: str) -> str:
     mac = ":".join(f"{o:02x}" for o in octets)
     write_atomic(path, (mac + "\n").encode(), 0o644)
     return mac
-
-
-def ensure_disk(path: str, size: int) -> int:
-    """Create the sparse data disk, or grow it to `size`. Never shrinks. Returns its size."""
-    size = -(-size // DISK_ALIGN) * DISK_ALIGN
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        current = os.stat(path).st_size
-        if current < size:
-            os.truncate(path, size)
-            log.info("grew %s from %d to %d bytes; the guest grows its filesystem at boot",
-                     path, current, size)
-            return size
-        if current > size:
-            log.warning("diskSize asks for %d bytes but %s already has %d; disks are never "
-                        "shrunk (delete the file to start over with an empty disk)",
-                        size, path, current)
-        return current
-    try:
-        os.ftruncate(fd, size)  # sparse on APFS: no blocks until the guest writes
-    finally:
-        os.close(fd)
-    log.info("created data disk %s (%d bytes, sparse)", path, size)
-    return size
 
 
 def _unlink(path: str) -> None:
