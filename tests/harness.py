@@ -161,11 +161,11 @@ class Instance:
         return path
 
     def ssh(self, *command: str, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ssh", "-F", str(self.ssh_config), "virby-vm", "--", *command],
+        return subprocess.run(["ssh", "-F", str(self.ssh_config), self.config.name, "--", *command],
                               capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
     def ssh_popen(self, *command: str, **kw: Any) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ssh", "-F", str(self.ssh_config), "virby-vm", "--", *command], **kw)
+        return subprocess.Popen(["ssh", "-F", str(self.ssh_config), self.config.name, "--", *command], **kw)
 
     # -- waiting on the bus ---------------------------------------------------------------------
 
