@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -46,6 +47,14 @@ def build_guest(with_nix: bool = False, arch: str = "x86_64") -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"virby guest build failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def guest_for(arch: str, with_nix: bool = False) -> Path:
+    """The test guest for `arch`. VIRBY_TEST_AARCH64_{BASE,NIX}_GUEST names an aarch64 guest
+    folder built some other way (by hand, while `virby guest build` cannot make it)."""
+    variant = "NIX" if with_nix else "BASE"
+    override = os.environ.get(f"VIRBY_TEST_{arch.upper()}_{variant}_GUEST")
+    return Path(override) if override else build_guest(with_nix=with_nix, arch=arch)
 
 
 class Instance:

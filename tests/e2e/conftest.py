@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.harness import build_guest
+from tests.harness import build_guest, guest_for
 
 
 @pytest.fixture(scope="session")
@@ -16,20 +15,12 @@ def guest_nix_dir() -> Path:
     return build_guest(with_nix=True)
 
 
-def _aarch64_guest(variant: str) -> Path:
-    """`virby guest build --arch aarch64`; VIRBY_TEST_AARCH64_<VARIANT>_GUEST names a folder
-    built some other way instead (a hand-built guest while the builder cannot make this one)."""
-    override = os.environ.get(f"VIRBY_TEST_AARCH64_{variant.upper()}_GUEST")
-    if override:
-        return Path(override)
-    return build_guest(with_nix=variant == "nix", arch="aarch64")
-
 
 @pytest.fixture(scope="session")
 def guest_aarch64_dir() -> Path:
-    return _aarch64_guest("base")
+    return guest_for("aarch64")
 
 
 @pytest.fixture(scope="session")
 def guest_aarch64_nix_dir() -> Path:
-    return _aarch64_guest("nix")
+    return guest_for("aarch64", with_nix=True)
