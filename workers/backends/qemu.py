@@ -238,14 +238,23 @@ class QemuBackend(Backend):
             if time.monotonic() > deadline:
                 raise BackendError("qemu did not create its QMP socket within 10s")
             await asyncio.sleep(0.005)
-        qmp = QMPClient("virby-vm")
-        try:
-            await asyncio.wait_for(qmp.connect(self.qmp_path), 5)
-        except (QMPError, OSError, TimeoutError) as e:
-            raise BackendError(f"cannot connect to QMP at {self.qmp_path}: {e}") from e
+        # The socket file exists from bind(); under load QEMU may not have reached listen() yet,
+        # and a connect then is refused: retry until the deadline (the kill of a boot, otherwise).
+        while True:
+            qmp = QMPClient("virby-vm")
+            try:
+                await asyncio.wait_for(qmp.connect(self.qmp_path), 5)
+                reader, writer = await asyncio.open_unix_connection(self.agent_path)
+                break
+            except (QMPError, OSError, TimeoutError) as e:
+                with contextlib.suppress(Exception):
+                    await qmp.disconnect()
+                if time.monotonic() > deadline or not self._alive():
+                    raise BackendError(f"cannot connect to QMP and the agent at {self.qmp_path}: "
+                                       f"{e}") from e
+                await asyncio.sleep(0.02)
         self._qmp = qmp
         self._port = await self._forwarded_port()
-        reader, writer = await asyncio.open_unix_connection(self.agent_path)
         self._agent_reader, self._agent_writer = reader, writer
         self._agent_task = asyncio.create_task(self._agent_loop(reader))
         writer.write(b"hello\n")  # an adopted guest answers virby-ready again
