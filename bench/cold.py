@@ -39,10 +39,12 @@ from virby.workers.keys import ensure_keys
 NAME = "cold"
 TARGET = 1.03
 BOOT_DEADLINE = 90.0
-# How hard the limit probes. Each `ssh true` attempt that reaches dropbear costs an emulated
-# (TCG) aarch64 guest about a second of CPU for its key exchange: eight at once starved its boot
-# (limit 31-32 s against virby's 5-11 s in 2 of 7 runs). Two in flight, one every 0.5 s.
-PROBING = {"x86_64": (8, 0.1), "aarch64": (2, 0.5)}  # (attempts in flight, seconds between)
+# How the limit probes: (attempts in flight, seconds between launches, seconds an attempt may
+# wait for the banner). An emulated (TCG) aarch64 guest is slow twice over: each attempt that
+# reaches dropbear costs it about a second of CPU (eight at once starved its boot: limit 31-32 s
+# against virby's 5-11 s in 2 of 7 runs), and under load its banner can take longer than 1 s,
+# so attempts cut at 1 s all failed until the load dropped (limit 27 s against virby's 15 s).
+PROBING = {"x86_64": (8, 0.1, 1.0), "aarch64": (3, 0.5, 5.0)}
 
 
 class DirectGuest:
@@ -56,7 +58,7 @@ class DirectGuest:
             "guest": {"kernel": str(guest_dir / "vmlinuz"), "initrd": str(guest_dir / "initrd.img")},
         }
         self.config: Config = from_dict(data, source=None)
-        self.in_flight, self.stagger = PROBING[arch]
+        self.in_flight, self.stagger, self.attempt_timeout = PROBING[arch]
         os.makedirs(self.config.runtimeDir, mode=0o700, exist_ok=True)
         os.makedirs(self.config.log_dir, exist_ok=True)
         keys = ensure_keys(self.config.stateDir)
@@ -91,7 +93,8 @@ class DirectGuest:
                 raise RuntimeError(f"no SSH forward in `info usernet`: {usernet!r}")
             t_port = time.monotonic()
             t_ok, attempts = probe_until_ssh(self.ssh_config, int(m.group(1)), deadline,
-                                             max_in_flight=self.in_flight, stagger=self.stagger)
+                                             max_in_flight=self.in_flight, stagger=self.stagger,
+                                             attempt_timeout=self.attempt_timeout)
             return {"seconds": t_ok - t0, "qmp_port_seconds": t_port - t0, "attempts": attempts}
         finally:
             self.kill()
