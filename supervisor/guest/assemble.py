@@ -72,7 +72,9 @@ class Image:
             head = "/".join(parts[:i])
             node = tree.get(head)
             if node is None:
-                raise AssembleError(f"{path}: no {head} in the packages")
+                if i == len(parts):
+                    raise AssembleError(f"{path}: not in the packages")
+                continue  # a directory the package did not list
             if node.kind == "link":
                 self.link(head, node.target)
                 base = "" if node.target.startswith("/") else posixpath.dirname(head)

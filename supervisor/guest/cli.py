@@ -45,7 +45,7 @@ def build_cmd(arch: str, variant: str, out: Path | None, cache: Path | None, mir
               offline: bool, lock_path: Path) -> None:
     """Download (verified, cached), unpack and pack the guest: DIR/vmlinuz, DIR/initrd.img,
     DIR/manifest.json. Prints DIR on stdout."""
-    from virby.supervisor.guest.build import BuildError, build
+    from virby.supervisor.guest.builder import BuildError, build
 
     try:
         out = build(arch, variant, out, cache=cache, mirror=mirror, offline=offline,
@@ -67,7 +67,7 @@ def lock_cmd(arches: tuple[str, ...], mirror: str | None, cache: Path | None, lo
     """Resolve the newest trixie packages (main + security) and their ELF library closure, and
     write the lock. Downloads the candidate packages to look inside them."""
     from virby.supervisor.guest import fetch, lock, locker, mirrors
-    from virby.supervisor.guest.build import default_cache
+    from virby.supervisor.guest.builder import default_cache
     from virby.workers.files import write_atomic
 
     try:

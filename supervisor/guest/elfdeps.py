@@ -72,7 +72,9 @@ def resolve_link(tree: Tree, path: str, depth: int = 0) -> str | None:
         head = "/".join(parts[:i])
         node = tree.get(head)
         if node is None:
-            return None
+            if i == len(parts):
+                return None
+            continue  # a directory the package did not list
         if node.kind == "link":
             target = node.target
             base = "" if target.startswith("/") else posixpath.dirname(head)

@@ -108,10 +108,11 @@ def make_lock(cache: Path, mirror: str | None = None, arches: tuple[str, ...] = 
     for arch in arches:
         spec = ARCHES[arch]
         index = fetch_index(bases, spec.deb_arch, say)
+        where = f"{bases['debian']}/dists/{SUITE}/main/binary-{spec.deb_arch}/Packages.xz"
         try:
             meta = index.get(spec.kernel_meta)
         except KeyError as e:
-            raise LockerError(f"{spec.kernel_meta} is not in the {SUITE} index") from e
+            raise LockerError(f"{spec.kernel_meta} is not in the {SUITE} index ({where})") from e
         kpkg = next((d for d in meta.depends if d.startswith("linux-image-")), None)
         if kpkg is None or kpkg not in index:
             raise LockerError(f"{spec.kernel_meta} {meta.version} names no kernel package")
@@ -122,7 +123,7 @@ def make_lock(cache: Path, mirror: str | None = None, arches: tuple[str, ...] = 
         for variant in VARIANTS:
             for root in ROOT_PACKAGES[variant]:
                 if root not in index:
-                    raise LockerError(f"{root} is not in the {SUITE} {spec.deb_arch} index")
+                    raise LockerError(f"{root} is not in the {SUITE} {spec.deb_arch} index ({where})")
             say(f"{arch} {variant}: resolving the library closure")
             for name in package_closure(index, ROOT_PACKAGES[variant], variant, spec.multiarch,
                                         unpacker):
