@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import sys
 import tomllib
@@ -112,9 +113,11 @@ def default_runtime_dir(state_dir: str | None = None) -> str:
     return f"/tmp/virby-{os.getuid()}"
 
 
-def default_guest_dir() -> str:
-    """Where `image/build-test-guest.sh` puts the Linux test guest by default."""
-    return os.path.join(_xdg("XDG_CACHE_HOME", "~/.cache"), "virby", "guest")
+def default_guest_dir(arch: str | None = None) -> str:
+    """Where `virby guest build` puts the builder guest (the `nix` variant, of `arch`: the
+    config's, else this host's)."""
+    arch = arch or ("aarch64" if platform.machine().lower() in ("arm64", "aarch64") else "x86_64")
+    return os.path.join(_xdg("XDG_CACHE_HOME", "~/.cache"), "virby", "guests", f"{arch}-nix")
 
 
 DEFAULT_CMDLINES = {
@@ -244,7 +247,7 @@ def _on_demand(raw: Any) -> OnDemand:
 
 def _guest(raw: Any, base: str | None, backend: str, arch: str) -> Guest:
     data = _check_keys("guest", raw, _GUEST_KEYS)
-    gdir = default_guest_dir()
+    gdir = default_guest_dir(arch)
     kernel = _abs_path("guest.kernel", data.get("kernel", os.path.join(gdir, "vmlinuz")), base)
     initrd = _abs_path("guest.initrd", data.get("initrd", os.path.join(gdir, "initrd.img")), base)
     cmdline = data.get("cmdline", default_cmdline(backend, arch))

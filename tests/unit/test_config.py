@@ -109,7 +109,7 @@ def test_no_file_at_all_gives_working_linux_defaults(monkeypatch: pytest.MonkeyP
     c = cfg.from_dict({})
     assert (c.backend, c.port, c.memory, c.sshUser) == ("qemu", 31222, 512, "builder")
     assert c.onDemand == cfg.OnDemand(enable=True, pauseAfter=60.0, stopAfter=600.0)
-    assert c.guest.kernel.endswith("virby/guest/vmlinuz")
+    assert c.guest.kernel.endswith("-nix/vmlinuz") and "/virby/guests/" in c.guest.kernel
     assert c.guest.cmdline.startswith("console=ttyS0")
     assert os.path.isabs(c.stateDir) and os.path.isabs(c.runtimeDir)
 
@@ -222,3 +222,9 @@ def test_two_builders_cannot_share(tmp_path: Path, key: str) -> None:
 def test_an_empty_builders_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(cfg.ConfigError, match="no builder config"):
         cfg.load_builders(tmp_path)
+
+
+def test_the_default_guest_follows_arch() -> None:
+    c = cfg.from_dict({"arch": "aarch64"})
+    assert c.guest.kernel.endswith("virby/guests/aarch64-nix/vmlinuz")
+    assert cfg.from_dict({"arch": "x86_64"}).guest.initrd.endswith("virby/guests/x86_64-nix/initrd.img")

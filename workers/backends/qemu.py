@@ -238,8 +238,6 @@ class QemuBackend(Backend):
             if time.monotonic() > deadline:
                 raise BackendError("qemu did not create its QMP socket within 10s")
             await asyncio.sleep(0.005)
-        # The socket file exists from bind(); under load QEMU may not have reached listen() yet,
-        # and a connect then is refused: retry until the deadline (the kill of a boot, otherwise).
         while True:
             qmp = QMPClient("virby-vm")
             try:
@@ -249,10 +247,11 @@ class QemuBackend(Backend):
             except (QMPError, OSError, TimeoutError) as e:
                 with contextlib.suppress(Exception):
                     await qmp.disconnect()
-                if time.monotonic() > deadline or not self._alive():
-                    raise BackendError(f"cannot connect to QMP and the agent at {self.qmp_path}: "
-                                       f"{e}") from e
-                await asyncio.sleep(0.02)
+                # the socket files appear at bind(), a moment before listen(): "refused" = not yet
+                if "refused" in str(e) and self._alive() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                    continue
+                raise BackendError(f"cannot connect to QMP and the agent at {self.qmp_path}: {e}") from e
         self._qmp = qmp
         self._port = await self._forwarded_port()
         self._agent_reader, self._agent_writer = reader, writer
