@@ -50,11 +50,8 @@ def build_guest(with_nix: bool = False, arch: str = "x86_64") -> Path:
 
 
 def guest_for(arch: str, with_nix: bool = False) -> Path:
-    """The test guest for `arch`. VIRBY_TEST_AARCH64_{BASE,NIX}_GUEST names an aarch64 guest
-    folder built some other way (by hand, while `virby guest build` cannot make it)."""
-    variant = "NIX" if with_nix else "BASE"
-    override = os.environ.get(f"VIRBY_TEST_{arch.upper()}_{variant}_GUEST")
-    return Path(override) if override else build_guest(with_nix=with_nix, arch=arch)
+    """The test guest for `arch` (`virby guest build --arch ARCH`)."""
+    return build_guest(with_nix=with_nix, arch=arch)
 
 
 class Instance:
