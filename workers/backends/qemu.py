@@ -45,6 +45,9 @@ log = logging.getLogger("virby.qemu")
 _USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
 _TB_SIZE_MIB = 128  # cap the TCG translation cache (its 1 GiB default inflates RSS)
 KVM_PROBE_TIMEOUT = 10.0  # a guest that works under KVM announces itself in ~1-2 s
+# QEMU run states in which the process lives on but the guest is lost: `failed`, not `running`.
+_BROKEN_STATES = frozenset({"guest-panicked", "internal-error", "io-error"})
+_STATE_EVENTS = ("STOP", "GUEST_PANICKED", "BLOCK_IO_ERROR")
 
 
 class QemuBackend(Backend):
@@ -59,7 +62,6 @@ class QemuBackend(Backend):
         self._agent_writer: asyncio.StreamWriter | None = None
         self._agent_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self._agent_replies: asyncio.Queue[str] = asyncio.Queue()
         self._port: int | None = None
 
     # -- paths ----------------------------------------------------------------------------------
@@ -259,15 +261,14 @@ class QemuBackend(Backend):
         writer.write(b"hello\n")  # an adopted guest answers virby-ready again
 
     async def _agent_loop(self, reader: asyncio.StreamReader) -> None:
+        # The agent's only message we act on is the announcement; the `time` command has no
+        # reply, and anything else it prints is dropped (never queued: nobody would read it).
         while True:
             line = await reader.readline()
             if not line:
                 return
-            text = line.decode("ascii", "replace").strip()
-            if text == "virby-ready":
+            if line.strip() == b"virby-ready":
                 self._ready.set()
-            elif text:
-                await self._agent_replies.put(text)
 
     async def _forwarded_port(self) -> int:
         assert self._qmp is not None
@@ -336,9 +337,26 @@ class QemuBackend(Backend):
         if not self._alive():
             return "stopped"
         reply = await self._execute("query-status")
-        status = reply.get("status") if isinstance(reply, dict) else None
+        status = str(reply.get("status") if isinstance(reply, dict) else None)
+        if status in _BROKEN_STATES:
+            tail = " | ".join(line.strip() for line in self.console_tail(3).splitlines() if line.strip())
+            self.failure = f"qemu reports {status}" + (f"; console: {tail}" if tail else "")
+            return "failed"
         return {"running": "running", "paused": "paused", "prelaunch": "paused"}.get(
-            str(status), "stopped" if status in ("shutdown", "postmigrate") else "running")
+            status, "stopped" if status in ("shutdown", "postmigrate") else "running")
+
+    async def wait_broken(self) -> str:
+        """QEMU announces each of these with an event (STOP for internal and I/O errors): then
+        ask its run state."""
+        if self._qmp is None:
+            return await super().wait_broken()
+        with self._qmp.listener(_STATE_EVENTS) as events:
+            if await self.status() == "failed":
+                return self.failure or "the guest is broken"
+            async for _event in events:
+                if await self.status() == "failed":
+                    return self.failure or "the guest is broken"
+        raise BackendError("the QMP event stream ended")
 
     async def shutdown(self, timeout: float) -> None:
         if self._alive():
