@@ -256,7 +256,10 @@ def test_a_build_survives_a_cold_stop_and_the_store_grows_with_disk_size(
             assert inst.qemu() is None
             again = inst.ssh(f"nix-store --check-validity {out} && cat {out} && "
                              "cat /proc/sys/kernel/random/boot_id && df -k /nix | tail -1")
-            assert again.returncode == 0, again.stderr
+            logs = Path(inst.config.log_dir)
+            assert again.returncode == 0, (
+                f"{again.stderr}\nconsole:\n{(logs / 'console.log').read_text()[-3000:]}"
+                f"\nvm.log:\n{(logs / 'vm.log').read_text()[-3000:]}")
             lines = again.stdout.splitlines()
             assert Where(*lines[0].split()) == first
             assert lines[1].strip() != first.boot_id, "not a new boot"
