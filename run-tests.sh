@@ -13,6 +13,7 @@ virby guest build --arch x86_64 --variant nix
 virby guest build --arch aarch64 --variant base
 virby guest build --arch aarch64 --variant nix
 ruff check .
+lint-imports --no-cache  # the import contracts in .importlinter
 mypy -p virby.supervisor -p virby.workers
 mypy tests bench
 python -m pytest -p no:cacheprovider -ra tests "$@"

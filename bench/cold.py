@@ -22,18 +22,17 @@ from bench.common import (
     Result,
     free_port,
     probe_until_ssh,
-    qmp_command,
     summary,
     timed_ssh_true,
     wait_pid_gone,
 )
-from tests.harness import Instance
+from tests.harness import Instance, qmp_execute
 from virby.supervisor import control
-from virby.supervisor.cli import ssh_config_text
 from virby.supervisor.config import Config, from_dict
-from virby.workers import cpio
+from virby.supervisor.sshconfig import ssh_config_text
 from virby.workers.backends.disk import ensure_disk
-from virby.workers.backends.qemu import _USERNET_RE, QemuBackend
+from virby.workers.backends.initrd import build_keyed_initrd
+from virby.workers.backends.qemu.backend import _USERNET_RE, QemuBackend
 from virby.workers.keys import ensure_keys
 
 NAME = "cold"
@@ -64,8 +63,10 @@ class DirectGuest:
         keys = ensure_keys(self.config.stateDir)
         ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # in the argv, as for the vm worker
         self.backend = QemuBackend(self.config, keys)
+        ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # the argv names it
         # The same keys initrd the vm worker builds at each boot, built once, before timing.
-        cpio.append_archive(self.config.guest.initrd, self.backend._keys_archive(), self.backend.boot_initrd)
+        build_keyed_initrd(self.config.guest.initrd, self.backend.keys, self.config.sshUser,
+                           self.backend.boot_initrd)
         self.argv = self.backend.command()
         self.ssh_config = self.dir / "ssh_config"
         self.ssh_config.write_text(ssh_config_text(self.config))
@@ -86,7 +87,7 @@ class DirectGuest:
             log.close()
         try:
             deadline = t0 + BOOT_DEADLINE
-            usernet = qmp_command(self.backend.qmp_path, "human-monitor-command",
+            usernet = qmp_execute(self.backend.qmp_path, "human-monitor-command",
                                   {"command-line": "info usernet"}, deadline=t0 + 10)
             m = _USERNET_RE.search(str(usernet))
             if not m:

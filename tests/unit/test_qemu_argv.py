@@ -10,7 +10,7 @@ import pytest
 
 from virby.supervisor.config import from_dict
 from virby.workers.backends.base import BackendError
-from virby.workers.backends.qemu import QemuBackend
+from virby.workers.backends.qemu.backend import QemuBackend
 from virby.workers.keys import ensure_keys
 
 
@@ -70,7 +70,7 @@ def test_aarch64_command_line(tmp_path: Path) -> None:
 def test_auto_accel_only_for_the_hosts_own_arch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 host: str, arch: str, platform: str, accel: str) -> None:
     from virby.supervisor import config as cfg
-    from virby.workers.backends import qemu
+    from virby.workers.backends.qemu import accel as qemu
 
     b = backend(tmp_path, accel="auto", arch=arch)
     monkeypatch.setattr(cfg.os, "uname", lambda: os.uname_result(("X", "h", "6", "#1", host)))
@@ -98,15 +98,15 @@ def test_accel_is_a_setting_or_a_recorded_probe_never_the_device(tmp_path: Path)
         assert b.accel() == "tcg"
         return
     # /dev/kvm may open and still not run a guest: untested, "auto" means "probe with a boot"
-    assert b._probe_record() is None and b.accel() == "kvm"
-    b._save_probe("tcg", "no announcement")
+    assert b.probe.recorded() is None and b.accel() == "kvm"
+    b.probe.record("tcg", "no announcement")
     assert b.accel() == "tcg" and "-cpu" not in b.command()
-    b._save_probe("kvm", "announced")
+    b.probe.record("kvm", "announced")
     assert b.accel() == "kvm" and "-cpu" in b.command()
     # a record made for another host kernel or QEMU binary does not count
-    record = json.loads(Path(b._probe_path).read_text())
-    Path(b._probe_path).write_text(json.dumps({**record, "key": "other"}))
-    assert b._probe_record() is None
+    record = json.loads(Path(b.probe.path).read_text())
+    Path(b.probe.path).write_text(json.dumps({**record, "key": "other"}))
+    assert b.probe.recorded() is None
     assert backend(tmp_path, accel="tcg").accel() == "tcg"
 
 
