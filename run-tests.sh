@@ -10,6 +10,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 t0=$(date +%s)
 virby guest build --arch x86_64 --variant base
 virby guest build --arch x86_64 --variant nix
+virby guest build --arch aarch64 --variant base
+virby guest build --arch aarch64 --variant nix
 ruff check .
 lint-imports --no-cache  # the import contracts in .importlinter
 mypy -p virby.supervisor -p virby.workers
