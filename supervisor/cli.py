@@ -13,9 +13,12 @@ from typing import Any, NoReturn
 
 import click
 
-from virby.supervisor.config import ENV_VAR, Config, ConfigError, load
+from virby.supervisor.config import ENV_VAR, Config, ConfigError, load, load_builders
+from virby.workers import protocol
 
-CONFIG_HELP = "Config file (JSON, or TOML by extension). Default: $VIRBY_CONFIG, else built-in defaults."
+CONFIG_HELP = ("Config file (JSON, or TOML by extension), or for `status`, `nix-machines` and "
+               "`ssh-config` a directory of them (one per builder). Default: $VIRBY_CONFIG, "
+               "else built-in defaults.")
 
 
 class ConfigClickError(click.ClickException):
@@ -23,8 +26,19 @@ class ConfigClickError(click.ClickException):
 
 
 def _load(path: str | None) -> Config:
+    if path is not None and os.path.isdir(path):
+        raise ConfigClickError(f"{path} is a directory of builders; this command works on one: "
+                               f"pass its file ({path}/NAME.json)")
     try:
         return load(path)
+    except ConfigError as e:
+        raise ConfigClickError(str(e)) from e
+
+
+def _load_builders(path: str | None) -> list[Config]:
+    """Every builder: each file of a directory (builders side by side), or the one config."""
+    try:
+        return load_builders(path) if path is not None else [load(None)]
     except ConfigError as e:
         raise ConfigClickError(str(e)) from e
 
@@ -35,7 +49,7 @@ def _fail(message: str) -> NoReturn:
 
 
 def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--config", "config_path", envvar=ENV_VAR, type=click.Path(dir_okay=False),
+    return click.option("--config", "config_path", envvar=ENV_VAR, type=click.Path(),
                         help=CONFIG_HELP)(f)
 
 
@@ -91,12 +105,6 @@ def run(config_path: str | None) -> None:
 # -- status and VM commands ------------------------------------------------------------------
 
 
-def format_status(st: dict[str, Any]) -> str:
-    from virby.supervisor.statusview import format_status as fmt
-
-    return fmt(st)
-
-
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -111,10 +119,35 @@ def status(config_path: str | None, as_json: bool) -> None:
       virby status --json | jq .vm.state
     """
     from virby.supervisor import control
+    from virby.supervisor.statusview import format_status
 
-    config = _load(config_path)
-    st = _control_call(lambda: control.status(config))
-    click.echo(control.dumps(st) if as_json else format_status(st))
+    configs = _load_builders(config_path)
+    if len(configs) == 1:
+        st = _control_call(lambda: control.status(configs[0]))
+        click.echo(control.dumps(st) if as_json else format_status(st))
+        return
+    from virby.supervisor.sshconfig import guest_systems
+
+    # Several builders, each its own arbiter: one that is down does not hide the others.
+    report: dict[str, Any] = {}
+    down = False
+    for config in configs:
+        try:
+            report[config.name] = control.status(config)
+        except control.NotRunning as e:
+            report[config.name] = {"error": str(e)}
+            down = True
+    if as_json:
+        click.echo(control.dumps({"builders": report}))
+    else:
+        blocks = []
+        for config in configs:
+            st = report[config.name]
+            head = (f"== {config.name}: {','.join(guest_systems(config))}, "
+                    f"127.0.0.1:{config.port} ({config.source})")
+            blocks.append(head + "\n" + (f"virby: {st['error']}" if "error" in st else format_status(st)))
+        click.echo("\n\n".join(blocks))
+    sys.exit(1 if down else 0)
 
 
 def _vm_command(cmd: str, timeout: float = 2.0) -> Callable[..., None]:
@@ -187,51 +220,31 @@ def _wait_unless_running(config: Config) -> None:
     leave it to the forwarder."""
     from virby.supervisor import control
 
-    if not os.path.exists(config.endpoint("vm.pub").removeprefix("ipc://")):
+    if not os.path.exists(config.endpoint(protocol.state_endpoint("vm")).removeprefix("ipc://")):
         return
     vm = control.collect_states(config, 0.5).get("vm")
     if vm is not None and vm.data.get("state") not in ("running", "paused"):
         _wait_running(config)
 
 
-def ssh_config_text(config: Config, host: str = "virby-vm") -> str:
-    from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
-
-    keys = KeyPaths.in_dir(config.stateDir)
-    # The forwarder accepts at once but the banner comes only when the guest is up: the
-    # timeout must cover a cold boot.
-    connect_timeout = int(config.readyTimeout) + 15
-    return "\n".join([
-        f"Host {host}",
-        "  HostName 127.0.0.1",
-        f"  Port {config.port}",
-        f"  User {config.sshUser}",
-        f"  IdentityFile {keys.client_key}",
-        "  IdentitiesOnly yes",
-        # Global + /dev/null: the same text works in /etc/ssh/ssh_config.d for every user
-        # (nix/lib.nix writes it there) and no user's own known_hosts can interfere.
-        f"  GlobalKnownHostsFile {keys.known_hosts}",
-        "  UserKnownHostsFile /dev/null",
-        f"  HostKeyAlias {HOST_KEY_ALIAS}",
-        "  StrictHostKeyChecking yes",
-        f"  ConnectTimeout {connect_timeout}",
-        "  BatchMode yes",
-        "",
-    ])
-
-
 @cli.command("ssh-config")
 @config_option
-@click.option("--host", default="virby-vm", show_default=True, help="The Host alias.")
-def ssh_config(config_path: str | None, host: str) -> None:
-    """Print an ssh_config block for the builder. Write it to a file: OpenSSH closes extra
-    file descriptors before it reads its config, so `ssh -F <(virby ssh-config)` does not work.
+@click.option("--host", default=None, help="The Host alias (default: the config's `name`, virby-vm).")
+def ssh_config(config_path: str | None, host: str | None) -> None:
+    """Print an ssh_config block for the builder (one per builder for a directory). Write it
+    to a file: OpenSSH closes extra file descriptors before it reads its config, so
+    `ssh -F <(virby ssh-config)` does not work.
 
     \b
     Example:
       virby ssh-config > ~/.ssh/virby.conf && ssh -F ~/.ssh/virby.conf virby-vm uname -a
     """
-    click.echo(ssh_config_text(_load(config_path), host), nl=False)
+    from virby.supervisor.sshconfig import ssh_config_text
+
+    configs = _load_builders(config_path)
+    if host is not None and len(configs) > 1:
+        raise click.UsageError("--host names one builder; a directory has several (set `name`)")
+    click.echo("\n".join(ssh_config_text(c, host or c.name) for c in configs), nl=False)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -251,6 +264,8 @@ def ssh(config_path: str | None, command: tuple[str, ...]) -> None:
     if not os.path.isdir(config.runtimeDir):
         _fail(f"virby is not running: no runtime dir {config.runtimeDir} (start it with `virby run`)")
     _wait_unless_running(config)
+    from virby.supervisor.sshconfig import ssh_config_text
+
     with open(path, "w") as f:
         f.write(ssh_config_text(config))
     args = ["ssh", "-F", path, "virby-vm"]
@@ -283,7 +298,7 @@ def logs(config_path: str | None, follow: bool, lines: int, watcher: str | None)
     from virby.supervisor import logview
 
     config = _load(config_path)
-    names = [watcher] if watcher else ["circusd", "vm", "forwarder", "idle"]
+    names = [watcher] if watcher else ["circusd", *protocol.WATCHERS]
     paths = {n: os.path.join(config.log_dir, LOG_FILES[n]) for n in names}
     logview.show(paths, lines=lines, follow=follow, echo=click.echo)
 
@@ -308,8 +323,9 @@ def events(config_path: str | None, follow: bool, as_json: bool) -> None:
     from virby.supervisor import events as ev
 
     config = _load(config_path)
-    if not os.path.exists(config.endpoint("ctl").removeprefix("ipc://")):
-        _fail(f"virby is not running: no arbiter at {config.endpoint('ctl')} (start it with `virby run`)")
+    ctl = config.endpoint(protocol.CIRCUS_CONTROL)
+    if not os.path.exists(ctl.removeprefix("ipc://")):
+        _fail(f"virby is not running: no arbiter at {ctl} (start it with `virby run`)")
 
     def emit(e: ev.Event) -> None:
         click.echo(e.json() if as_json else e.line())
@@ -379,49 +395,24 @@ def forward(config_path: str | None, guest_port: int, host_port: int) -> None:
 # -- integration with Nix, launchd and circusctl ---------------------------------------------
 
 
-def guest_systems(config: Config) -> list[str]:
-    """The systems the builder serves: the guest runs the host's architecture; Rosetta adds
-    x86_64 on Apple Silicon."""
-    machine = os.uname().machine
-    arch = "aarch64" if machine in ("arm64", "aarch64") else "x86_64"
-    systems = [f"{arch}-linux"]
-    if config.rosetta and arch == "aarch64":
-        systems.append("x86_64-linux")
-    return systems
-
-
-def nix_machines_line(config: Config, *, host: str = "virby-vm", protocol: str = "ssh-ng",
-                      speed_factor: int = 1) -> str:
-    import base64
-
-    from virby.workers.keys import KeyPaths
-
-    keys = KeyPaths.in_dir(config.stateDir)
-    try:
-        with open(keys.host_pub) as f:
-            host_key = base64.b64encode(" ".join(f.read().split()[:2]).encode()).decode()
-    except OSError:
-        host_key = "-"  # no keys yet: `virby run` makes them; ssh_config still pins the key
-    features = ["benchmark", "big-parallel"]
-    if config.nestedVirtualization:
-        features += ["kvm", "nixos-test"]  # only where the guest really has /dev/kvm
-    return " ".join([f"{protocol}://{host}", ",".join(guest_systems(config)), keys.client_key,
-                     str(config.cores), str(speed_factor), ",".join(features), "-", host_key])
-
-
 @cli.command("nix-machines")
 @config_option
 @click.option("--protocol", type=click.Choice(["ssh-ng", "ssh"]), default="ssh-ng", show_default=True)
 @click.option("--speed-factor", type=click.IntRange(1), default=1, show_default=True)
 def nix_machines(config_path: str | None, protocol: str, speed_factor: int) -> None:
-    """Print the /etc/nix/machines line (`--builders` value) for this builder.
+    """Print the /etc/nix/machines line (`--builders` value) for this builder, or for a
+    directory one line per builder, each with its systems: Nix sends every derivation to a
+    builder of its system (it takes newlines between machines in --builders too).
 
     \b
-    Example:
+    Examples:
       nix-build --max-jobs 0 --builders "$(virby nix-machines)" ...
+      nix-build --max-jobs 0 --builders "$(virby nix-machines --config /etc/virby/builders)" ...
     """
-    config = _load(config_path)
-    click.echo(nix_machines_line(config, protocol=protocol, speed_factor=speed_factor))
+    from virby.supervisor.sshconfig import nix_machines_line
+
+    for config in _load_builders(config_path):
+        click.echo(nix_machines_line(config, protocol=protocol, speed_factor=speed_factor))
 
 
 @cli.command("launchd-plist")
@@ -458,10 +449,10 @@ def env(config_path: str | None) -> None:
 
     config = _load(config_path)
     values = {
-        "CIRCUSCTL_ENDPOINT": config.endpoint("ctl"),
-        "VIRBY_EVENTS_ENDPOINT": config.endpoint("events"),
-        "VIRBY_VM_ENDPOINT": config.endpoint("vm.pub"),
-        "VIRBY_CONTROL_ENDPOINT": config.endpoint("vm.ctl"),
+        "CIRCUSCTL_ENDPOINT": config.endpoint(protocol.CIRCUS_CONTROL),
+        "VIRBY_EVENTS_ENDPOINT": config.endpoint(protocol.CIRCUS_EVENTS),
+        "VIRBY_VM_ENDPOINT": config.endpoint(protocol.state_endpoint("vm")),
+        "VIRBY_CONTROL_ENDPOINT": config.endpoint(protocol.VM_COMMANDS),
         "VIRBY_RUNTIME_DIR": config.runtimeDir,
         "VIRBY_STATE_DIR": config.stateDir,
     }

@@ -48,6 +48,43 @@ def build_guest(with_nix: bool = False, arch: str = "x86_64") -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def guest_for(arch: str, with_nix: bool = False) -> Path:
+    """The test guest for `arch` (`virby guest build --arch ARCH`)."""
+    return build_guest(with_nix=with_nix, arch=arch)
+
+
+def qmp_execute(path: str, command: str, arguments: dict[str, Any] | None = None, *,
+                deadline: float | None = None) -> Any:
+    """Run one QMP command on a QEMU unix socket with qemu.qmp's QMPClient (one connection per
+    command; QEMU takes the next client once one leaves), retrying the connection until the
+    socket accepts or `deadline` (monotonic, default 10 s from now). Returns its `return`."""
+    import asyncio
+
+    from qemu.qmp import QMPClient
+    from qemu.qmp.error import QMPError
+
+    end = deadline if deadline is not None else time.monotonic() + 10
+
+    async def run() -> Any:
+        while True:
+            qmp = QMPClient("virby-test")
+            try:
+                await qmp.connect(path)
+                break
+            except (QMPError, OSError) as e:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"QMP socket {path} does not accept: {e}") from None
+                await asyncio.sleep(0.005)
+        try:
+            return await asyncio.wait_for(qmp.execute(command, arguments),
+                                          max(0.1, end - time.monotonic()))
+        finally:
+            with contextlib.suppress(QMPError, OSError):
+                await qmp.disconnect()
+
+    return asyncio.run(run())
+
+
 class Instance:
     """Owns a temp dir, a `virby run` process tree and whatever QEMU it started; `close()`
     ends them all and removes the dir."""
@@ -161,11 +198,11 @@ class Instance:
         return path
 
     def ssh(self, *command: str, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ssh", "-F", str(self.ssh_config), "virby-vm", "--", *command],
+        return subprocess.run(["ssh", "-F", str(self.ssh_config), self.config.name, "--", *command],
                               capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
     def ssh_popen(self, *command: str, **kw: Any) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ssh", "-F", str(self.ssh_config), "virby-vm", "--", *command], **kw)
+        return subprocess.Popen(["ssh", "-F", str(self.ssh_config), self.config.name, "--", *command], **kw)
 
     # -- waiting on the bus ---------------------------------------------------------------------
 

@@ -27,11 +27,12 @@ import psutil
 import pytest
 
 from virby.supervisor.config import from_dict
-from virby.workers.backends import vfkit as vfkit_mod
-from virby.workers.backends.base import BackendError, Endpoint, PidRecord
+from virby.workers.backends.base import BackendError, Endpoint
+from virby.workers.backends.process import PidRecord
 from virby.workers.backends.vfkit import VfkitBackend
+from virby.workers.backends.vfkit import backend as vfkit_mod
+from virby.workers.backends.vfkit.rest import VfkitRest, VmState
 from virby.workers.keys import ensure_keys
-from virby.workers.vfkit_rest import VfkitRest, VmState
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from virby.workers.backends.base import BackendError
-from virby.workers.vfkit_rest import VfkitRest, VmState
+from virby.workers.backends.vfkit.rest import VfkitRest, VmState
 
 
 @pytest.fixture
