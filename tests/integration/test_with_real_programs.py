@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from virby.supervisor.cli import ssh_config_text
+from virby.supervisor.cli import cli
 from virby.supervisor.config import from_dict
+from virby.supervisor.sshconfig import ssh_config_text
 from virby.workers.keys import ensure_keys
 
 pytestmark = pytest.mark.integration
@@ -47,3 +49,29 @@ def test_openssh_reads_it_as_intended(tmp_path: Path) -> None:
     assert settings["user"] == "builder" and settings["hostkeyalias"] == "virby-vm-key"
     assert settings["stricthostkeychecking"] in ("yes", "true")
     assert settings["identitiesonly"] == "yes"
+
+
+def _builders(tmp_path: Path) -> Path:
+    d = tmp_path / "builders"
+    d.mkdir()
+    for name, arch, port, extra in (("virby-arm", "aarch64", 40011, ', "rosetta": true'),
+                                    ("virby-x86", "x86_64", 40012, "")):
+        (d / f"{name}.json").write_text(
+            f'{{"name": "{name}", "arch": "{arch}", "port": {port}, "runtimeDir": "/tmp/vbu-{name}", '
+            f'"stateDir": "{tmp_path / name}"{extra}}}')
+    return d
+
+
+def test_each_builders_alias_reaches_its_own_port_with_its_own_key(tmp_path: Path) -> None:
+    d = _builders(tmp_path)
+    r = CliRunner().invoke(cli, ["ssh-config", "--config", str(d)])
+    assert r.exit_code == 0, r.output
+    path = tmp_path / "ssh_config"
+    path.write_text(r.output)
+    for host, port in (("virby-arm", "40011"), ("virby-x86", "40012")):
+        out = subprocess.run(["ssh", "-G", "-F", str(path), host], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        settings = dict(line.split(" ", 1) for line in out)
+        assert settings["port"] == port
+        assert settings["identityfile"] == f"{tmp_path}/{host}/ssh_user_ed25519_key"
+        assert settings["globalknownhostsfile"] == f"{tmp_path}/{host}/ssh_known_hosts"

@@ -77,21 +77,6 @@ def test_a_builders_directory_gives_one_machines_line_per_builder_with_its_syste
     ]
 
 
-def test_each_builders_alias_reaches_its_own_port_with_its_own_key(tmp_path: Path) -> None:
-    d = _builders(tmp_path)
-    r = CliRunner().invoke(cli, ["ssh-config", "--config", str(d)])
-    assert r.exit_code == 0, r.output
-    path = tmp_path / "ssh_config"
-    path.write_text(r.output)
-    for host, port in (("virby-arm", "40011"), ("virby-x86", "40012")):
-        out = subprocess.run(["ssh", "-G", "-F", str(path), host], capture_output=True, text=True,
-                             check=True).stdout.splitlines()
-        settings = dict(line.split(" ", 1) for line in out)
-        assert settings["port"] == port
-        assert settings["identityfile"] == f"{tmp_path}/{host}/ssh_user_ed25519_key"
-        assert settings["globalknownhostsfile"] == f"{tmp_path}/{host}/ssh_known_hosts"
-
-
 def test_status_of_a_builders_directory_names_every_builder_even_when_down(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["status", "--config", str(_builders(tmp_path))])
     assert r.exit_code == 1
