@@ -308,7 +308,7 @@ def test_doctor_on_a_running_virby_without_guest_files(instance: Instance) -> No
     assert out.returncode == 1
     marks = _marks(out.stdout)
     assert marks["guest files"] == "✗"
-    assert "fix: build the test guest" in out.stdout
+    assert "fix: build the guest: `virby guest build`" in out.stdout
     for ok in ("hypervisor qemu-system-x86_64", "runtime dir", "SSH keys", "arbiter (circusd)",
                f"port 127.0.0.1:{instance.port}", "ssh_config alias virby-vm"):
         assert marks[ok] == "✓", (ok, out.stdout)
