@@ -370,6 +370,7 @@ cat > "$R/sbin/virby-agent" <<'EOF'
 #   guest -> host: "virby-ready" once sshd listens on :22 (not with virby.noready)
 #   host -> guest: "hello"      -> "virby-ready" if sshd listens, else "virby-booting"
 #                  "time <epoch[.frac]>" -> sets the clock -> "virby-time-ok" ("virby-error time")
+#                  "seed <hex>" -> mixed into /dev/urandom -> "virby-seed-ok" ("virby-error seed")
 #                  anything else -> "virby-error unknown"
 T=/dev/ttyS1
 if ! stty -F $T raw -echo 2>/dev/null; then
@@ -395,6 +396,15 @@ while IFS= read -r line; do
       case $t in
         ''|*[!0-9]*) echo "virby-error time" ;;
         *) if date -s "@$t" >/dev/null 2>&1; then echo virby-time-ok; else echo "virby-error time"; fi ;;
+      esac ;;
+    # virby-suspend (issue 14): host entropy for a guest restored from a snapshot. Any write to
+    # /dev/urandom is mixed into the input pool (the text carries the seed's bits as well as
+    # the bytes would); it reaches the CRNG at the kernel's next reseed.
+    "seed "*)
+      s=${line#seed }
+      case $s in
+        ''|*[!0-9a-f]*) echo "virby-error seed" ;;
+        *) if printf %s "$s" > /dev/urandom; then echo virby-seed-ok; else echo "virby-error seed"; fi ;;
       esac ;;
     *) echo "virby-error unknown" ;;
   esac

@@ -28,6 +28,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from virby.workers import cpio
+from virby.workers.backends import qmp_migration
 from virby.workers.backends.base import (
     Backend,
     BackendError,
@@ -43,6 +44,8 @@ log = logging.getLogger("virby.qemu")
 _USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
 _TB_SIZE_MIB = 128  # cap the TCG translation cache (its 1 GiB default inflates RSS)
 KVM_PROBE_TIMEOUT = 10.0  # a guest that works under KVM announces itself in ~1-2 s
+SAVE_TIMEOUT = 60.0  # the idle monitor's stop request waits 60 s
+LOAD_TIMEOUT = 30.0  # the vm worker's own restore deadline is shorter
 
 
 class QemuBackend(Backend):
@@ -198,17 +201,19 @@ class QemuBackend(Backend):
                 await self.kill()
         await self._start()
 
-    async def _start(self) -> None:
+    async def _start(self, extra: tuple[str, ...] = (), hello: bool = True) -> None:
         self.check()
         for path in (self.qmp_path, self.agent_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         os.makedirs(self.config.log_dir, exist_ok=True)
-        # Tens of MB copied and fsynced: off the event loop, which keeps answering wakes.
-        await asyncio.to_thread(cpio.append_archive, self.config.guest.initrd, self._keys_archive(),
-                                self.boot_initrd)
+        # Tens of MB copied and fsynced: off the event loop, which keeps answering wakes. A
+        # restore reuses the one a suspend left (QEMU reads it at start; the guest never does).
+        if not (extra and os.path.exists(self.boot_initrd)):
+            await asyncio.to_thread(cpio.append_archive, self.config.guest.initrd, self._keys_archive(),
+                                    self.boot_initrd)
         self._ready.clear()
-        argv = self.command()
+        argv = self.command() + list(extra)
         with open(os.path.join(self.config.log_dir, "qemu.log"), "ab") as qlog:
             self._child = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
@@ -217,12 +222,12 @@ class QemuBackend(Backend):
         PidRecord(self._child.pid, self._proc.create_time(), argv).save(self.pid_path)
         log.info("qemu started, pid %d, accel %s", self._child.pid, self.accel())
         try:
-            await self._connect_control()
+            await self._connect_control(hello)
         except BackendError:
             await self.kill()
             raise
 
-    async def _connect_control(self) -> None:
+    async def _connect_control(self, hello: bool = True) -> None:
         """QMP and the agent socket appear once QEMU has parsed its command line."""
         deadline = time.monotonic() + 10
         while not (os.path.exists(self.qmp_path) and os.path.exists(self.agent_path)):
@@ -241,7 +246,8 @@ class QemuBackend(Backend):
         reader, writer = await asyncio.open_unix_connection(self.agent_path)
         self._agent_reader, self._agent_writer = reader, writer
         self._agent_task = asyncio.create_task(self._agent_loop(reader))
-        writer.write(b"hello\n")  # an adopted guest answers virby-ready again
+        if hello:  # not into a machine that is still loading its state: it would be garbled
+            writer.write(b"hello\n")  # an adopted guest answers virby-ready again
 
     async def _agent_loop(self, reader: asyncio.StreamReader) -> None:
         while True:
@@ -251,6 +257,8 @@ class QemuBackend(Backend):
             text = line.decode("ascii", "replace").strip()
             if text == "virby-ready":
                 self._ready.set()
+            elif text.startswith("virby-error"):
+                log.warning("the guest agent answered %r", text)
             elif text:
                 await self._agent_replies.put(text)
 
@@ -312,10 +320,49 @@ class QemuBackend(Backend):
 
     async def sync_clock(self) -> None:
         """The guest clock stands still while paused (TCG has no catch-up): set it."""
+        await self._agent_send(_time_line())
+
+    async def _agent_send(self, *lines: str) -> None:
         if self._agent_writer is None:
             return
-        self._agent_writer.write(f"time {time.time():.3f}\n".encode())
+        self._agent_writer.write("".join(f"{line}\n" for line in lines).encode())
         await self._agent_writer.drain()
+
+    # -- suspend to disk --------------------------------------------------------------------------
+
+    def can_suspend(self) -> bool:
+        # A mounted 9p export blocks migration in QEMU: such a VM is stopped instead.
+        return not self.config.sharedDirectories
+
+    async def suspend(self, path: str) -> None:
+        if self._qmp is None:
+            raise BackendError("no QMP connection to qemu")
+        await qmp_migration.save(self._qmp, path, SAVE_TIMEOUT, self._alive)
+        with contextlib.suppress(BackendError):  # it may be gone before it answers
+            await self._execute("quit")
+        try:
+            await asyncio.wait_for(self.wait_exit(), 10)
+        except TimeoutError:
+            log.warning("qemu did not quit after the save; killing it")
+            if self._proc is not None:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    self._proc.kill()
+            await self.wait_exit()
+        await self._cleanup(keep_initrd=True)
+
+    async def restore(self, path: str) -> None:
+        await self._start(("-incoming", "defer"), hello=False)
+        assert self._qmp is not None
+        try:
+            await qmp_migration.load(self._qmp, path, LOAD_TIMEOUT, self._alive)
+        except BackendError as e:
+            raise BackendError(f"{e}: {self._qemu_log_tail()}") from e
+
+    async def sync_guest(self, seed: bytes) -> None:
+        """The agent handles lines in order: the clock and the entropy are in place before its
+        `virby-ready` answer to the hello."""
+        self._ready.clear()
+        await self._agent_send(_time_line(), f"seed {seed.hex()}", "hello")
 
     async def status(self) -> str:
         if not self._alive():
@@ -323,7 +370,7 @@ class QemuBackend(Backend):
         reply = await self._execute("query-status")
         status = reply.get("status") if isinstance(reply, dict) else None
         return {"running": "running", "paused": "paused", "prelaunch": "paused"}.get(
-            str(status), "stopped" if status in ("shutdown", "postmigrate") else "running")
+            str(status), "stopped" if status in ("shutdown", "postmigrate", "inmigrate") else "running")
 
     async def shutdown(self, timeout: float) -> None:
         if self._alive():
@@ -343,12 +390,13 @@ class QemuBackend(Backend):
             await self.wait_exit()
         await self._cleanup()
 
-    async def _cleanup(self) -> None:
+    async def _cleanup(self, keep_initrd: bool = False) -> None:
         await self.close()
         self._child = None
         self._proc = None
         self._port = None
-        for path in (self.pid_path, self.qmp_path, self.agent_path, self.boot_initrd):
+        for path in (self.pid_path, self.qmp_path, self.agent_path,
+                     *(() if keep_initrd else (self.boot_initrd,))):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
@@ -391,3 +439,9 @@ class QemuBackend(Backend):
 
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+
+def _time_line() -> str:
+    """`time <epoch>` rounded to the nearest second: the guest agent drops the fraction, so
+    sending it would leave the guest up to a second behind."""
+    return f"time {round(time.time())}"
