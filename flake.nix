@@ -58,16 +58,29 @@
         // lib.mapAttrs' (n: v: lib.nameValuePair "lib-rejects-${n}" v) bad
         // { package = self.packages.${pkgs.stdenv.hostPlatform.system}.virby; }
         // lib.optionalAttrs pkgs.stdenv.hostPlatform.isDarwin {
-          module = (nix-darwin.lib.darwinSystem {
-            modules = [
-              self.darwinModules.default
-              {
-                nixpkgs.hostPlatform = pkgs.stdenv.hostPlatform.system;
-                system.stateVersion = 6;
-                services.virby.enable = true;
-              }
-            ];
-          }).config.system.build.toplevel;
+          # Evaluates the module in nix-darwin and writes what it produced, without building
+          # the guest (no download: the security mirror below is a placeholder, ".invalid").
+          module =
+            let
+              sys = nix-darwin.lib.darwinSystem {
+                modules = [
+                  self.darwinModules.default
+                  {
+                    nixpkgs.hostPlatform = pkgs.stdenv.hostPlatform.system;
+                    system.stateVersion = 6;
+                    services.virby.enable = true;
+                    services.virby.debianSecurityMirror = "http://security.invalid/debian-security";
+                  }
+                ];
+              };
+              failed = map (a: a.message) (builtins.filter (a: !a.assertion) sys.config.assertions);
+            in
+            assert failed == [ ] || throw (lib.concatStringsSep "\n" failed);
+            pkgs.writeText "virby-module-eval.json" (builtins.unsafeDiscardStringContext (builtins.toJSON {
+              config = sys.config.environment.etc."virby/config.json".text;
+              plist = sys.config.environment.launchDaemons."org.nixos.virby.plist".text;
+              machines = sys.config.environment.etc."nix/machines".text;
+            }));
         });
     };
 }

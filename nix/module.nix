@@ -16,12 +16,28 @@ let
   group = "virby";
   id = 348; # Virby's uid/gid, kept so an install migrating from it finds its own account
 
-  # The guest is built from the same nixpkgs as the host system. Only extraConfig changes it:
-  # shares, Rosetta and debug reach the guest at boot (image/nixos/guest.nix).
-  guest = import ../image/nixos {
+  # The default guest is the lock's aarch64 Debian guest, assembled on the Mac by Python from
+  # fixed-output downloads (./guest.nix): no Linux builder is needed for the first switch.
+  debianGuest = pkgs.callPackage ./guest.nix {
+    virby = cfg.package;
+    lockFile = cfg.guestLock;
+    securityMirror = cfg.debianSecurityMirror;
+  };
+  # The NixOS guest (opt-in): an aarch64-linux build, so it needs a Linux builder, which the
+  # Debian guest is once the first switch is done. Only extraConfig changes it.
+  nixosGuest = import ../image/nixos {
     nixpkgs = pkgs.path;
     extraModules = [ cfg.extraConfig ];
   };
+  guest =
+    if cfg.nixosGuest.enable then nixosGuest
+    else {
+      kernel = "${debianGuest}/vmlinuz";
+      initrd = "${debianGuest}/initrd.img";
+      inherit (debianGuest) cmdline;
+      disk = null; # the store is on the data disk (/dev/vda), mounted at /nix by the guest
+      bundle = debianGuest;
+    };
 
   virby = virbyLib {
     inherit (cfg)
@@ -140,10 +156,41 @@ in
       description = "Host directories shared into the guest: tag = absolute path; mounted at /mnt/virtiofs/<tag>.";
     };
 
+    guestLock = mkOption {
+      type = types.path;
+      default = ../image/guest.lock.json;
+      defaultText = literalExpression "<virby/image/guest.lock.json>";
+      description = ''
+        The lock file (`virby guest lock`) naming the Debian packages of the default guest, with
+        their sha256. The guest is its aarch64 `nix` variant, built on this Mac.
+      '';
+    };
+
+    debianSecurityMirror = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "http://<a Debian security mirror>/debian-security";
+      description = ''
+        Base URL of Debian's security archive. Needed when the lock takes packages from it
+        (their URLs start with mirror://debian-security/, often the kernel): nixpkgs' fetchurl
+        resolves mirror://debian/ itself but has no mirror list for the security archive.
+      '';
+    };
+
+    nixosGuest.enable = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Boot the NixOS guest (image/nixos) instead of the default Debian guest. It is an
+        aarch64-linux build: switch once with the default guest (which then is your Linux
+        builder), then enable this.
+      '';
+    };
+
     extraConfig = mkOption {
       type = types.deferredModule;
       default = { };
-      description = "A NixOS module merged into the guest. Changing it rebuilds the guest image (needs a Linux builder or a cache).";
+      description = "A NixOS module merged into the NixOS guest (nixosGuest.enable). Changing it rebuilds that guest on the Linux builder.";
     };
 
     debug = mkOption {
@@ -184,6 +231,13 @@ in
             message = "services.virby needs an Apple silicon Mac (aarch64-darwin).";
           }
           {
+            assertion = cfg.nixosGuest.enable || cfg.debianSecurityMirror != null
+              || debianGuest.securityPackages == [ ];
+            message = "services.virby.debianSecurityMirror: the guest lock takes "
+              + lib.concatStringsSep ", " debianGuest.securityPackages
+              + " from Debian's security archive (mirror://debian-security/), which nixpkgs' fetchurl cannot resolve: set this option to that archive's base URL.";
+          }
+          {
             assertion = !cfg.supportDeterminateNix
               || (options ? determinateNix && config.determinateNix.enable);
             message = "services.virby.supportDeterminateNix needs determinateNix.enable (the Determinate nix-darwin module).";
@@ -209,23 +263,27 @@ in
 
       launchd.daemons.virby.serviceConfig = virby.launchdJob;
 
-      # launchd opens the log files but does not create their folder. The keys are made by
-      # `virby run` itself (one owner for them) at the daemon's first start, so the group copy
-      # for allowUserSsh can only follow at an activation after that.
-      system.activationScripts.postActivation.text = lib.mkAfter ''
+      # launchd opens the log files and enters WorkingDirectory but creates neither: make them
+      # in the launchd phase, just before nix-darwin loads the daemon (the users and groups
+      # phases ran earlier; postActivation runs only after the daemon's first start, which then
+      # failed on a fresh Mac). Found by evaluating this module in nix-darwin.
+      system.activationScripts.launchd.text = lib.mkBefore ''
         echo "setting up Virby in ${stateDir}..." >&2
         install -d -m 0750 -o ${user} -g ${group} ${stateDir} ${stateDir}/logs
         install -d -m 0700 -o ${user} -g ${group} ${runtimeDir}
-        ${if cfg.allowUserSsh then ''
-          if [ -e ${virby.clientKey} ]; then
-            install -m 0640 -o ${user} -g ${group} ${virby.clientKey} ${virby.sharedKey}
-          else
-            echo "virby: no client key yet; the copy for the virby group is made at the next activation after the daemon's first start" >&2
-          fi
-        '' else ''
-          rm -f ${virby.sharedKey}
-        ''}
       '';
+
+      # The keys are made by `virby run` itself (one owner for them) at the daemon's first
+      # start, so the group copy for allowUserSsh can only follow at an activation after that.
+      system.activationScripts.postActivation.text = lib.mkAfter (if cfg.allowUserSsh then ''
+        if [ -e ${virby.clientKey} ]; then
+          install -m 0640 -o ${user} -g ${group} ${virby.clientKey} ${virby.sharedKey}
+        else
+          echo "virby: no client key yet; the copy for the virby group is made at the next activation after the daemon's first start" >&2
+        fi
+      '' else ''
+        rm -f ${virby.sharedKey}
+      '');
 
       system.build.virbyGuest = guest.bundle;
     }

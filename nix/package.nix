@@ -1,4 +1,6 @@
-# Virby itself, from this repository's setup.cfg (the version is read from there too).
+# Virby itself, from this repository's setup.cfg (the version is read from there too). It carries
+# the guest's scripts and lock (image/guest/, image/guest.lock.json) where `virby guest build`
+# looks for them (virby/image/ next to the code), so the Mac builds its guest with this package.
 { lib, python3Packages }:
 
 let
@@ -17,19 +19,29 @@ ps.buildPythonApplication {
     root = ../.;
     fileset = lib.fileset.unions [
       ../setup.cfg ../pyproject.toml ../README.md ../supervisor ../workers
+      ../image/guest ../image/guest.lock.json
     ];
   };
 
   build-system = [ ps.setuptools ps.wheel ];
   dependencies = with ps; [
-    circus tornado pyzmq psutil paramiko sshtunnel click cryptography
+    circus tornado pyzmq psutil paramiko sshtunnel click cryptography pyelftools zstandard
   ] ++ lib.optional hasQmp ps.qemu-qmp;
+
+  # supervisor/guest/lock.py finds image/ three levels above itself: <site-packages>/virby/.
+  postInstall = ''
+    image=$out/${ps.python.sitePackages}/virby/image
+    mkdir -p $image
+    cp -r image/guest image/guest.lock.json $image/
+  '';
 
   # setup.cfg pins what PyPI serves (circus==0.19.0 ...); take nixpkgs' versions instead.
   pythonRelaxDeps = true;
   pythonRemoveDeps = lib.optional (!hasQmp) "qemu.qmp";
 
-  pythonImportsCheck = [ "virby.supervisor.config" "virby.workers.backends.vfkit" ];
+  pythonImportsCheck = [
+    "virby.supervisor.config" "virby.supervisor.guest" "virby.workers.backends.vfkit"
+  ];
 
   meta = {
     description = "A Linux build machine on demand for Nix users, behind one loopback SSH port";

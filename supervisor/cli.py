@@ -494,6 +494,15 @@ def env(config_path: str | None) -> None:
         click.echo(f"export {key}={shlex.quote(value)}")
 
 
+def _mount_guest() -> None:
+    from virby.supervisor.guest.cli import guest
+
+    cli.add_command(guest)
+
+
+_mount_guest()
+
+
 def main() -> None:
     cli(prog_name="virby")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -37,16 +36,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def build_guest(with_nix: bool = False) -> Path:
-    """Build (or reuse) the test guest in the user's cache dir; return its folder."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    out = cache / "virby" / ("guest-nix" if with_nix else "guest")
-    env = {**os.environ, "WITH_NIX": "1" if with_nix else "0"}
-    proc = subprocess.run(["bash", str(REPO / "image" / "build-test-guest.sh"), str(out)],
-                          env=env, capture_output=True, text=True, check=False)
+def build_guest(with_nix: bool = False, arch: str = "x86_64") -> Path:
+    """Build (or find up to date) the test guest with `virby guest build`, into its default
+    folder in the user's cache dir (`base`, or `nix` with Nix inside); return that folder."""
+    variant = "nix" if with_nix else "base"
+    proc = subprocess.run([sys.executable, "-m", "virby.supervisor.cli", "guest", "build",
+                           "--arch", arch, "--variant", variant],
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"build-test-guest.sh failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    return out
+        raise RuntimeError(f"virby guest build failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return Path(proc.stdout.strip().splitlines()[-1])
 
 
 class Instance:

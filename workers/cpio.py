@@ -2,8 +2,9 @@
 
 The qemu backend uses it to hand the guest its keys at boot: it appends a small uncompressed
 archive to the image's gzip initrd, and the kernel unpacks the concatenated archives in order,
-so no image ever holds a key. Only what that needs: regular files and directories, no links,
-no device nodes. Output is deterministic (mtime 0, inode numbers counted from 1).
+so no image ever holds a key; the guest builder packs whole images with it. Regular files,
+directories and symbolic links; no hard links, no device nodes. Output is deterministic
+(mtime 0, inode numbers counted from 1).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _TRAILER = "TRAILER!!!"
 class CpioEntry:
     """One archive member. `path` is relative to the archive root ("etc/virby/user"); a leading
     "/" or "./" is dropped. `mode` holds the permission bits only (the type comes from
-    `directory`)."""
+    `directory` or `symlink`). A symlink's `data` is its target."""
 
     path: str
     data: bytes = b""
@@ -30,10 +31,13 @@ class CpioEntry:
     uid: int = 0
     gid: int = 0
     directory: bool = False
+    symlink: bool = False
 
     def __post_init__(self) -> None:
-        if self.directory and self.data:
+        if self.directory and (self.data or self.symlink):
             raise ValueError(f"{self.path}: a directory has no data")
+        if self.symlink and not self.data:
+            raise ValueError(f"{self.path}: a symlink needs a target")
         if self.mode & ~0o7777:
             raise ValueError(f"{self.path}: mode {self.mode:o} has bits beyond 0o7777")
         _normalise(self.path)  # fail at construction, not when writing
@@ -79,12 +83,12 @@ def newc_archive(entries: list[CpioEntry]) -> bytes:
         for i in range(1, len(parts)):
             parent = "/".join(parts[:i])
             given = by_path.get(parent)
-            if given is not None and not given.directory:
+            if given is not None and not given.directory:  # (a symlink too: no paths through one)
                 raise ValueError(f"{parent!r} is a file but {path!r} is inside it")
             if parent in emitted:
                 continue
             emit(parent, given or CpioEntry(parent, mode=0o755, directory=True))
-        kind = stat.S_IFDIR if entry.directory else stat.S_IFREG
+        kind = stat.S_IFDIR if entry.directory else stat.S_IFLNK if entry.symlink else stat.S_IFREG
         nlink = 2 if entry.directory else 1
         out.append(_member(path, len(emitted) + 1, kind | entry.mode, entry.uid, entry.gid,
                            nlink, entry.data))

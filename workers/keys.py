@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from virby.workers import cpio
 from virby.workers.files import write_atomic, write_if_changed
 
 HOST_KEY_ALIAS = "virby-vm-key"
@@ -87,3 +88,19 @@ def ensure_keys(state_dir: str) -> KeyPaths:
     for path, (data, mode) in wanted.items():
         write_if_changed(path, data, mode)
     return paths
+
+
+def guest_keys_archive(keys: KeyPaths, user: str) -> bytes:
+    """The newc cpio appended to the guest's initrd at boot (image/README.md, "Keys at boot"):
+    the host key in dropbear's format, the client's public key and the login user."""
+    with open(keys.host_key_dropbear, "rb") as f:
+        host_key = f.read()
+    with open(keys.client_pub, "rb") as f:
+        client_pub = f.read()
+    return cpio.newc_archive([
+        cpio.CpioEntry("etc", mode=0o755, directory=True),
+        cpio.CpioEntry("etc/virby", mode=0o700, directory=True),
+        cpio.CpioEntry("etc/virby/ssh_host_ed25519_key", data=host_key, mode=0o600),
+        cpio.CpioEntry("etc/virby/authorized_keys", data=client_pub, mode=0o644),
+        cpio.CpioEntry("etc/virby/user", data=user.encode() + b"\n", mode=0o644),
+    ])

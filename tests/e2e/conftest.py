@@ -11,5 +11,5 @@ from tests.harness import build_guest
 
 @pytest.fixture(scope="session")
 def guest_nix_dir() -> Path:
-    """The test guest with Nix inside (WITH_NIX=1), built once into the user's cache dir."""
+    """The test guest with Nix inside (the `nix` variant), built once into the user's cache dir."""
     return build_guest(with_nix=True)

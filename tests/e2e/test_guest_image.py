@@ -1,4 +1,4 @@
-"""The Linux test guest (image/build-test-guest.sh) against its contract in image/README.md.
+"""The Linux test guest (`virby guest build`) against its contract in image/README.md.
 
 Real QEMU (TCG), booted the way the vm worker boots it: the built initrd plus an appended cpio
 archive with this test's keys, SSH on a forwarded loopback port QEMU picks, the agent on the

@@ -53,7 +53,9 @@ def test_shared_directories_and_disk(tmp_path: Path) -> None:
     argv = backend(tmp_path, sharedDirectories={"src": "/srv/src"},
                    guest={"disk": str(disk)}).command()
     assert arg_after(argv, "-virtfs") == ["local,path=/srv/src,mount_tag=src,security_model=none"]
-    assert arg_after(argv, "-drive") == [f"file={disk},if=virtio,format=raw,cache=writeback"]
+    assert arg_after(argv, "-drive") == [
+        f"file={tmp_path}/s/disk.raw,if=virtio,format=raw,cache=writeback",  # /dev/vda: the store
+        f"file={disk},if=virtio,format=raw,cache=writeback"]
 
 
 def test_accel_is_a_setting_or_a_recorded_probe_never_the_device(tmp_path: Path) -> None:

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from virby.supervisor.config import from_dict
+from virby.workers import cpio
 from virby.workers.backends import vfkit as vfkit_mod
 from virby.workers.backends.base import BackendError
 from virby.workers.backends.vfkit import VfkitBackend, ensure_disk, ensure_mac, nested_supported
-from virby.workers.keys import ensure_keys
+from virby.workers.keys import ensure_keys, guest_keys_archive
 
 GiB = 1 << 30
+ARM64_IMAGE = b"MZ" + bytes(54) + b"ARM\x64" + bytes(8)  # the arm64 Image header's magic at 56
 REAL_CPU_BRAND = vfkit_mod.cpu_brand  # before any test replaces it
 
 
@@ -31,7 +33,7 @@ def not_a_mac(monkeypatch):
 def setup(tmp_path: Path):
     guest = tmp_path / "guest"
     guest.mkdir()
-    (guest / "Image").write_bytes(b"MZ\0\0 arm64 Image")
+    (guest / "Image").write_bytes(ARM64_IMAGE)
     (guest / "initrd").write_bytes(b"070701")
     keys = ensure_keys(str(tmp_path / "state"))
     vfkit = tmp_path / "bin" / "vfkit"
@@ -65,7 +67,7 @@ def test_default_command_line(setup) -> None:
         "--cpus", "4",
         "--memory", "6144",
         "--bootloader",
-        f"linux,kernel={t}/guest/Image,initrd={t}/guest/initrd,"
+        f"linux,kernel={t}/guest/Image,initrd={t}/run/initrd.img,"
         'cmdline="console=hvc0 init=/nix/store/x-nixos/init loglevel=4"',
         "--device", f"virtio-blk,path={t}/state/disk.raw",
         "--device", f"virtio-net,nat,mac={mac}",
@@ -77,6 +79,33 @@ def test_default_command_line(setup) -> None:
         "--device", "virtio-balloon",
         "--restful-uri", f"unix://{t}/run/vfkit.rest",
     ]
+
+
+def test_the_locks_aarch64_guest_command_line(setup) -> None:
+    """The Mac's default guest (nix/guest.nix, what the nix-darwin module writes): the Debian
+    guest's uncompressed Image, console=hvc0, no store image (the store is on the data disk),
+    NAT networking, and the Rosetta device when enabled."""
+    b = setup(rosetta=True, guest={"cmdline": "console=hvc0 panic=-1"})
+    t = setup.tmp
+    argv = b.command()
+    assert argv[argv.index("--bootloader") + 1] == (
+        f'linux,kernel={t}/guest/Image,initrd={t}/run/initrd.img,cmdline="console=hvc0 panic=-1"')
+    dev = devices(argv)
+    assert [d for d in dev if d.startswith("virtio-blk,")] == [f"virtio-blk,path={t}/state/disk.raw"]
+    assert f"virtio-net,nat,mac={b.mac}" in dev
+    assert "rosetta,mountTag=rosetta" in dev
+
+
+def test_boot_initrd_is_the_guests_with_the_keys_cpio_appended(setup) -> None:
+    b = setup()
+    b.prepare()
+    # what boot() runs (off the event loop there)
+    cpio.append_archive(b.config.guest.initrd, guest_keys_archive(b.keys, "builder"), b.boot_initrd)
+    data = Path(b.boot_initrd).read_bytes()
+    assert data.startswith(b"070701")  # the guest's own initrd first
+    assert b"etc/virby/authorized_keys" in data and b"etc/virby/ssh_host_ed25519_key" in data
+    assert Path(b.keys.client_pub).read_bytes() in data
+    assert stat.S_IMODE(os.stat(b.boot_initrd).st_mode) == 0o600  # it holds the host key
 
 
 def test_rest_api_is_only_ever_a_unix_socket(setup) -> None:
@@ -225,13 +254,12 @@ def test_disk_grows_in_place_keeping_its_data(tmp_path: Path) -> None:
         assert f.read(24) == b"ext4 superblock stand-in"
 
 
-def test_disk_is_never_shrunk(tmp_path: Path, caplog) -> None:
+def test_disk_is_never_shrunk(tmp_path: Path) -> None:
     path = tmp_path / "disk.raw"
     ensure_disk(str(path), 2 * GiB)
-    with caplog.at_level(logging.WARNING):
-        assert ensure_disk(str(path), GiB) == 2 * GiB
+    with pytest.raises(BackendError, match="never shrunk"):
+        ensure_disk(str(path), GiB)
     assert path.stat().st_size == 2 * GiB
-    assert "never shrunk" in caplog.text
 
 
 # -- prepare and check ---------------------------------------------------------------------------
@@ -285,6 +313,12 @@ def test_check_refuses_a_compressed_kernel(setup, tmp_path: Path) -> None:
     (tmp_path / "Image.gz").write_bytes(b"\x1f\x8b\x08\x00")
     with pytest.raises(BackendError, match="gzip-compressed"):
         setup(guest={"kernel": str(tmp_path / "Image.gz")}).check()
+
+
+def test_check_refuses_a_kernel_that_is_not_an_arm64_image(setup, tmp_path: Path) -> None:
+    (tmp_path / "bzImage").write_bytes(b"MZ" + bytes(0x200) + b"HdrS")  # an x86 kernel
+    with pytest.raises(BackendError, match=r"not an arm64 Image: .*/bzImage"):
+        setup(guest={"kernel": str(tmp_path / "bzImage")}).check()
 
 
 def test_check_refuses_commas_vfkit_cannot_parse(setup, tmp_path: Path) -> None:

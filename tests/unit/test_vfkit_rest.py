@@ -376,7 +376,7 @@ def make_backend(short_dir: Path, fake_vfkit: Path, monkeypatch):
     monkeypatch.setattr(vfkit_mod, "cpu_brand", lambda: None)
     guest = short_dir / "guest"
     guest.mkdir()
-    (guest / "Image").write_bytes(b"MZ\0\0 uncompressed arm64 Image")
+    (guest / "Image").write_bytes(b"MZ" + bytes(54) + b"ARM\x64" + bytes(8))  # arm64 Image header magic at 56
     (guest / "initrd").write_bytes(b"070701")
     state = short_dir / "state"
     keys = ensure_keys(str(state))
@@ -410,6 +410,9 @@ def test_boot_announce_pause_resume_shutdown(make_backend, short_dir: Path) -> N
         assert pid is not None
         record = PidRecord.load(b.pid_path)
         assert record is not None and record.pid == pid
+        # vfkit was given the guest's initrd with the keys cpio appended
+        booted = Path(b.boot_initrd).read_bytes()
+        assert booted.startswith(b"070701") and b"etc/virby/authorized_keys" in booted
         await asyncio.wait_for(b.wait_announced(), 10)
         assert b.endpoint() == Endpoint("192.168.64.7", 22)
         seen.append(await b.status())
@@ -429,6 +432,7 @@ def test_boot_announce_pause_resume_shutdown(make_backend, short_dir: Path) -> N
     assert {"announce_reply": "ok\n"} in _log(short_dir)
     assert not os.path.exists(b.pid_path)
     assert not os.path.exists(b.ip_path)
+    assert not os.path.exists(b.boot_initrd)  # it holds the guest's private host key
     assert b.pid() is None
 
 

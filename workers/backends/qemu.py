@@ -38,6 +38,7 @@ from virby.workers.backends.base import (
     require_file,
     wait_process_exit,
 )
+from virby.workers.backends.disk import ensure_disk
 
 log = logging.getLogger("virby.qemu")
 
@@ -155,6 +156,8 @@ class QemuBackend(Backend):
         ]
         if accel in ("kvm", "hvf"):
             argv += ["-cpu", "host"]
+        # the data disk first (/dev/vda: the guest's Nix store), then the optional image disk
+        argv += ["-drive", f"file={c.state('disk.raw')},if=virtio,format=raw,cache=writeback"]
         if c.guest.disk:
             argv += ["-drive", f"file={c.guest.disk},if=virtio,format=raw,cache=writeback"]
         for tag, path in sorted(c.sharedDirectories.items()):
@@ -203,6 +206,7 @@ class QemuBackend(Backend):
 
     async def _start(self, extra: tuple[str, ...] = (), hello: bool = True) -> None:
         self.check()
+        ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # refuses to shrink
         for path in (self.qmp_path, self.agent_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -1,11 +1,14 @@
 """The vfkit backend: macOS Virtualization.framework through vfkit (crc-org/vfkit).
 
-Boot is direct: vfkit loads the guest's kernel and initrd (no EFI, no bootloader on a disk). The
-guest gets these devices, in this order:
+Boot is direct: vfkit loads the guest's kernel (the uncompressed arm64 Image) and initrd (no EFI,
+no bootloader on a disk). The initrd it gets is the guest's with the keys cpio appended
+(<runtimeDir>/initrd.img, remade at each boot), as the guest contract in image/README.md says:
+the Mac's default guest is the lock's aarch64 Debian guest. The guest gets these devices, in
+this order:
 
-* `virtio-blk` <stateDir>/disk.raw: the persistent data disk (/dev/vda). A sparse raw file,
-  created on first boot, grown in place when diskSize grows, never shrunk or wiped.
-* `virtio-blk` guest.disk, read-only, when set: the guest's store image (/dev/vdb).
+* `virtio-blk` <stateDir>/disk.raw: the persistent data disk (/dev/vda), the guest's Nix store.
+  A sparse raw file, created on first boot, grown in place when diskSize grows, never shrunk.
+* `virtio-blk` guest.disk, read-only, when set (the opt-in NixOS guest): its store image.
 * `virtio-net,nat` with a locally administered MAC made once per install (<stateDir>/mac), so
   the guest keeps its DHCP lease across boots.
 * `virtio-fs` tag `virby-keys`: <stateDir>/guest-keys (host key, authorized_keys, user name,
@@ -53,7 +56,7 @@ from typing import Any
 import psutil
 
 from virby.supervisor.config import Config
-from virby.workers import leases
+from virby.workers import cpio, leases
 from virby.workers.backends.base import (
     Backend,
     BackendError,
@@ -63,8 +66,9 @@ from virby.workers.backends.base import (
     require_file,
     wait_process_exit,
 )
+from virby.workers.backends.disk import ensure_disk
 from virby.workers.files import write_atomic, write_if_changed
-from virby.workers.keys import KeyPaths
+from virby.workers.keys import KeyPaths, guest_keys_archive
 from virby.workers.vfkit_rest import VfkitRest
 
 log = logging.getLogger(__name__)
@@ -74,7 +78,7 @@ ROSETTA_TAG = "rosetta"
 ANNOUNCE_PORT = 1024  # guest -> host: "virby-ready <ip>"
 AGENT_PORT = 1025  # host -> guest: qemu-guest-agent
 SSH_PORT = 22
-DISK_ALIGN = 1 << 20  # Virtualization.framework wants whole sectors; keep whole MiB
+ARM64_IMAGE_MAGIC = (56, b"ARM\x64")  # offset and magic of an arm64 Linux Image header
 
 REST_START_TIMEOUT = 15.0  # vfkit itself gives the VM 5 s to reach Running
 ANNOUNCE_GRACE = 15.0  # wait this long for the vsock announcement before reading leases
@@ -119,31 +123,6 @@ def ensure_mac(path: str) -> str:
     mac = ":".join(f"{o:02x}" for o in octets)
     write_atomic(path, (mac + "\n").encode(), 0o644)
     return mac
-
-
-def ensure_disk(path: str, size: int) -> int:
-    """Create the sparse data disk, or grow it to `size`. Never shrinks. Returns its size."""
-    size = -(-size // DISK_ALIGN) * DISK_ALIGN
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        current = os.stat(path).st_size
-        if current < size:
-            os.truncate(path, size)
-            log.info("grew %s from %d to %d bytes; the guest grows its filesystem at boot",
-                     path, current, size)
-            return size
-        if current > size:
-            log.warning("diskSize asks for %d bytes but %s already has %d; disks are never "
-                        "shrunk (delete the file to start over with an empty disk)",
-                        size, path, current)
-        return current
-    try:
-        os.ftruncate(fd, size)  # sparse on APFS: no blocks until the guest writes
-    finally:
-        os.close(fd)
-    log.info("created data disk %s (%d bytes, sparse)", path, size)
-    return size
 
 
 def _unlink(path: str) -> None:
@@ -205,6 +184,11 @@ class VfkitBackend(Backend):
         return self.config.runtime("vfkit.pid")
 
     @property
+    def boot_initrd(self) -> str:
+        """The guest's initrd with the per-install keys appended (remade at every boot)."""
+        return self.config.runtime("initrd.img")
+
+    @property
     def ip_path(self) -> str:
         return self.config.runtime("guest-ip")
 
@@ -222,9 +206,14 @@ class VfkitBackend(Backend):
         require_file("guest kernel", g.kernel)
         require_file("guest initrd", g.initrd)
         with open(g.kernel, "rb") as f:
-            if f.read(2) == b"\x1f\x8b":
-                raise BackendError(f"guest kernel is gzip-compressed: {g.kernel} (vfkit needs "
-                                   "an uncompressed arm64 Image)")
+            head = f.read(64)
+        offset, magic = ARM64_IMAGE_MAGIC
+        if head[:2] == b"\x1f\x8b":
+            raise BackendError(f"guest kernel is gzip-compressed: {g.kernel} (vfkit needs "
+                               "an uncompressed arm64 Image)")
+        if head[offset:offset + len(magic)] != magic:
+            raise BackendError(f"guest kernel is not an arm64 Image: {g.kernel} (vfkit's "
+                               "--bootloader linux needs the uncompressed arm64 Image)")
         if g.disk is not None:
             require_file("guest store image", g.disk)
         if '"' in g.cmdline:
@@ -268,7 +257,8 @@ class VfkitBackend(Backend):
             "--cpus", str(c.cores),
             "--memory", str(c.memory),
             # vfkit keeps commas inside the quotes and strips the quotes themselves.
-            "--bootloader", f'linux,kernel={g.kernel},initrd={g.initrd},cmdline="{g.cmdline}"',
+            "--bootloader",
+            f'linux,kernel={g.kernel},initrd={self.boot_initrd},cmdline="{g.cmdline}"',
         ]
         for d in dev:
             argv += ["--device", d]
@@ -321,6 +311,10 @@ class VfkitBackend(Backend):
     async def boot(self) -> None:
         self.check()
         self.prepare()
+        # Tens of MB copied and fsynced: off the event loop.
+        await asyncio.to_thread(cpio.append_archive, self.config.guest.initrd,
+                                guest_keys_archive(self.keys, self.config.sshUser),
+                                self.boot_initrd)
         await self._listen_for_announcement()
         argv = self.command()
         log.info("starting vfkit: %s", " ".join(argv))
@@ -539,7 +533,8 @@ class VfkitBackend(Backend):
     async def _forget(self) -> None:
         """The process is gone: drop every file and socket that described it."""
         await self._stop_listening()
-        for path in (self.pid_path, self.ip_path, self.rest_socket, self.agent_socket):
+        for path in (self.pid_path, self.ip_path, self.rest_socket, self.agent_socket,
+                     self.boot_initrd):
             _unlink(path)
         self._proc = None
         self._child = None

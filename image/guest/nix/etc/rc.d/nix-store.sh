@@ -1,0 +1,30 @@
+# Sourced by /etc/rc. The Nix store lives on the first virtio disk (/dev/vda, the host's
+# <stateDir>/disk.raw) so builds survive a cold boot: formatted ext4 on first boot (only when
+# the disk holds no filesystem at all), grown with resize2fs when the host grew the file.
+# Without a disk the store is in RAM, empty at every boot.
+D=/dev/vda
+mkdir -p /nix
+if [ -b $D ]; then
+  fs=$(blkid $D 2>/dev/null)
+  case $fs in
+    *'TYPE="ext4"'*) ;;
+    '')
+      log "formatting $D for the Nix store (first boot)"
+      mkfs.ext4 -q -F -L virby-nix -m 0 -E lazy_itable_init=1,lazy_journal_init=1 $D ||
+        log "mkfs.ext4 $D failed" ;;
+    *) log "$D holds something else ($fs): not touching it" ;;
+  esac
+  if blkid $D 2>/dev/null | grep -q 'TYPE="ext4"' && mount -t ext4 -o noatime $D /nix; then
+    before=$(df -k /nix | awk 'NR==2 {print $2}')
+    resize2fs $D >/dev/null 2>&1 || log "resize2fs $D failed"
+    after=$(df -k /nix | awk 'NR==2 {print $2}')
+    [ "$before" = "$after" ] || log "grew the Nix store from ${before}k to ${after}k"
+  else
+    log "cannot mount $D: the Nix store is in RAM"
+  fi
+else
+  log "no $D: the Nix store is in RAM"
+fi
+# single-user store owned by builder (a new filesystem, or the RAM store, starts as root's)
+mkdir -p /nix/store /nix/var/nix
+chown 1000:1000 /nix /nix/store /nix/var /nix/var/nix

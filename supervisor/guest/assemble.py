@@ -1,0 +1,145 @@
+"""The guest's root tree, from the unpacked packages, the scripts in image/guest/ and the kernel
+modules, as sorted cpio entries (owner root unless said otherwise, mtime 0)."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from pathlib import Path
+
+from virby.supervisor.guest import elfdeps, modules
+from virby.supervisor.guest.deb import Node, Tree
+from virby.supervisor.guest.spec import ARCHES, MERGED_USR, NIX_LINKS, SHIP, VARIANT_MODULES, elf_roots
+from virby.workers.cpio import CpioEntry
+
+BUILDER_UID = 1000
+DIRS = {  # path -> mode
+    "proc": 0o555, "sys": 0o555, "dev": 0o755, "run": 0o755, "tmp": 0o1777, "var/log": 0o755,
+    "root": 0o700, "home/builder": 0o755, "etc/virby": 0o755, "usr/bin": 0o755,
+    "usr/sbin": 0o755, "usr/lib/modules": 0o755, "mnt": 0o755,
+}
+MODES = {"etc/shadow": 0o600}  # overlay files whose mode is not just 0755/0644
+_APPLET = re.compile(rb"[a-z0-9_.\[-]{1,32}")
+
+
+class AssembleError(Exception):
+    pass
+
+
+def busybox_applets(data: bytes) -> list[str]:
+    """The applet names compiled into a busybox binary, read from its packed name table
+    ("[\\0[[\\0acpid\\0…", sorted): found without running it (it may be another arch)."""
+    start = data.find(b"[\0[[\0")
+    if start < 0:
+        raise AssembleError("busybox: no applet name table found")
+    names = []
+    for raw in data[start:start + 65536].split(b"\0"):
+        if not _APPLET.fullmatch(raw):
+            break
+        names.append(raw.decode())
+    if len(names) < 50 or names != sorted(names):
+        raise AssembleError(f"busybox: the applet table looks wrong ({len(names)} names)")
+    return names
+
+
+class Image:
+    """Collects entries by path; the first writer of a path wins, a conflicting one fails."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, CpioEntry] = {}
+
+    def add(self, entry: CpioEntry) -> None:
+        old = self.entries.get(entry.path)
+        if old is not None and old != entry:
+            raise AssembleError(f"two different {entry.path} in the image")
+        self.entries[entry.path] = entry
+
+    def dir(self, path: str, mode: int = 0o755, uid: int = 0) -> None:
+        self.add(CpioEntry(path, mode=mode, uid=uid, gid=uid, directory=True))
+
+    def link(self, path: str, target: str) -> None:
+        self.add(CpioEntry(path, data=target.encode(), mode=0o777, symlink=True))
+
+    def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        self.add(CpioEntry(path, data=data, mode=mode))
+
+    def copy(self, tree: Tree, path: str, depth: int = 0) -> None:
+        """`path` from the package tree, with every symlink on the way and the final target."""
+        if depth > 40:
+            raise AssembleError(f"{path}: too many levels of symlinks")
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            head = "/".join(parts[:i])
+            node = tree.get(head)
+            if node is None:
+                if i == len(parts):
+                    raise AssembleError(f"{path}: not in the packages")
+                continue  # a directory the package did not list
+            if node.kind == "link":
+                self.link(head, node.target)
+                base = "" if node.target.startswith("/") else posixpath.dirname(head)
+                rest = posixpath.join("/", base, node.target, *parts[i:])
+                self.copy(tree, posixpath.normpath(rest).lstrip("/"), depth + 1)
+                return
+        node = tree[path]
+        if node.kind == "file":
+            self.file(path, node.data, 0o755 if node.mode & 0o111 else 0o644)
+        elif node.kind == "dir":
+            self.dir(path)
+
+    def sorted(self) -> list[CpioEntry]:
+        return [self.entries[p] for p in sorted(self.entries)]
+
+
+def overlay(image: Image, root: Path) -> None:
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        mode = MODES.get(rel, 0o755 if f.stat().st_mode & 0o111 else 0o644)
+        image.file(rel, f.read_bytes(), mode)
+
+
+def rootfs(tree: Tree, arch: str, variant: str, modules_dir: str, guest_dir: Path) -> list[CpioEntry]:
+    """Every entry of the guest's initramfs for `variant`, sorted by path."""
+    spec = ARCHES[arch]
+    tree = {**tree, **{k: Node("link", v.encode()) for k, v in MERGED_USR.items()}}
+    img = Image()
+    for path, target in MERGED_USR.items():
+        img.link(path, target)
+    for path, mode in DIRS.items():
+        img.dir(path, mode, BUILDER_UID if path == "home/builder" else 0)
+    img.link("var/run", "../run")
+    img.link("init", "/bin/busybox")  # the kernel runs /init: busybox init reads /etc/inittab
+
+    missing = [p for p in SHIP[variant] if elfdeps.resolve_link(tree, p) is None]
+    if missing:
+        raise AssembleError(f"the packages have no {', '.join(missing)}")
+    try:
+        needed = elfdeps.closure(tree, elf_roots(variant), spec.multiarch)
+    except elfdeps.MissingLibrary as e:
+        raise AssembleError(str(e)) from e
+    for path in sorted({*needed, *SHIP[variant]}):
+        img.copy(tree, path)
+    if variant == "nix":
+        img.dir("nix", 0o755, BUILDER_UID)
+        for name in NIX_LINKS:
+            img.link(f"usr/bin/{name}", "nix")
+        img.link("usr/libexec/nix/build-remote", "../../bin/nix")
+        img.link("usr/sbin/mkfs.ext4", "mke2fs")
+
+    busybox = tree[elfdeps.resolve_link(tree, "usr/bin/busybox") or ""].data
+    for name in busybox_applets(busybox):
+        if f"usr/bin/{name}" not in img.entries and f"usr/sbin/{name}" not in img.entries:
+            img.link(f"usr/bin/{name}", "busybox")
+
+    overlay(img, guest_dir / "common")
+    if (guest_dir / variant).is_dir():
+        overlay(img, guest_dir / variant)
+
+    try:
+        mods = modules.select(tree, modules_dir, spec.modules + VARIANT_MODULES[variant])
+    except modules.ModuleError as e:
+        raise AssembleError(str(e)) from e
+    for name, data in mods:
+        img.file(f"usr/lib/modules/{name}", data)
+    img.file("etc/modules.order", "".join(f"{n}\n" for n, _ in mods).encode())
+    return img.sorted()

@@ -1,0 +1,57 @@
+"""What goes into each guest variant: packages to start the closure from, the files to ship,
+the kernel modules to load. Everything else is derived (libraries from DT_NEEDED, module
+order from each module's `depends=`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VARIANTS = ("base", "nix")
+SUITE = "trixie"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    deb_arch: str
+    multiarch: str
+    kernel_meta: str  # the metapackage whose Depends names the concrete kernel package
+    modules: tuple[str, ...]  # loaded in dependency order; built-in ones are skipped
+
+
+ARCHES = {
+    "x86_64": ArchSpec("amd64", "x86_64-linux-gnu", "linux-image-cloud-amd64", (
+        "virtio_pci", "virtio_mmio", "virtio_net", "virtio-rng", "virtio_console", "evdev",
+        "button", "vmw_vsock_virtio_transport")),
+    "aarch64": ArchSpec("arm64", "aarch64-linux-gnu", "linux-image-cloud-arm64", (
+        "virtio_pci", "virtio_mmio", "virtio_net", "virtio-rng", "virtio_console", "evdev",
+        "gpio_keys", "gpio-pl061", "vmw_vsock_virtio_transport")),
+}
+
+# Extra modules per variant: the nix store lives on a virtio-blk disk, formatted ext4.
+VARIANT_MODULES = {"base": (), "nix": ("virtio_blk", "ext4", "crc32c_generic")}
+
+# Packages the closure starts from (the kernel is added per arch). Libraries come from the
+# ELF closure of SHIP, searched among these packages' Depends, transitively.
+ROOT_PACKAGES = {
+    "base": ("busybox-static", "dropbear-bin"),
+    "nix": ("busybox-static", "dropbear-bin", "nix-bin", "e2fsprogs"),
+}
+
+# Files copied from the packages (tree paths; a symlink brings its target too).
+SHIP = {
+    "base": ("usr/bin/busybox", "usr/sbin/dropbear"),
+    "nix": ("usr/bin/busybox", "usr/sbin/dropbear", "usr/bin/nix", "usr/sbin/mke2fs",
+            "usr/sbin/resize2fs", "etc/mke2fs.conf"),
+}
+
+# Names that are the one `nix` binary (it dispatches on argv[0]).
+NIX_LINKS = ("nix-build", "nix-channel", "nix-collect-garbage", "nix-copy-closure", "nix-daemon",
+             "nix-env", "nix-hash", "nix-instantiate", "nix-prefetch-url", "nix-shell", "nix-store")
+
+# Debian 13 is merged-/usr; the packages ship under usr/ only and the loader path
+# (/lib64/ld-linux-x86-64.so.2, /lib/ld-linux-aarch64.so.1) goes through these links.
+MERGED_USR = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
+
+
+def elf_roots(variant: str) -> list[str]:
+    return [p for p in SHIP[variant] if not p.startswith("etc/")]
