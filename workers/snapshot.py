@@ -74,6 +74,7 @@ def default_inputs(config: Config) -> dict[str, str | None]:
         "guest.kernel": config.guest.kernel,
         "guest.initrd": config.guest.initrd,
         "guest.disk": config.guest.disk,
+        "data disk": config.state("disk.raw"),
         "hypervisor": shutil.which(config.hypervisor) or config.hypervisor,
         "host key": keys.host_key_dropbear,
         "client key": keys.client_pub,

@@ -148,6 +148,9 @@ class QemuBackend(Backend):
             "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
             "-device", "virtio-net-pci,netdev=n0,romfile=",
             "-device", "virtio-rng-pci",
+            # a new VM generation ID at every start, a restore included: the guest kernel
+            # (CONFIG_VMGENID) reseeds its RNG at once when it changes (issue 14)
+            "-device", "vmgenid,guid=auto",
             "-chardev", f"file,id=console,path={self.console_log},append=on",
             "-serial", "chardev:console",
             "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
