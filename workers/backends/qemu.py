@@ -243,11 +243,16 @@ class QemuBackend(Backend):
             if time.monotonic() > deadline:
                 raise BackendError("qemu did not create its QMP socket within 10s")
             await asyncio.sleep(0.005)
-        qmp = QMPClient("virby-vm")
-        try:
-            await asyncio.wait_for(qmp.connect(self.qmp_path), 5)
-        except (QMPError, OSError, TimeoutError) as e:
-            raise BackendError(f"cannot connect to QMP at {self.qmp_path}: {e}") from e
+        while True:
+            qmp = QMPClient("virby-vm")
+            try:
+                await asyncio.wait_for(qmp.connect(self.qmp_path), 5)
+                break
+            except (QMPError, OSError, TimeoutError) as e:
+                # the socket file exists from bind(); QEMU listens a moment later (refused)
+                if time.monotonic() > deadline or not self._alive():
+                    raise BackendError(f"cannot connect to QMP at {self.qmp_path}: {e}") from e
+                await asyncio.sleep(0.01)
         self._qmp = qmp
         self._port = await self._forwarded_port()
         reader, writer = await asyncio.open_unix_connection(self.agent_path)
