@@ -107,12 +107,12 @@ def test_a_truncated_or_damaged_snapshot_gives_a_cold_boot_that_serves_the_clien
             f.truncate(os.path.getsize(state) // 2)
         assert ok(inst, inst.ssh("echo", "served")).strip() == "served"
         st = status_json(inst)
-        assert (st["boots"], st["restores"]) == (2, 0)
+        assert (st["boots"], st["restores"]) == (2, 0), vm_log(inst)[-3000:]
         assert "the snapshot is truncated or damaged" in vm_log(inst)
         assert snapshot_files(inst) == []
 
         # same size, one byte changed in the middle of the memory image: the sha256 catches it
-        assert inst.cli("stop").stdout.strip() == "VM suspended"
+        assert inst.cli("stop").stdout.strip() == "VM suspended", vm_log(inst)[-3000:]
         with open(state, "r+b") as f:
             f.seek(os.path.getsize(state) // 2)
             byte = f.read(1)
@@ -120,8 +120,8 @@ def test_a_truncated_or_damaged_snapshot_gives_a_cold_boot_that_serves_the_clien
             f.write(bytes([byte[0] ^ 0xFF]))
         assert ok(inst, inst.ssh("echo", "served")).strip() == "served"
         st = status_json(inst)
-        assert (st["boots"], st["restores"]) == (3, 0)
-        assert "the snapshot is damaged" in vm_log(inst)
+        assert (st["boots"], st["restores"]) == (3, 0), vm_log(inst)[-3000:]
+        assert "the snapshot is damaged" in vm_log(inst), vm_log(inst)[-3000:]
         assert snapshot_files(inst) == []
 
         # stop --cold: no snapshot, and `stopped` means exactly that
