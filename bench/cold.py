@@ -35,6 +35,7 @@ from virby.supervisor import control
 from virby.supervisor.cli import ssh_config_text
 from virby.supervisor.config import Config, from_dict
 from virby.workers import cpio
+from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.qemu import _USERNET_RE, QemuBackend
 from virby.workers.keys import ensure_keys
 
@@ -57,6 +58,7 @@ class DirectGuest:
         os.makedirs(self.config.runtimeDir, mode=0o700, exist_ok=True)
         os.makedirs(self.config.log_dir, exist_ok=True)
         keys = ensure_keys(self.config.stateDir)
+        ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # the argv attaches it
         self.backend = QemuBackend(self.config, keys)
         # The same keys initrd the vm worker builds at each boot, built once, before timing.
         cpio.append_archive(self.config.guest.initrd, self.backend._keys_archive(), self.backend.boot_initrd)
