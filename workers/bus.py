@@ -55,6 +55,7 @@ from virby.workers.protocol import (  # re-exported: the bus's users import them
 )
 
 EARLY_BEATS = (0.02, 0.05, 0.1, 0.2, 0.4)
+CLOSE_LINGER_MS = 200
 
 log = logging.getLogger("virby.bus")
 
@@ -258,7 +259,8 @@ class Node:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for s in self._socks:
-            s.close(linger=0)
+            # Our last state (e.g. the vm's `stopped` as the arbiter stops) still goes out.
+            s.close(linger=CLOSE_LINGER_MS if s in (self._xpub, self._pub) else 0)
 
 
 class ControlServer:

@@ -47,6 +47,10 @@ DIAL_GREETING_TIMEOUT_MAX = 12.0  # seconds one wake request may wait; renewed u
 # a storm of clients is let through a few at a time instead of being turned away and redialled.
 DIAL_CONCURRENCY = 4
 HANDSHAKE_GRACE = 1.0  # how long a new session keeps its place after the client is attached
+WAIT_GRACE = 10.0  # a waiting client is held readyTimeout + this before it is closed
+# While draining, a client still waiting for the VM is released once the VM is not on its way
+# (the arbiter stops it): a stop during a boot must not wait out the drain budget.
+VM_COMING = ("starting", "running", "paused")
 
 
 class _Half(asyncio.Protocol):
@@ -179,17 +183,22 @@ class Forwarder:
         self._wake: asyncio.Task[dict[str, Any]] | None = None
         self._overloaded = False
         self._dial_gate = asyncio.Semaphore(DIAL_CONCURRENCY)
+        self._released = asyncio.Event()  # set while draining once the VM is not coming
+        self.draining = False
         self._publish()
 
     def _publish(self) -> None:
         self.node.update(open=self.open, waiting=self.waiting, accepted=self.accepted,
                          failed=self.failed, last_activity=self.last_activity)
 
+    async def _accept(self) -> socket.socket:
+        conn, _ = await asyncio.get_running_loop().sock_accept(self.listener)
+        return conn
+
     async def accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _ = await loop.sock_accept(self.listener)
+                conn = await self._accept()
             except OSError as e:
                 if e.errno in OVERLOAD_ERRNOS:
                     if not self._overloaded:
@@ -298,17 +307,26 @@ class Forwarder:
         return None
 
     async def _wait_running(self) -> tuple[tuple[str, int] | None, str]:
-        deadline = time.monotonic() + self.config.readyTimeout + 10
+        deadline = time.monotonic() + self.config.readyTimeout + WAIT_GRACE
         last_error = "the VM did not become ready"
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return None, f"{last_error} (waited {self.config.readyTimeout + 10:g}s)"
+                return None, f"{last_error} (waited {self.config.readyTimeout + WAIT_GRACE:g}s)"
+            if self._released.is_set():
+                return None, "the VM is stopping with the arbiter"
             # All clients waiting now share one wake request: one boot, one round trip.
             if self._wake is None or self._wake.done():
                 self._wake = asyncio.create_task(self._wake_once(min(WAKE_SLICE, remaining)))
+            released = asyncio.ensure_future(self._released.wait())
+            try:  # (the shared wake is never cancelled by one client's wait)
+                await asyncio.wait({self._wake, released}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                released.cancel()
+            if not self._wake.done():
+                continue
             try:
-                reply = await asyncio.shield(self._wake)
+                reply = self._wake.result()
             except bus.RequestError as e:
                 last_error = str(e)
                 continue
@@ -323,7 +341,18 @@ class Forwarder:
     async def _wake_once(self, wait: float) -> dict[str, Any]:
         return await bus.request(self.config, "wake", {"wait": wait}, timeout=wait + 2)
 
+    def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
+        if self.draining and msg.sender == "vm":
+            self._release_if_vm_not_coming()
+
+    def _release_if_vm_not_coming(self) -> None:
+        vm = self.node.peers["vm"]
+        if not vm.up or vm.state.get("state") not in VM_COMING:
+            self._released.set()
+
     async def drain(self, timeout: float) -> None:
+        self.draining = True
+        self._release_if_vm_not_coming()
         if not self.links and not self.tasks:
             return
         log.info("draining %d connection(s) for up to %.0fs", len(self.tasks), timeout)
@@ -339,8 +368,9 @@ async def main(config: Config, stop: asyncio.Event, fd: int) -> None:
     parent = os.getppid()
     listener = socket.socket(fileno=fd)
     node = bus.Node("forwarder", config)
-    await node.start()
     fwd = Forwarder(config, listener, node)
+    node.on_message = fwd.on_message
+    await node.start()
     accept = asyncio.create_task(fwd.accept_loop())
     log.info("forwarder ready on %s (incarnation %s)", listener.getsockname(), node.inc)
     stopped = asyncio.create_task(stop.wait())

@@ -17,8 +17,12 @@ arrive. A pause or stop that the idle monitor asks for is refused while the forw
 open connections, or when a wake came in after the idle time the request was based on.
 
 If this process is killed, the hypervisor keeps running and the next worker adopts it. On
-SIGTERM the guest is shut down cleanly (with a deadline); if circusd vanishes, the VM is ended
-at once so that the next `virby run` starts from a clean slate.
+SIGTERM the worker asks circusd why (workers/stop_intent.py): when the arbiter is going away
+(`circusctl quit`, SIGTERM to `virby run`, launchd) or our watcher is stopped for good
+(`circusctl stop vm`), the guest is shut down cleanly with a deadline; when only the watcher is
+restarted or reloaded, a running or paused VM is left as it is for the next worker to adopt. A
+guest still starting has nothing to lose and is killed at once. If circusd vanishes, the VM is
+ended at once so that the next `virby run` starts from a clean slate.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any
 
 from virby.supervisor.circus_ini import VM_SHUTDOWN_TIMEOUT
 from virby.supervisor.config import Config
-from virby.workers import bus
+from virby.workers import bus, stop_intent
 from virby.workers.activity import Activity
 from virby.workers.backends import make_backend
 from virby.workers.backends.base import Backend, BackendError
@@ -51,6 +55,11 @@ FAILURE_BACKOFF_MAX = 60.0
 WAKE_WAIT_MAX = 10.0  # longest a single wake request is held before it is answered
 RESTORE_TIMEOUT = 15.0  # a restore takes ~1 s here (TCG); past this, boot cold instead
 SEED_BYTES = 32  # host entropy mixed into a restored guest's pool
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 class VMWorker:
@@ -199,8 +208,8 @@ class VMWorker:
                 wait_s = self.retry_at - time.time()
                 return False, f"boot failed: {self.reason} (next try in {wait_s:.0f}s)", self.snapshot()
             self.ensure_boot()
-        if wait > 0:
-            await self.wait_for(("running", "failed"), wait)
+        if wait > 0:  # (`stopped` again: the boot was cancelled, this worker is ending)
+            await self.wait_for(("running", "failed", "stopped"), wait)
         if self.state == "failed":
             return False, f"boot failed: {self.reason}", self.snapshot()
         return self.state == "running", None, self.snapshot()
@@ -228,7 +237,7 @@ class VMWorker:
                 if await self._restore():
                     return
             except asyncio.CancelledError:
-                await self.backend.kill()
+                await self._kill_quietly()
                 self._set("stopped", "boot cancelled")
                 raise
         if self.snapshots.discard():
@@ -248,13 +257,13 @@ class VMWorker:
             await self._prove_ssh(deadline)
             log.info("guest announced sshd after %.2fs; the SSH proof took %.2fs",
                      announced - t0, time.monotonic() - announced)
-        except (BackendError, TimeoutError, OSError) as e:
-            await self._boot_failed(e, t0)
-            return
         except asyncio.CancelledError:
-            await self.backend.kill()
+            await self._kill_quietly()
             self._set("stopped", "boot cancelled")
             raise
+        except Exception as e:  # any failure, a bug included, must end in `failed`
+            await self._boot_failed(e, t0)
+            return
         self.boots += 1
         self.failures = 0
         self.last_boot_seconds = round(time.monotonic() - t0, 3)
@@ -267,6 +276,8 @@ class VMWorker:
         deleted, the reason logged, the hypervisor ended) when a cold boot must follow."""
         t0 = time.monotonic()
         deadline = t0 + min(RESTORE_TIMEOUT, self.config.readyTimeout)
+        # as for a cold boot: paramiko (for the SSH proof) loads while the state does
+        preload = asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "paramiko")
         try:
             deps = await asyncio.to_thread(self._dependencies)
             with self.snapshots.take(deps) as taken:
@@ -282,11 +293,18 @@ class VMWorker:
             await self.backend.resume()
             await self.backend.sync_guest(os.urandom(SEED_BYTES))
             await asyncio.wait_for(self.backend.wait_announced(), deadline - time.monotonic())
+            await preload
             await self._prove_ssh(deadline)
-        except (SnapshotInvalid, BackendError, TimeoutError, OSError) as e:
-            reason = f"not ready within {deadline - t0:g}s" if isinstance(e, TimeoutError) else str(e)
+        except Exception as e:  # whatever went wrong (a bug included), the client gets a cold boot
+            if isinstance(e, TimeoutError):
+                reason = f"not ready within {deadline - t0:g}s"
+            elif isinstance(e, SnapshotInvalid | BackendError | OSError):
+                reason = one_line(str(e)) or type(e).__name__
+            else:
+                log.error("unexpected error during the restore", exc_info=e)
+                reason = f"{type(e).__name__}: {one_line(str(e))}".rstrip(": ")
             log.warning("the saved VM was not restored (%s); booting cold", reason)
-            await self.backend.kill()
+            await self._kill_quietly()
             self.snapshots.discard()
             self._set("starting", f"cold boot (the restore failed: {reason})")
             return False
@@ -316,16 +334,34 @@ class VMWorker:
     async def _boot_failed(self, error: BaseException, t0: float) -> None:
         if isinstance(error, TimeoutError):
             reason = f"guest not ready within {self.config.readyTimeout:g}s"
-        else:
-            reason = str(error) or type(error).__name__
-        tail = self.backend.console_tail(8)
-        log.error("boot failed after %.1fs: %s\nlast console lines:\n%s",
-                  time.monotonic() - t0, reason, tail or "(none)")
-        await self.backend.kill()
+        elif isinstance(error, BackendError | OSError):
+            reason = one_line(str(error)) or type(error).__name__
+        else:  # not foreseen (psutil.NoSuchProcess, a ValueError from a damaged file…): a bug
+            log.error("unexpected error during the boot", exc_info=error)
+            reason = f"{type(error).__name__}: {one_line(str(error))}".rstrip(": ")
+        log.error("boot failed after %.1fs: %s", time.monotonic() - t0, reason)
+        await self._fail(reason)
+
+    async def _fail(self, reason: str, *, console: bool = True) -> None:
+        """End in `failed`: the hypervisor killed, the console's last line in the reason (unless
+        the reason has it already), and the next boot held back by a growing backoff. Never
+        raises, so no caller stays in `starting` or `running` with a broken guest."""
+        tail = ""
+        with contextlib.suppress(Exception):
+            tail = self.backend.console_tail(8)
+        if tail:
+            log.error("last console lines:\n%s", tail)
+        await self._kill_quietly()
         self.failures += 1
         self.retry_at = time.time() + min(FAILURE_BACKOFF_MAX, 2.0 ** self.failures)
-        last_line = tail.strip().splitlines()[-1] if tail.strip() else ""
+        last_line = tail.strip().splitlines()[-1] if tail.strip() and console else ""
         self._set("failed", reason + (f"; console: {last_line}" if last_line else ""))
+
+    async def _kill_quietly(self) -> None:
+        try:
+            await self.backend.kill()
+        except Exception:
+            log.exception("could not kill the hypervisor")
 
     def _watch_exit(self) -> None:
         if self._monitor is not None:
@@ -333,14 +369,34 @@ class VMWorker:
         self._monitor = asyncio.create_task(self._monitor_exit())
 
     async def _monitor_exit(self) -> None:
-        await self.backend.wait_exit()
+        """Notice a hypervisor that exits, or a guest that breaks while it runs on (a panic, an
+        internal or I/O error: `failed`, never `running`)."""
+        exited = asyncio.create_task(self.backend.wait_exit())
+        broken = asyncio.create_task(self._wait_broken())
+        try:
+            await asyncio.wait({exited, broken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            broken.cancel()
         async with self._lock:
             if self.state not in ("running", "paused"):
                 return
-            await self.backend.kill()  # reap and clean up
-            self._set("stopped", "the hypervisor exited unexpectedly")
-        if not self.config.onDemand.enable:
-            self.ensure_boot()
+            if broken.done() and not broken.cancelled():
+                log.error("the guest broke: %s", broken.result())
+                await self._fail(broken.result(), console=False)
+            else:
+                await self._kill_quietly()  # reap and clean up
+                self._set("stopped", "the hypervisor exited unexpectedly")
+        if not self.config.onDemand.enable and self.state == "stopped":
+            self.ensure_boot()  # (a failed guest waits for the next wake, after the backoff)
+
+    async def _wait_broken(self) -> str:
+        try:
+            return await self.backend.wait_broken()
+        except Exception as e:  # the exit watch still covers this VM
+            log.warning("cannot watch the guest for errors: %s", e)
+            await asyncio.Future()  # never
+            raise
 
     async def _pause(self, args: dict[str, Any]) -> None:
         async with self._lock:
@@ -413,17 +469,22 @@ class VMWorker:
     async def adopt(self) -> None:
         try:
             adopted = await self.backend.adopt()
-        except BackendError as e:
+            status = await self.backend.status() if adopted else "stopped"
+        except Exception as e:  # a VM we cannot drive is ended, never a crash loop
             log.warning("could not adopt a running VM: %s", e)
-            adopted = False
+            await self._kill_quietly()
+            status, adopted = "stopped", False
+        if status in ("running", "paused", "failed"):
+            self.snapshots.discard()  # a VM that ran since supersedes any saved one
+        if status in ("running", "paused"):
+            self._set(status)
+            self._watch_exit()
+            return
+        if status == "failed":
+            await self._fail(self.backend.failure or "the guest is broken", console=False)
+            return
         if adopted:
-            status = await self.backend.status()
-            if status in ("running", "paused"):
-                self.snapshots.discard()  # a running VM supersedes any saved one
-                self._set(status)
-                self._watch_exit()
-                return
-            await self.backend.kill()
+            await self._kill_quietly()
         self.snapshots.clean_leftovers()
         if self.snapshots.present():
             self._set("suspended")
@@ -442,15 +503,25 @@ class VMWorker:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def close(self, *, orphaned: bool) -> None:
+    async def close(self, *, keep: bool, orphaned: bool = False) -> None:
+        """End this worker. A starting guest is killed at once (it has nothing to lose and
+        cannot be adopted half-booted). A running or paused VM is left to the next worker when
+        `keep`, else shut down cleanly; orphaned (circusd and the port are gone), at once."""
         if self._boot is not None and not self._boot.done():
             self._boot.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._boot
         async with self._lock:
-            if self.backend.pid() is not None:
-                # Orphaned: circusd and the port are gone; end the VM now, not in 30 s.
-                await self._shutdown_locked(0 if orphaned else VM_SHUTDOWN_TIMEOUT)
+            if self._monitor is not None:
+                self._monitor.cancel()
+            if self.backend.pid() is None:
+                return
+            if keep and not orphaned and self.state in ("running", "paused"):
+                log.info("leaving the VM %s (hypervisor pid %s) to the next vm worker",
+                         self.state, self.backend.pid())
+                await self.backend.close()
+                return
+            await self._shutdown_locked(0 if orphaned else VM_SHUTDOWN_TIMEOUT)
 
 
 async def main(config: Config, stop: asyncio.Event) -> None:
@@ -476,9 +547,16 @@ async def main(config: Config, stop: asyncio.Event) -> None:
         worker.ensure_boot()
     await stop.wait()
     orphaned = os.getppid() != parent
-    log.info("stopping (%s)", "circusd is gone" if orphaned else "asked to")
     await control.close()
-    await worker.close(orphaned=orphaned)
+    if orphaned:
+        log.info("stopping: circusd is gone")
+        await worker.close(keep=False, orphaned=True)
+    else:
+        if worker.state == "starting":
+            await worker.close(keep=False)  # kill the half-booted guest before asking anything
+        intent = await stop_intent.ask(config)
+        log.info("stopping: %s", intent.why)
+        await worker.close(keep=intent.keep_vm)
     await node.close()
 
 

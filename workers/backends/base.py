@@ -47,6 +47,7 @@ class Backend(abc.ABC):
     def __init__(self, config: Config, keys: KeyPaths) -> None:
         self.config = config
         self.keys = keys
+        self.failure: str | None = None  # why `status` last said "failed"
 
     # -- files and command line (pure, unit-tested) ------------------------------------------
 
@@ -94,7 +95,16 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def status(self) -> str:
-        """The hypervisor's own view: "running", "paused" or "stopped"."""
+        """The hypervisor's own view: "running", "paused", "stopped", or "failed" when the guest
+        is broken while the hypervisor runs on (a panic, an internal or I/O error); then
+        `failure` says how, with the console's last lines."""
+
+    async def wait_broken(self) -> str:
+        """Return the reason once the guest breaks while the hypervisor runs on (as `status`
+        would say "failed"). The default never returns: a backend that cannot tell relies on
+        the hypervisor exiting."""
+        await asyncio.Future()
+        raise AssertionError("unreachable")
 
     @abc.abstractmethod
     async def wait_exit(self) -> None:

@@ -47,6 +47,9 @@ _TB_SIZE_MIB = 128  # cap the TCG translation cache (its 1 GiB default inflates 
 KVM_PROBE_TIMEOUT = 10.0  # a guest that works under KVM announces itself in ~1-2 s
 SAVE_TIMEOUT = 60.0  # the idle monitor's stop request waits 60 s
 LOAD_TIMEOUT = 30.0  # the vm worker's own restore deadline is shorter
+# QEMU run states in which the process lives on but the guest is lost: `failed`, not `running`.
+_BROKEN_STATES = frozenset({"guest-panicked", "internal-error", "io-error"})
+_STATE_EVENTS = ("STOP", "GUEST_PANICKED", "BLOCK_IO_ERROR")
 
 
 class QemuBackend(Backend):
@@ -61,7 +64,6 @@ class QemuBackend(Backend):
         self._agent_writer: asyncio.StreamWriter | None = None
         self._agent_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self._agent_replies: asyncio.Queue[str] = asyncio.Queue()
         self._port: int | None = None
 
     # -- paths ----------------------------------------------------------------------------------
@@ -262,17 +264,16 @@ class QemuBackend(Backend):
             writer.write(b"hello\n")  # an adopted guest answers virby-ready again
 
     async def _agent_loop(self, reader: asyncio.StreamReader) -> None:
+        # The agent's only message we act on is the announcement; errors are logged, the other
+        # replies (`virby-time-ok`, `virby-seed-ok`) dropped (never queued: nobody would read them).
         while True:
             line = await reader.readline()
             if not line:
                 return
-            text = line.decode("ascii", "replace").strip()
-            if text == "virby-ready":
+            if line.strip() == b"virby-ready":
                 self._ready.set()
-            elif text.startswith("virby-error"):
-                log.warning("the guest agent answered %r", text)
-            elif text:
-                await self._agent_replies.put(text)
+            elif line.startswith(b"virby-error"):
+                log.warning("the guest agent answered %r", line.strip().decode("ascii", "replace"))
 
     async def _forwarded_port(self) -> int:
         assert self._qmp is not None
@@ -380,9 +381,26 @@ class QemuBackend(Backend):
         if not self._alive():
             return "stopped"
         reply = await self._execute("query-status")
-        status = reply.get("status") if isinstance(reply, dict) else None
+        status = str(reply.get("status") if isinstance(reply, dict) else None)
+        if status in _BROKEN_STATES:
+            tail = " | ".join(line.strip() for line in self.console_tail(3).splitlines() if line.strip())
+            self.failure = f"qemu reports {status}" + (f"; console: {tail}" if tail else "")
+            return "failed"
         return {"running": "running", "paused": "paused", "prelaunch": "paused"}.get(
-            str(status), "stopped" if status in ("shutdown", "postmigrate", "inmigrate") else "running")
+            status, "stopped" if status in ("shutdown", "postmigrate", "inmigrate") else "running")
+
+    async def wait_broken(self) -> str:
+        """QEMU announces each of these with an event (STOP for internal and I/O errors): then
+        ask its run state."""
+        if self._qmp is None:
+            return await super().wait_broken()
+        with self._qmp.listener(_STATE_EVENTS) as events:
+            if await self.status() == "failed":
+                return self.failure or "the guest is broken"
+            async for _event in events:
+                if await self.status() == "failed":
+                    return self.failure or "the guest is broken"
+        raise BackendError("the QMP event stream ended")
 
     async def shutdown(self, timeout: float) -> None:
         if self._alive():

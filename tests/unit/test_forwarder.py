@@ -1,0 +1,285 @@
+"""The forwarder's handling of clients with a fake bus: socketpairs for clients and an
+in-process loopback server for the guest's sshd (no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from virby.supervisor.config import Config, from_dict
+from virby.workers import bus, forwarder
+from virby.workers.forwarder import Forwarder
+
+
+class FakeNode:
+    def __init__(self, vm_state: dict[str, Any] | None = None) -> None:
+        self.state: dict[str, Any] = {}
+        self.peers = {n: bus.Peer(n) for n in ("vm", "idle")}
+        if vm_state is not None:
+            self.set_vm(vm_state)
+        self.events: list[str] = []
+
+    def set_vm(self, state: dict[str, Any]) -> None:
+        vm = self.peers["vm"]
+        vm.inc, vm.last_seen, vm.state = "1-1", time.monotonic(), state
+
+    def update(self, **changes: Any) -> None:
+        self.state.update(changes)
+
+    def event(self, name: str, **data: Any) -> None:
+        self.events.append(name)
+
+
+@pytest.fixture
+def config() -> Iterator[Config]:
+    with tempfile.TemporaryDirectory(prefix="vb") as d:
+        yield from_dict({"stateDir": f"{d}/state", "runtimeDir": f"{d}/run", "readyTimeout": 5})
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 30))
+
+
+async def recv_all(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = b""
+    while chunk := await loop.sock_recv(sock, 65536):
+        out += chunk
+    return out
+
+
+# -- accept errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", sorted(forwarder.OVERLOAD_ERRNOS))
+def test_overload_accept_errors_are_retried_after_a_backoff(config: Config, code: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(forwarder.asyncio, "sleep", sleep)
+
+    async def t() -> None:
+        fwd = Forwarder(config, socket.socket(), FakeNode())  # type: ignore[arg-type]
+        attempts: list[int] = []
+
+        async def accept() -> socket.socket:
+            attempts.append(1)
+            if len(attempts) <= 3:
+                raise OSError(code, "overloaded")
+            raise OSError(errno.EBADF, "a bug: stop the loop")
+
+        fwd._accept = accept  # type: ignore[method-assign]
+        with pytest.raises(OSError) as e:
+            await fwd.accept_loop()
+        assert e.value.errno == errno.EBADF  # anything else ends the loop (circus restarts us)
+        assert len(attempts) == 4 and sleeps == [forwarder.OVERLOAD_BACKOFF] * 3
+
+    run(t)
+
+
+def test_client_accept_errors_are_retried_at_once(config: Config) -> None:
+    async def t() -> None:
+        fwd = Forwarder(config, socket.socket(), FakeNode())  # type: ignore[arg-type]
+        codes = [errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN, errno.ENOTSOCK]
+
+        async def accept() -> socket.socket:
+            raise OSError(codes.pop(0), "x")
+
+        fwd._accept = accept  # type: ignore[method-assign]
+        with pytest.raises(OSError) as e:
+            await fwd.accept_loop()
+        assert e.value.errno == errno.ENOTSOCK and codes == []
+
+    run(t)
+
+
+# -- waiting for the VM -----------------------------------------------------------------------
+
+
+def test_a_client_is_closed_when_the_vm_never_becomes_running(config: Config,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarder, "WAIT_GRACE", 0.0)
+    monkeypatch.setattr(forwarder, "WAKE_SLICE", 0.2)
+    config = from_dict({**json.loads(config.to_json()), "readyTimeout": 1})
+
+    async def t() -> None:
+        node = FakeNode()
+        fwd = Forwarder(config, socket.socket(), node)  # type: ignore[arg-type]
+        wakes: list[float] = []
+
+        async def wake_once(wait: float) -> dict[str, Any]:
+            wakes.append(wait)
+            await asyncio.sleep(wait)
+            return {"ok": False, "state": {"state": "starting"}}
+
+        fwd._wake_once = wake_once  # type: ignore[method-assign]
+        client, conn = socket.socketpair()
+        client.setblocking(False)
+        await fwd.serve(conn)
+        assert await recv_all(client) == b""  # closed, not left hanging
+        assert fwd.failed == 1 and fwd.open == 0 and node.events == ["open", "close"]
+        assert len(wakes) > 1  # the wait was renewed until the deadline
+
+    run(t)
+
+
+def test_a_failed_boot_releases_the_client_with_the_reason(config: Config,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    async def t() -> None:
+        fwd = Forwarder(config, socket.socket(), FakeNode())  # type: ignore[arg-type]
+
+        async def wake_once(wait: float) -> dict[str, Any]:
+            return {"ok": False, "error": "boot failed: no kernel", "state": {"state": "failed"}}
+
+        fwd._wake_once = wake_once  # type: ignore[method-assign]
+        client, conn = socket.socketpair()
+        client.setblocking(False)
+        await fwd.serve(conn)
+        assert await recv_all(client) == b""
+
+    run(t)
+    assert "connection 1 closed: boot failed: no kernel" in caplog.text
+
+
+def test_draining_releases_clients_waiting_for_a_vm_that_is_stopping(config: Config) -> None:
+    async def t() -> None:
+        node = FakeNode({"state": "starting"})
+        fwd = Forwarder(config, socket.socket(), node)  # type: ignore[arg-type]
+
+        async def wake_once(wait: float) -> dict[str, Any]:
+            await asyncio.sleep(wait)
+            return {"ok": False, "state": {"state": "starting"}}
+
+        fwd._wake_once = wake_once  # type: ignore[method-assign]
+        client, conn = socket.socketpair()
+        client.setblocking(False)
+        task = asyncio.create_task(fwd.serve(conn))
+        fwd.tasks.add(task)
+        drain = asyncio.create_task(fwd.drain(30))
+        await asyncio.sleep(0.05)
+        assert not drain.done()  # the boot goes on: the client keeps waiting for it
+        node.set_vm({"state": "stopped"})  # the vm worker stops with the arbiter
+        fwd.on_message(bus.Message("state", "vm", "1-1", 2, time.time(), {}), node.peers["vm"], False)
+        await drain
+        assert await recv_all(client) == b"" and fwd.failed == 1
+
+    run(t)
+
+
+# -- copying ----------------------------------------------------------------------------------
+
+
+async def guest_sshd(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+                     ) -> tuple[asyncio.Server, tuple[str, int]]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    return server, (host, port)
+
+
+def test_half_close_both_ways(config: Config) -> None:
+    """The client's EOF reaches the guest while the guest still answers; then the guest's EOF
+    reaches the client."""
+    async def t() -> None:
+        async def sshd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"SSH-2.0-guest\r\n")
+            request = await reader.read()  # until the client's EOF
+            writer.write(b"got " + request)
+            await writer.drain()
+            writer.write_eof()
+            await reader.read()
+            writer.close()
+
+        server, ep = await guest_sshd(sshd)
+        node = FakeNode({"state": "running", "endpoint": list(ep)})
+        fwd = Forwarder(config, socket.socket(), node)  # type: ignore[arg-type]
+        client, conn = socket.socketpair()
+        client.setblocking(False)
+        serving = asyncio.create_task(fwd.serve(conn))
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(client, b"hello")
+        client.shutdown(socket.SHUT_WR)  # the client is done sending, still reading
+        assert await recv_all(client) == b"SSH-2.0-guest\r\ngot hello"
+        client.close()
+        await serving
+        assert fwd.open == 0
+        server.close()
+
+    run(t)
+
+
+def test_the_guest_closing_first_still_delivers_the_client_data(config: Config) -> None:
+    async def t() -> None:
+        got = asyncio.get_running_loop().create_future()
+
+        async def sshd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"SSH-2.0-guest\r\nbye")
+            writer.write_eof()  # the guest is done sending, still reading
+            got.set_result(await reader.read())
+            writer.close()
+
+        server, ep = await guest_sshd(sshd)
+        fwd = Forwarder(config, socket.socket(), FakeNode({"state": "running", "endpoint": list(ep)}))  # type: ignore[arg-type]
+        client, conn = socket.socketpair()
+        client.setblocking(False)
+        serving = asyncio.create_task(fwd.serve(conn))
+        assert await recv_all(client) == b"SSH-2.0-guest\r\nbye"  # EOF passed on
+        await asyncio.get_running_loop().sock_sendall(client, b"still here")
+        client.shutdown(socket.SHUT_WR)
+        assert await got == b"still here"
+        client.close()
+        await serving
+        server.close()
+
+    run(t)
+
+
+def test_the_dial_gate_lets_few_handshakes_through_at_once(config: Config,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarder, "HANDSHAKE_GRACE", 0.0)
+
+    async def t() -> None:
+        pending = 0
+        most = 0
+        release = asyncio.Event()
+
+        async def sshd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal pending, most
+            pending += 1
+            most = max(most, pending)
+            await release.wait()
+            pending -= 1
+            writer.write(b"SSH-2.0-guest\r\n")
+            await writer.drain()
+            writer.close()
+
+        server, ep = await guest_sshd(sshd)
+        fwd = Forwarder(config, socket.socket(), FakeNode({"state": "running", "endpoint": list(ep)}))  # type: ignore[arg-type]
+        pairs = [socket.socketpair() for _ in range(3 * forwarder.DIAL_CONCURRENCY)]
+        serving = [asyncio.create_task(fwd.serve(conn)) for _, conn in pairs]
+        while pending < forwarder.DIAL_CONCURRENCY:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # room for a gate that leaks to show it
+        assert most == forwarder.DIAL_CONCURRENCY
+        release.set()
+        for client, _ in pairs:
+            client.setblocking(False)
+            assert await recv_all(client) == b"SSH-2.0-guest\r\n"
+            client.close()
+        await asyncio.gather(*serving)
+        assert most == forwarder.DIAL_CONCURRENCY and fwd.failed == 0
+        server.close()
+
+    run(t)

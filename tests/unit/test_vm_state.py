@@ -1,0 +1,378 @@
+"""The vm worker's state machine with a fake backend and a fake bus: no processes, no sockets.
+
+Each test drives `VMWorker.handle` (the commands the forwarder, idle monitor and CLI send) and
+`on_message` (the forwarders' broadcasts) and checks what a client would be told."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from virby.supervisor.config import Config, from_dict
+from virby.workers import bus, vm
+from virby.workers.backends.base import Backend, BackendError, Endpoint
+from virby.workers.keys import KeyPaths, ensure_keys
+from virby.workers.sshcheck import SSHNotReady
+from virby.workers.stop_intent import interpret
+
+
+class FakeBackend(Backend):
+    """Counts calls; `boot_error`/`announce` shape the next boot."""
+
+    name = "fake"
+
+    def __init__(self, config: Config, keys: KeyPaths) -> None:
+        super().__init__(config, keys)
+        self.calls: list[str] = []
+        self.running = False
+        self.boot_error: BaseException | None = None
+        self.announce = asyncio.Event()
+        self.announce.set()
+        self.exit = asyncio.Event()
+        self.broken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.adoptable: str | None = None  # the status a previous worker's VM has
+
+    def check(self) -> None: ...
+    def command(self) -> list[str]:
+        return ["fake"]
+
+    async def boot(self) -> None:
+        self.calls.append("boot")
+        await asyncio.sleep(0)
+        if self.boot_error is not None:
+            raise self.boot_error
+        self.running = True
+
+    async def wait_announced(self) -> None:
+        await self.announce.wait()
+
+    def endpoint(self) -> Endpoint:
+        if not self.running:
+            raise BackendError("the VM is not running")
+        return Endpoint("127.0.0.1", 2222)
+
+    async def pause(self) -> None:
+        self.calls.append("pause")
+
+    async def resume(self) -> None:
+        self.calls.append("resume")
+
+    async def shutdown(self, timeout: float) -> None:
+        self.calls.append("shutdown")
+        self.running = False
+
+    async def kill(self) -> None:
+        self.calls.append("kill")
+        self.running = False
+
+    async def close(self) -> None:
+        self.calls.append("close")
+
+    async def status(self) -> str:
+        return "running" if self.running else "stopped"
+
+    async def wait_exit(self) -> None:
+        await self.exit.wait()
+
+    async def wait_broken(self) -> str:
+        return await self.broken
+
+    async def adopt(self) -> bool:
+        if self.adoptable is None:
+            return False
+        self.running = True
+        self.failure = "qemu reports guest-panicked; console: Kernel panic - not syncing"
+        return True
+
+    def pid(self) -> int | None:
+        return 4242 if self.running else None
+
+    def console_tail(self, lines: int = 15) -> str:
+        return "booting\nlast console words"
+
+
+class FakeNode:
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.peers = {n: bus.Peer(n) for n in ("forwarder", "idle")}
+        self.published = 0
+
+    def publish_state(self) -> None:
+        self.published += 1
+
+
+@pytest.fixture
+def config() -> Iterator[Config]:
+    with tempfile.TemporaryDirectory(prefix="vb") as d:
+        yield from_dict({"stateDir": f"{d}/state", "runtimeDir": f"{d}/run", "readyTimeout": 2,
+                         "guest": {"kernel": f"{d}/k", "initrd": f"{d}/i"}})
+
+
+@pytest.fixture(autouse=True)
+def no_real_ssh(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vm, "prove_ssh", lambda *a: None)
+
+
+def run(test: Callable[[vm.VMWorker, FakeBackend], Any], config: Config) -> None:
+    async def main() -> None:
+        os.makedirs(config.runtimeDir, exist_ok=True)
+        keys = ensure_keys(config.stateDir)
+        backend = FakeBackend(config, keys)
+        worker = vm.VMWorker(config, backend, keys, FakeNode())  # type: ignore[arg-type]
+        await asyncio.wait_for(test(worker, backend), 20)
+
+    asyncio.run(main())
+
+
+def connections(open_: int, inc: str = "1-1", seq: int = 1) -> bus.Message:
+    data = {"open": open_, "last_activity": time.time()}
+    return bus.Message("state", "forwarder", inc, seq, time.time(), data)
+
+
+async def booted(worker: vm.VMWorker) -> None:
+    ok, err, st = await worker.handle("wake", {"wait": 5})
+    assert ok and st["state"] == "running", err
+
+
+# -- wakes and boots --------------------------------------------------------------------------
+
+
+def test_wakes_during_starting_share_one_boot(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        backend.announce.clear()
+        wakes = [asyncio.create_task(worker.handle("wake", {"wait": 5})) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        assert worker.state == "starting"
+        backend.announce.set()
+        replies = await asyncio.gather(*wakes)
+        assert all(ok for ok, _, _ in replies)
+        assert backend.calls.count("boot") == 1 and worker.boots == 1
+
+    run(t, config)
+
+
+@pytest.mark.parametrize("error", [
+    psutil.NoSuchProcess(123),
+    ValueError("could not deserialize key data"),
+    BackendError("guest kernel (guest.kernel) not found: /k"),
+    OSError(28, "No space left on device"),
+    RuntimeError("a bug\nwith a second line"),
+], ids=["NoSuchProcess", "ValueError", "BackendError", "OSError", "RuntimeError"])
+def test_boot_exception_does_not_wedge_starting(config: Config, error: BaseException) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        backend.boot_error = error
+        waiting = [asyncio.create_task(worker.handle("wake", {"wait": 5})) for _ in range(3)]
+        replies = await asyncio.gather(*waiting)
+        # every waiting client is released with the reason, on one line
+        for ok, err, st in replies:
+            assert not ok and err is not None and err.startswith("boot failed: ")
+            assert "\n" not in st["reason"]
+        assert worker.state == "failed"
+        assert "kill" in backend.calls  # the hypervisor is ended
+        assert worker.reason is not None and worker.reason.endswith("; console: last console words")
+        # within the backoff: refused at once, no second boot
+        ok, err, _ = await worker.handle("wake", {"wait": 5})
+        assert not ok and err is not None and "next try in" in err
+        assert backend.calls.count("boot") == 1
+        # after the backoff the next wake boots again
+        worker.retry_at = time.time() - 1
+        backend.boot_error = None
+        await booted(worker)
+        assert backend.calls.count("boot") == 2 and worker.failures == 0
+
+    run(t, config)
+
+
+def test_a_damaged_key_file_is_a_failed_boot(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        with open(KeyPaths.in_dir(config.stateDir).client_key, "w") as f:
+            f.write("not a key\n")
+        ok, err, st = await worker.handle("wake", {"wait": 5})
+        assert not ok and st["state"] == "failed" and err is not None
+        assert "ValueError" in st["reason"] and backend.calls == ["kill"]
+
+    run(t, config)
+
+
+def test_a_guest_that_never_announces_fails_with_the_timeout(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        backend.announce.clear()
+        ok, _, st = await worker.handle("wake", {"wait": 5})
+        assert not ok and st["reason"].startswith("guest not ready within 2s")
+        assert backend.calls == ["boot", "kill"]
+
+    run(t, config)
+
+
+def test_an_ssh_proof_that_never_passes_is_a_failed_boot(config: Config,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object) -> None:
+        raise SSHNotReady("host key mismatch")
+
+    monkeypatch.setattr(vm, "prove_ssh", refuse)
+
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        ok, _, st = await worker.handle("wake", {"wait": 5})
+        assert not ok and "the SSH check failed: host key mismatch" in st["reason"]
+
+    run(t, config)
+
+
+def test_a_hypervisor_exit_while_running_is_stopped_and_the_next_wake_boots(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        backend.exit.set()
+        assert await worker.wait_for(("stopped",), 5)
+        assert worker.reason == "the hypervisor exited unexpectedly"
+        backend.exit.clear()
+        await booted(worker)
+        assert worker.boots == 2
+
+    run(t, config)
+
+
+def test_guest_panicked_is_failed(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        backend.broken.set_result("qemu reports guest-panicked; console: Kernel panic - not syncing")
+        assert await worker.wait_for(("failed",), 5)
+        assert worker.reason == "qemu reports guest-panicked; console: Kernel panic - not syncing"
+        assert backend.calls[-1] == "kill" and backend.pid() is None
+        ok, err, _ = await worker.handle("wake", {"wait": 1})
+        assert not ok and err is not None and "guest-panicked" in err
+
+    run(t, config)
+
+
+def test_an_adopted_broken_guest_is_failed(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        backend.adoptable = "failed"
+        backend.status = lambda: _const("failed")  # type: ignore[method-assign]
+        await worker.adopt()
+        assert worker.state == "failed" and "guest-panicked" in (worker.reason or "")
+        assert "kill" in backend.calls
+
+    run(t, config)
+
+
+async def _const(value: str) -> str:
+    return value
+
+
+# -- idle requests and races ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cmd", ["stop", "pause"])
+def test_stop_and_pause_are_refused_while_connections_are_open(config: Config, cmd: str) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        await worker.on_message(connections(1), bus.Peer("forwarder"), False)
+        ok, err, st = await worker.handle(cmd, {"if_idle": True, "idle_since": time.time() - 60})
+        assert not ok and err == "busy: 1 connection(s) open" and st["state"] == "running"
+        assert "shutdown" not in backend.calls and "pause" not in backend.calls
+        await worker.on_message(connections(0, seq=2), bus.Peer("forwarder"), False)
+        ok, err, st = await worker.handle(cmd, {"if_idle": True, "idle_since": time.time()})
+        assert ok, err
+        assert st["state"] == ("stopped" if cmd == "stop" else "paused")
+
+    run(t, config)
+
+
+def test_a_connection_opening_while_paused_resumes(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        ok, err, _ = await worker.handle("pause", {"if_idle": True, "idle_since": time.time()})
+        assert ok and worker.state == "paused", err
+        await worker.on_message(connections(1), bus.Peer("forwarder"), False)
+        assert await worker.wait_for(("running",), 5)
+        assert backend.calls.count("resume") == 1 and worker.boots == 1
+
+    run(t, config)
+
+
+def test_a_pause_racing_a_wake_is_refused(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        idle_since = time.time()
+        async with worker._lock:  # a pause decided on an idle period gets queued behind a transition
+            pause = asyncio.create_task(worker.handle("pause", {"if_idle": True, "idle_since": idle_since}))
+            await asyncio.sleep(0.01)
+            await worker.handle("wake", {"wait": 0})  # a client arrives meanwhile
+        ok, _, st = await pause
+        assert not ok and st["state"] == "running" and "pause" not in backend.calls
+
+    run(t, config)
+
+
+def test_a_wake_while_paused_resumes_without_a_boot(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        await worker.handle("pause", {})
+        await booted(worker)
+        assert backend.calls.count("boot") == 1 and backend.calls.count("resume") == 1
+
+    run(t, config)
+
+
+# -- the end of the worker --------------------------------------------------------------------
+
+
+def test_circusctl_restart_vm_keeps_guest(config: Config) -> None:
+    """Kept: the control channel is released, the hypervisor left running for the next worker."""
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        await worker.close(keep=True)
+        assert backend.calls[-1] == "close" and backend.running
+        assert "shutdown" not in backend.calls and "kill" not in backend.calls
+
+    run(t, config)
+
+
+@pytest.mark.parametrize("orphaned", [False, True])
+def test_an_ending_arbiter_shuts_the_vm_down(config: Config, orphaned: bool) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        await worker.close(keep=True, orphaned=orphaned) if orphaned else await worker.close(keep=False)
+        assert backend.calls[-1] == "shutdown" and worker.state == "stopped"
+
+    run(t, config)
+
+
+def test_stop_during_boot_kills_the_starting_guest_at_once(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        backend.announce.clear()
+        waiting = asyncio.create_task(worker.handle("wake", {"wait": 5}))
+        await asyncio.sleep(0.05)
+        await worker.close(keep=True)  # even a restart: a half-booted guest cannot be adopted
+        assert backend.calls == ["boot", "kill"] and worker.state == "stopped"
+        ok, _, _ = await waiting
+        assert not ok
+
+    run(t, config)
+
+
+@pytest.mark.parametrize(("reason", "keep"), [
+    ("arbiter is already running arbiter_stop command", False),
+    ("arbiter is already running watcher_stop command", False),
+    ("arbiter is already running arbiter_stop_watchers command", False),
+    ("arbiter is already running arbiter_rm_watcher command", False),
+    ("arbiter is already running watcher_restart command", True),
+    ("arbiter is already running arbiter_reload command", True),
+    ("arbiter is already running arbiter_reload_config command", True),
+    ("arbiter is restarting...", True),
+    ("command '...': 'vm' already exist", True),
+])
+def test_stop_intent_reads_what_circusd_is_doing(reason: str, keep: bool) -> None:
+    intent = interpret({"status": "error", "reason": reason})
+    assert intent.keep_vm is keep, intent.why
+
+
+def test_stop_intent_without_an_answer_shuts_down() -> None:
+    assert interpret(None).keep_vm is False
