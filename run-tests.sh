@@ -11,6 +11,7 @@ t0=$(date +%s)
 bash image/build-test-guest.sh
 WITH_NIX=1 bash image/build-test-guest.sh
 ruff check .
+lint-imports --no-cache  # the import contracts in .importlinter
 mypy -p virby.supervisor -p virby.workers
 mypy tests bench
 python -m pytest -p no:cacheprovider -ra tests "$@"

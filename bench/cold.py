@@ -25,18 +25,17 @@ from bench.common import (
     Context,
     Result,
     free_port,
-    qmp_command,
     summary,
     timed_ssh_true,
     wait_pid_gone,
 )
-from tests.harness import Instance
+from tests.harness import Instance, qmp_execute
 from virby.supervisor import control
-from virby.supervisor.cli import ssh_config_text
 from virby.supervisor.config import Config, from_dict
-from virby.workers import cpio
+from virby.supervisor.sshconfig import ssh_config_text
 from virby.workers.backends.disk import ensure_disk
-from virby.workers.backends.qemu import _USERNET_RE, QemuBackend
+from virby.workers.backends.initrd import build_keyed_initrd
+from virby.workers.backends.qemu.backend import _USERNET_RE, QemuBackend
 from virby.workers.keys import ensure_keys
 
 NAME = "cold"
@@ -58,10 +57,11 @@ class DirectGuest:
         os.makedirs(self.config.runtimeDir, mode=0o700, exist_ok=True)
         os.makedirs(self.config.log_dir, exist_ok=True)
         keys = ensure_keys(self.config.stateDir)
-        ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # the argv attaches it
         self.backend = QemuBackend(self.config, keys)
+        ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # the argv names it
         # The same keys initrd the vm worker builds at each boot, built once, before timing.
-        cpio.append_archive(self.config.guest.initrd, self.backend._keys_archive(), self.backend.boot_initrd)
+        build_keyed_initrd(self.config.guest.initrd, self.backend.keys, self.config.sshUser,
+                           self.backend.boot_initrd)
         self.argv = self.backend.command()
         self.ssh_config = self.dir / "ssh_config"
         self.ssh_config.write_text(ssh_config_text(self.config))
@@ -85,7 +85,7 @@ class DirectGuest:
             # the agent socket exists once QEMU has parsed its argv, long before the guest speaks
             agent = connect_unix(self.backend.agent_path, deadline=t0 + 10)
             with agent:
-                usernet = qmp_command(self.backend.qmp_path, "human-monitor-command",
+                usernet = qmp_execute(self.backend.qmp_path, "human-monitor-command",
                                       {"command-line": "info usernet"}, deadline=t0 + 10)
                 m = _USERNET_RE.search(str(usernet))
                 if not m:

@@ -1,5 +1,5 @@
 """What every benchmark shares: the result record, statistics, machine facts, timed `ssh true`
-probes and a tiny QMP client for the directly booted guest.
+probes.
 
 Every loop here is bounded in time and count; every process started here is ended by its
 caller in a `finally`.
@@ -8,7 +8,6 @@ caller in a `finally`.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
@@ -280,50 +279,6 @@ def probe_until_ssh(ssh_config: Path, port: int, deadline: float, *, stagger: fl
     finally:
         for p in probes:
             p.kill()
-
-
-# -- QMP (the directly booted guest) -------------------------------------------------------------
-
-
-def qmp_command(path: str, command: str, arguments: dict[str, Any] | None = None,
-                deadline: float | None = None) -> Any:
-    """Connect to a QMP unix socket (retrying until it accepts or `deadline`), negotiate, run
-    one command, return its `return` value."""
-    deadline = deadline if deadline is not None else time.monotonic() + 10
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            break
-        except OSError:
-            s.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"QMP socket {path} does not accept") from None
-            time.sleep(0.005)
-    with s:
-        s.settimeout(max(0.1, deadline - time.monotonic()))
-        f = s.makefile("rwb")
-
-        def call(cmd: str, args: dict[str, Any] | None) -> Any:
-            msg: dict[str, Any] = {"execute": cmd}
-            if args:
-                msg["arguments"] = args
-            f.write(json.dumps(msg).encode() + b"\n")
-            f.flush()
-            for _ in range(1000):
-                line = f.readline()
-                if not line:
-                    raise OSError("QMP closed the connection")
-                reply = json.loads(line)
-                if "return" in reply:
-                    return reply["return"]
-                if "error" in reply:
-                    raise OSError(f"QMP {cmd}: {reply['error']}")
-            raise OSError(f"QMP {cmd}: no reply")
-
-        f.readline()  # the greeting
-        call("qmp_capabilities", None)
-        return call(command, arguments)
 
 
 def wait_pid_gone(pid: int, timeout: float) -> float | None:

@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 
 from bench.common import REPO, Context, Result, free_port, need, percentile, stop_process, summary
+from virby.workers.logtail import tail_lines
 
 NAME = "throughput"
 PATHS = ("forwarder", "socat", "direct")
@@ -119,9 +120,7 @@ class Rig:
         return str(line)
 
     def log_tail(self, name: str) -> str:
-        with contextlib.suppress(OSError):
-            return (self.dir / f"{name}.log").read_text()[-1500:]
-        return ""
+        return "\n".join(tail_lines(str(self.dir / f"{name}.log"), 20))
 
     def start(self) -> Rig:
         env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -15,6 +15,7 @@ import sys
 
 from virby.supervisor import circus_ini
 from virby.supervisor.config import Config
+from virby.workers.protocol import STALE_RUNTIME_FILES
 
 
 class CannotStart(Exception):
@@ -59,13 +60,6 @@ def prepare_dirs(config: Config) -> None:
         ensure_keys(config.stateDir)
     except OSError as e:
         raise CannotStart(f"cannot prepare {e.filename or config.stateDir}: {e.strerror}") from e
-
-
-# What a previous arbiter leaves that must not mislead the next one. The hypervisor's own
-# sockets and pid file are not here: a VM may still run, and the vm worker adopts or cleans it.
-STALE_RUNTIME_FILES = ("ctl.sock", "events.sock", "vm.pub.sock", "vm.in.sock", "vm.ctl.sock",
-                       "idle.pub.sock", "idle.in.sock", "vm.failure", "forwarder.failure",
-                       "idle.failure", "vm.counters.json")
 
 
 def clean_runtime_dir(config: Config) -> None:

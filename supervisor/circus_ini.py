@@ -15,12 +15,11 @@ import json
 import sys
 
 from virby.supervisor.config import Config
+from virby.workers.protocol import CIRCUS_CONTROL, CIRCUS_EVENTS, WATCHERS
+from virby.workers.timeouts import FORWARDER_DRAIN_TIMEOUT, VM_SHUTDOWN_TIMEOUT
 
-WATCHERS = ("vm", "forwarder", "idle")
 # How long circus waits after SIGTERM before SIGKILL. The vm worker needs room for a clean
 # guest shutdown (VM_SHUTDOWN_TIMEOUT) and the forwarder for draining open sessions.
-VM_SHUTDOWN_TIMEOUT = 30
-FORWARDER_DRAIN_TIMEOUT = 30
 GRACEFUL_TIMEOUTS = {"vm": VM_SHUTDOWN_TIMEOUT + 15, "forwarder": FORWARDER_DRAIN_TIMEOUT + 5,
                      "idle": 5}
 SOCKET_BACKLOG = 512
@@ -57,8 +56,8 @@ def render(config: Config, *, python: str | None = None) -> str:
     ini = configparser.ConfigParser(interpolation=None)
     ini.optionxform = str  # type: ignore[assignment,method-assign]  # keep option case
     ini["circus"] = {
-        "endpoint": config.endpoint("ctl"),
-        "pubsub_endpoint": config.endpoint("events"),
+        "endpoint": config.endpoint(CIRCUS_CONTROL),
+        "pubsub_endpoint": config.endpoint(CIRCUS_EVENTS),
         "multicast_endpoint": "",
         "statsd": "False",
         "check_delay": "1",

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import click
 
 from virby.supervisor.config import ENV_VAR, Config, ConfigError, load
+from virby.workers import protocol
 
 CONFIG_HELP = "Config file (JSON, or TOML by extension). Default: $VIRBY_CONFIG, else built-in defaults."
 
@@ -91,12 +92,6 @@ def run(config_path: str | None) -> None:
 # -- status and VM commands ------------------------------------------------------------------
 
 
-def format_status(st: dict[str, Any]) -> str:
-    from virby.supervisor.statusview import format_status as fmt
-
-    return fmt(st)
-
-
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -114,7 +109,12 @@ def status(config_path: str | None, as_json: bool) -> None:
 
     config = _load(config_path)
     st = _control_call(lambda: control.status(config))
-    click.echo(control.dumps(st) if as_json else format_status(st))
+    if as_json:
+        click.echo(control.dumps(st))
+    else:
+        from virby.supervisor.statusview import format_status
+
+        click.echo(format_status(st))
 
 
 def _vm_command(cmd: str, timeout: float = 2.0) -> Callable[..., None]:
@@ -210,37 +210,11 @@ def _wait_unless_running(config: Config) -> None:
     leave it to the forwarder."""
     from virby.supervisor import control
 
-    if not os.path.exists(config.endpoint("vm.pub").removeprefix("ipc://")):
+    if not os.path.exists(config.endpoint(protocol.state_endpoint("vm")).removeprefix("ipc://")):
         return
     vm = control.collect_states(config, 0.5).get("vm")
     if vm is not None and vm.data.get("state") not in ("running", "paused"):
         _wait_running(config)
-
-
-def ssh_config_text(config: Config, host: str = "virby-vm") -> str:
-    from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
-
-    keys = KeyPaths.in_dir(config.stateDir)
-    # The forwarder accepts at once but the banner comes only when the guest is up: the
-    # timeout must cover a cold boot.
-    connect_timeout = int(config.readyTimeout) + 15
-    return "\n".join([
-        f"Host {host}",
-        "  HostName 127.0.0.1",
-        f"  Port {config.port}",
-        f"  User {config.sshUser}",
-        f"  IdentityFile {keys.client_key}",
-        "  IdentitiesOnly yes",
-        # Global + /dev/null: the same text works in /etc/ssh/ssh_config.d for every user
-        # (nix/lib.nix writes it there) and no user's own known_hosts can interfere.
-        f"  GlobalKnownHostsFile {keys.known_hosts}",
-        "  UserKnownHostsFile /dev/null",
-        f"  HostKeyAlias {HOST_KEY_ALIAS}",
-        "  StrictHostKeyChecking yes",
-        f"  ConnectTimeout {connect_timeout}",
-        "  BatchMode yes",
-        "",
-    ])
 
 
 @cli.command("ssh-config")
@@ -254,6 +228,8 @@ def ssh_config(config_path: str | None, host: str) -> None:
     Example:
       virby ssh-config > ~/.ssh/virby.conf && ssh -F ~/.ssh/virby.conf virby-vm uname -a
     """
+    from virby.supervisor.sshconfig import ssh_config_text
+
     click.echo(ssh_config_text(_load(config_path), host), nl=False)
 
 
@@ -274,6 +250,8 @@ def ssh(config_path: str | None, command: tuple[str, ...]) -> None:
     if not os.path.isdir(config.runtimeDir):
         _fail(f"virby is not running: no runtime dir {config.runtimeDir} (start it with `virby run`)")
     _wait_unless_running(config)
+    from virby.supervisor.sshconfig import ssh_config_text
+
     with open(path, "w") as f:
         f.write(ssh_config_text(config))
     args = ["ssh", "-F", path, "virby-vm"]
@@ -306,7 +284,7 @@ def logs(config_path: str | None, follow: bool, lines: int, watcher: str | None)
     from virby.supervisor import logview
 
     config = _load(config_path)
-    names = [watcher] if watcher else ["circusd", "vm", "forwarder", "idle"]
+    names = [watcher] if watcher else ["circusd", *protocol.WATCHERS]
     paths = {n: os.path.join(config.log_dir, LOG_FILES[n]) for n in names}
     logview.show(paths, lines=lines, follow=follow, echo=click.echo)
 
@@ -331,8 +309,9 @@ def events(config_path: str | None, follow: bool, as_json: bool) -> None:
     from virby.supervisor import events as ev
 
     config = _load(config_path)
-    if not os.path.exists(config.endpoint("ctl").removeprefix("ipc://")):
-        _fail(f"virby is not running: no arbiter at {config.endpoint('ctl')} (start it with `virby run`)")
+    ctl = config.endpoint(protocol.CIRCUS_CONTROL)
+    if not os.path.exists(ctl.removeprefix("ipc://")):
+        _fail(f"virby is not running: no arbiter at {ctl} (start it with `virby run`)")
 
     def emit(e: ev.Event) -> None:
         click.echo(e.json() if as_json else e.line())
@@ -402,36 +381,6 @@ def forward(config_path: str | None, guest_port: int, host_port: int) -> None:
 # -- integration with Nix, launchd and circusctl ---------------------------------------------
 
 
-def guest_systems(config: Config) -> list[str]:
-    """The systems the builder serves: the guest runs the host's architecture; Rosetta adds
-    x86_64 on Apple Silicon."""
-    machine = os.uname().machine
-    arch = "aarch64" if machine in ("arm64", "aarch64") else "x86_64"
-    systems = [f"{arch}-linux"]
-    if config.rosetta and arch == "aarch64":
-        systems.append("x86_64-linux")
-    return systems
-
-
-def nix_machines_line(config: Config, *, host: str = "virby-vm", protocol: str = "ssh-ng",
-                      speed_factor: int = 1) -> str:
-    import base64
-
-    from virby.workers.keys import KeyPaths
-
-    keys = KeyPaths.in_dir(config.stateDir)
-    try:
-        with open(keys.host_pub) as f:
-            host_key = base64.b64encode(" ".join(f.read().split()[:2]).encode()).decode()
-    except OSError:
-        host_key = "-"  # no keys yet: `virby run` makes them; ssh_config still pins the key
-    features = ["benchmark", "big-parallel"]
-    if config.nestedVirtualization:
-        features += ["kvm", "nixos-test"]  # only where the guest really has /dev/kvm
-    return " ".join([f"{protocol}://{host}", ",".join(guest_systems(config)), keys.client_key,
-                     str(config.cores), str(speed_factor), ",".join(features), "-", host_key])
-
-
 @cli.command("nix-machines")
 @config_option
 @click.option("--protocol", type=click.Choice(["ssh-ng", "ssh"]), default="ssh-ng", show_default=True)
@@ -443,6 +392,8 @@ def nix_machines(config_path: str | None, protocol: str, speed_factor: int) -> N
     Example:
       nix-build --max-jobs 0 --builders "$(virby nix-machines)" ...
     """
+    from virby.supervisor.sshconfig import nix_machines_line
+
     config = _load(config_path)
     click.echo(nix_machines_line(config, protocol=protocol, speed_factor=speed_factor))
 
@@ -481,10 +432,10 @@ def env(config_path: str | None) -> None:
 
     config = _load(config_path)
     values = {
-        "CIRCUSCTL_ENDPOINT": config.endpoint("ctl"),
-        "VIRBY_EVENTS_ENDPOINT": config.endpoint("events"),
-        "VIRBY_VM_ENDPOINT": config.endpoint("vm.pub"),
-        "VIRBY_CONTROL_ENDPOINT": config.endpoint("vm.ctl"),
+        "CIRCUSCTL_ENDPOINT": config.endpoint(protocol.CIRCUS_CONTROL),
+        "VIRBY_EVENTS_ENDPOINT": config.endpoint(protocol.CIRCUS_EVENTS),
+        "VIRBY_VM_ENDPOINT": config.endpoint(protocol.state_endpoint("vm")),
+        "VIRBY_CONTROL_ENDPOINT": config.endpoint(protocol.VM_COMMANDS),
         "VIRBY_RUNTIME_DIR": config.runtimeDir,
         "VIRBY_STATE_DIR": config.stateDir,
     }

@@ -3,10 +3,11 @@ watchers, the bus for the VM. Every call is bounded by a short timeout and raise
 with one clear line when the arbiter is not there.
 
 `virby status` must answer in well under 100 ms, so this module is synchronous and light: it
-speaks circusd's JSON protocol on a plain DEALER (circus.client pulls in tornado and, through
-zmq.ssh, paramiko: ~70 ms) and reads the state owners' XPUB replays with a blocking SUB. The
-message format comes from workers/protocol.py and the crash records from workers/failures.py,
-neither of which imports asyncio (~35 ms).
+speaks circusd's JSON protocol and the vm worker's commands on plain DEALERs (circus.client
+pulls in tornado and, through zmq.ssh, paramiko: ~70 ms) and reads the state owners' XPUB
+replays with a blocking SUB. The message formats and names come from workers/protocol.py and
+the crash records from workers/failures.py, neither of which imports asyncio (~35 ms). The CLI
+never imports the workers' bus (workers/bus.py): the protocol is the whole contract.
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ import zmq
 
 from virby.supervisor.config import Config
 from virby.workers.failures import read_failure
-from virby.workers.protocol import XPUB_OWNERS, BadMessage, Message, decode
-
-WATCHERS = ("vm", "forwarder", "idle")
+from virby.workers.protocol import (
+    CIRCUS_CONTROL,
+    VM_COMMANDS,
+    WATCHERS,
+    XPUB_OWNERS,
+    BadMessage,
+    Message,
+    decode,
+    decode_reply,
+    encode_request,
+    state_endpoint,
+)
 
 
 class NotRunning(Exception):
@@ -35,13 +45,13 @@ def _ipc_file(endpoint: str) -> str:
 
 
 def _not_running(config: Config) -> NotRunning:
-    return NotRunning(f"virby is not running: no arbiter at {config.endpoint('ctl')} "
+    return NotRunning(f"virby is not running: no arbiter at {config.endpoint(CIRCUS_CONTROL)} "
                       "(start it with `virby run`)")
 
 
 def circus_call(config: Config, command: str, timeout: float = 1.0, **props: Any) -> dict[str, Any]:
     """One command to circusd's control socket (the same JSON `circusctl` sends)."""
-    endpoint = config.endpoint("ctl")
+    endpoint = config.endpoint(CIRCUS_CONTROL)
     if not os.path.exists(_ipc_file(endpoint)):
         raise _not_running(config)
     sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
@@ -94,18 +104,31 @@ def watcher_status(config: Config) -> dict[str, dict[str, Any]]:
 
 def request(config: Config, cmd: str, args: dict[str, Any] | None = None,
             timeout: float = 2.0) -> dict[str, Any]:
-    import asyncio
-
-    import zmq.asyncio
-
-    from virby.workers import bus
-
-    if not os.path.exists(_ipc_file(config.endpoint("ctl"))):
+    """One command to the vm worker and its reply (`{"ok", "error"?, "state"?}`). A fresh
+    DEALER each call, so a lost reply is never taken for the answer to a later request."""
+    if not os.path.exists(_ipc_file(config.endpoint(CIRCUS_CONTROL))):
         raise _not_running(config)
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    req_id = uuid.uuid4().hex
     try:
-        return asyncio.run(bus.request(config, cmd, args, timeout=timeout, ctx=zmq.asyncio.Context()))
-    except bus.RequestError as e:
-        raise NotRunning(f"the vm worker does not answer: {e}") from e
+        # Queued until the connection exists; LINGER 0 drops it if the vm worker never shows.
+        sock.connect(config.endpoint(VM_COMMANDS))
+        sock.send_multipart([b"", encode_request(cmd, args, req_id)])
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                raise NotRunning(f"the vm worker does not answer: no answer from the vm worker "
+                                 f"within {timeout:g}s ({cmd})")
+            try:
+                reply = decode_reply(sock.recv_multipart()[-1])
+            except BadMessage:
+                continue
+            if reply["id"] == req_id:
+                return reply
+    finally:
+        sock.close(linger=0)
 
 
 def subscribe(config: Config, ctx: zmq.Context[Any] | None = None) -> zmq.Socket[Any]:
@@ -117,7 +140,7 @@ def subscribe(config: Config, ctx: zmq.Context[Any] | None = None) -> zmq.Socket
     sock.setsockopt(zmq.RCVHWM, 1000)
     for owner in XPUB_OWNERS:
         sock.setsockopt(zmq.SUBSCRIBE, owner.encode())
-        sock.connect(config.endpoint(f"{owner}.pub"))
+        sock.connect(config.endpoint(state_endpoint(owner)))
     return sock
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from virby.supervisor.config import Config
+from virby.workers.protocol import WATCHERS
 
 MAX_SKEW = 3.0  # seconds; `date +%s` has 1 s resolution and the round trip adds a little
 UNIX_PATH_MAX = 104  # macOS's sun_path
@@ -178,7 +179,7 @@ def check_arbiter(ctx: Context) -> Check:
                      "(macOS: `sudo launchctl kickstart system/org.nixos.virby`)")
     ctx.running = True
     statuses = reply.get("statuses") or {}
-    bad = {n: statuses.get(n, "missing") for n in control.WATCHERS if statuses.get(n) != "active"}
+    bad = {n: statuses.get(n, "missing") for n in WATCHERS if statuses.get(n) != "active"}
     if bad:
         listed = ", ".join(f"{n} {s}" for n, s in bad.items())
         return Check(False, "arbiter (circusd)", f"watchers not active: {listed}",
@@ -193,7 +194,7 @@ def check_arbiter(ctx: Context) -> Check:
 
 def _ssh_config_file(ctx: Context) -> str:
     if ctx.ssh_config_path is None:
-        from virby.supervisor.cli import ssh_config_text
+        from virby.supervisor.sshconfig import ssh_config_text
 
         fd, path = tempfile.mkstemp(prefix="virby-doctor-", suffix=".ssh_config")
         with os.fdopen(fd, "w") as f:

@@ -21,6 +21,7 @@ from typing import Any
 
 from virby.supervisor import control
 from virby.supervisor.config import Config
+from virby.workers.protocol import XPUB_OWNERS, BadMessage, decode
 
 SILENT_AFTER = 3.5  # three missed heartbeats, as the workers judge each other (bus.PEER_TIMEOUT)
 
@@ -159,7 +160,7 @@ def current(config: Config, timeout: float = 1.0) -> list[Event]:
     states = control.collect_states(config, timeout)
     now = time.time()
     out = []
-    for owner in control.XPUB_OWNERS:
+    for owner in XPUB_OWNERS:
         msg = states.get(owner)
         if msg is None:
             out.append(Event(now, owner, "silent", "no answer (is the worker running? `virby status`)"))
@@ -171,8 +172,6 @@ def current(config: Config, timeout: float = 1.0) -> list[Event]:
 def follow(config: Config, emit: Callable[[Event], None], *,
            stop: Callable[[], bool] = lambda: False) -> None:
     """Print the current state of each owner, then every change, until `stop()` or Ctrl-C."""
-    from virby.workers import bus
-
     sock = control.subscribe(config)
     last: dict[str, dict[str, Any]] = {}
     heard: dict[str, float] = {}
@@ -181,8 +180,8 @@ def follow(config: Config, emit: Callable[[Event], None], *,
         while not stop():
             if sock.poll(500):
                 try:
-                    msg = bus.decode(sock.recv_multipart())
-                except bus.BadMessage:
+                    msg = decode(sock.recv_multipart())
+                except BadMessage:
                     continue
                 heard[msg.sender] = time.monotonic()
                 silent.discard(msg.sender)

@@ -8,23 +8,9 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
+from virby.workers.logtail import tail_lines
+
 POLL = 0.25
-
-
-def tail_lines(path: str, lines: int, end: int | None = None) -> list[str]:
-    """The last `lines` complete lines of `path` before offset `end` (default: its end)."""
-    try:
-        with open(path, "rb") as f:
-            if end is None:
-                f.seek(0, os.SEEK_END)
-                end = f.tell()
-            start = max(0, end - 256 * max(lines, 1) - 4096)
-            f.seek(start)
-            data = f.read(end - start).decode("utf-8", "replace")
-    except OSError:
-        return []
-    out = data.splitlines()
-    return out[-lines:] if lines > 0 else []
 
 
 def show(paths: dict[str, str], *, lines: int, follow: bool, echo: Callable[[str], None]) -> None:

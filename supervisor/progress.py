@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from virby.supervisor import control
 from virby.supervisor.config import Config
+from virby.workers.protocol import BadMessage, decode
 
 FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 TICK = 0.1
@@ -93,8 +94,6 @@ def wait_running(config: Config, progress: Progress, timeout: float | None = Non
     """Ask the vm worker to start the VM (it answers at once) and follow its broadcasts until it
     is `running`. Returns the vm state. Raises StartFailed with the reason, control.NotRunning
     when there is no arbiter."""
-    from virby.workers import bus
-
     timeout = timeout if timeout is not None else config.readyTimeout + 30
     reply = control.request(config, "start", {"wait": 0}, timeout=5)
     state = reply.get("state") or {}
@@ -120,8 +119,8 @@ def wait_running(config: Config, progress: Progress, timeout: float | None = Non
             if not sock.poll(int(min(TICK, remaining) * 1000) + 1):
                 continue
             try:
-                msg = bus.decode(sock.recv_multipart())
-            except bus.BadMessage:
+                msg = decode(sock.recv_multipart())
+            except BadMessage:
                 continue
             if msg.sender != "vm" or msg.kind != "state":
                 continue

@@ -48,6 +48,38 @@ def build_guest(with_nix: bool = False, arch: str = "x86_64") -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def qmp_execute(path: str, command: str, arguments: dict[str, Any] | None = None, *,
+                deadline: float | None = None) -> Any:
+    """Run one QMP command on a QEMU unix socket with qemu.qmp's QMPClient (one connection per
+    command; QEMU takes the next client once one leaves), retrying the connection until the
+    socket accepts or `deadline` (monotonic, default 10 s from now). Returns its `return`."""
+    import asyncio
+
+    from qemu.qmp import QMPClient
+    from qemu.qmp.error import QMPError
+
+    end = deadline if deadline is not None else time.monotonic() + 10
+
+    async def run() -> Any:
+        while True:
+            qmp = QMPClient("virby-test")
+            try:
+                await qmp.connect(path)
+                break
+            except (QMPError, OSError) as e:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"QMP socket {path} does not accept: {e}") from None
+                await asyncio.sleep(0.005)
+        try:
+            return await asyncio.wait_for(qmp.execute(command, arguments),
+                                          max(0.1, end - time.monotonic()))
+        finally:
+            with contextlib.suppress(QMPError, OSError):
+                await qmp.disconnect()
+
+    return asyncio.run(run())
+
+
 class Instance:
     """Owns a temp dir, a `virby run` process tree and whatever QEMU it started; `close()`
     ends them all and removes the dir."""

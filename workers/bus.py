@@ -45,6 +45,7 @@ from virby.workers.protocol import (  # re-exported: the bus's users import them
     NAMES,
     PEER_TIMEOUT,
     VERSION,
+    VM_COMMANDS,
     XPUB_OWNERS,
     BadMessage,
     Message,
@@ -52,6 +53,8 @@ from virby.workers.protocol import (  # re-exported: the bus's users import them
     decode_request,
     encode_reply,
     encode_request,
+    inbox_endpoint,
+    state_endpoint,
 )
 
 EARLY_BEATS = (0.02, 0.05, 0.1, 0.2, 0.4)
@@ -152,24 +155,24 @@ class Node:
             self._xpub = self._sock(zmq.XPUB)
             self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription: replay
             self._xpub.setsockopt(zmq.SNDHWM, 1000)
-            self._xpub.bind(self.config.endpoint(f"{self.name}.pub"))
+            self._xpub.bind(self.config.endpoint(state_endpoint(self.name)))
             self._tasks.append(asyncio.create_task(self._replay_loop(self._xpub)))
         if self.name in INBOX_OWNERS:
             inbox = self._sock(zmq.SUB)
             inbox.setsockopt(zmq.SUBSCRIBE, b"")
             inbox.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + 1024)
-            inbox.bind(self.config.endpoint(f"{self.name}.in"))
+            inbox.bind(self.config.endpoint(inbox_endpoint(self.name)))
             receivers.append(inbox)
         else:
             self._pub = self._sock(zmq.PUB)
             for owner in INBOX_OWNERS:
-                self._pub.connect(self.config.endpoint(f"{owner}.in"))
+                self._pub.connect(self.config.endpoint(inbox_endpoint(owner)))
         sub = self._sock(zmq.SUB)
         sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + 1024)
         for owner in XPUB_OWNERS:
             if owner != self.name:
                 sub.setsockopt(zmq.SUBSCRIBE, owner.encode())
-                sub.connect(self.config.endpoint(f"{owner}.pub"))
+                sub.connect(self.config.endpoint(state_endpoint(owner)))
         receivers.append(sub)
         for r in receivers:
             self._tasks.append(asyncio.create_task(self._recv_loop(r)))
@@ -276,7 +279,7 @@ class ControlServer:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.handle = handle
         self.drops = _OncePerReason()
-        self.endpoint = config.endpoint("vm.ctl")
+        self.endpoint = config.endpoint(VM_COMMANDS)
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -334,7 +337,7 @@ async def request(config: Config, cmd: str, args: dict[str, Any] | None = None, 
     sock.setsockopt(zmq.LINGER, 0)
     try:
         # Queued until the connection exists; LINGER 0 drops it if the vm worker never shows.
-        sock.connect(config.endpoint("vm.ctl"))
+        sock.connect(config.endpoint(VM_COMMANDS))
         req_id = uuid.uuid4().hex
         deadline = time.monotonic() + timeout
         await sock.send_multipart([b"", encode_request(cmd, args, req_id)])

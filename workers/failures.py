@@ -12,6 +12,7 @@ import time
 
 from virby.supervisor.config import Config
 from virby.workers.files import write_json
+from virby.workers.protocol import failure_file
 
 MAX_BACKOFF = 60.0
 
@@ -19,7 +20,7 @@ log = logging.getLogger("virby")
 
 
 def failure_path(config: Config, name: str) -> str:
-    return config.runtime(f"{name}.failure")
+    return config.runtime(failure_file(name))
 
 
 def read_failure(config: Config, name: str) -> dict[str, object] | None:

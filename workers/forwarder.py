@@ -24,10 +24,10 @@ import socket
 import time
 from typing import Any
 
-from virby.supervisor.circus_ini import FORWARDER_DRAIN_TIMEOUT
 from virby.supervisor.config import Config
 from virby.workers import bus
 from virby.workers.runtime import run_worker
+from virby.workers.timeouts import FORWARDER_DRAIN_TIMEOUT
 
 log = logging.getLogger("virby.forwarder")
 

@@ -16,16 +16,52 @@ from dataclasses import dataclass
 from typing import Any
 
 VERSION = 1
-NAMES = ("vm", "forwarder", "idle")
 KINDS = ("state", "event")
 COMMANDS = ("wake", "start", "stop", "pause", "resume", "status")
 HEARTBEAT = 1.0
 PEER_TIMEOUT = 3 * HEARTBEAT + 0.5  # three missed heartbeats: the peer is down
 MAX_MESSAGE = 64 * 1024
 
+# -- names: the one table of processes, sockets and runtime files -------------------------------
+# Every user of a name (circus ini, bus, CLI, runtime-dir clean-up) takes it from here.
+
+WATCHERS = ("vm", "forwarder", "idle")  # circus watchers, in the order the CLI lists them
+NAMES = WATCHERS  # every watcher is also a bus sender
 # Who binds what: state owners bind, the forwarder (which may run twice) only connects.
 XPUB_OWNERS = ("vm", "idle")
 INBOX_OWNERS = ("vm", "idle")
+
+# ZeroMQ endpoints: `Config.endpoint(name)` is `ipc://<runtimeDir>/<name>.sock`.
+CIRCUS_CONTROL = "ctl"  # circusd's control socket (what circusctl talks to)
+CIRCUS_EVENTS = "events"  # circusd's pub/sub of watcher events
+VM_COMMANDS = "vm.ctl"  # DEALER -> ROUTER commands to the vm worker
+
+
+def state_endpoint(owner: str) -> str:
+    """The XPUB a state owner broadcasts on."""
+    return f"{owner}.pub"
+
+
+def inbox_endpoint(owner: str) -> str:
+    """The SUB inbox a state owner hears others' broadcasts on."""
+    return f"{owner}.in"
+
+
+ENDPOINTS = (CIRCUS_CONTROL, CIRCUS_EVENTS, VM_COMMANDS,
+             *(state_endpoint(o) for o in XPUB_OWNERS), *(inbox_endpoint(o) for o in INBOX_OWNERS))
+
+
+def failure_file(watcher: str) -> str:
+    """The crash record a watcher leaves in the runtime dir (workers/failures.py)."""
+    return f"{watcher}.failure"
+
+
+COUNTERS_FILE = "vm.counters.json"  # boot counters that outlive a vm worker restart
+
+# What a previous arbiter leaves that must not mislead the next one. The hypervisor's own
+# sockets and pid file are not here: a VM may still run, and the vm worker adopts or cleans it.
+STALE_RUNTIME_FILES = (*(f"{e}.sock" for e in ENDPOINTS), *(failure_file(w) for w in WATCHERS),
+                       COUNTERS_FILE)
 
 
 class BadMessage(ValueError):
@@ -100,6 +136,21 @@ def decode_request(body: bytes) -> tuple[str, str, dict[str, Any]]:
     if not isinstance(args, dict):
         raise BadMessage("request args is not an object")
     return req_id, cmd, args
+
+
+def decode_reply(body: bytes) -> dict[str, Any]:
+    """A reply to a command, validated: `id` and `ok` are there. Raises BadMessage."""
+    if len(body) > MAX_MESSAGE:
+        raise BadMessage("reply too large")
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadMessage(f"reply not JSON: {e}") from None
+    if not isinstance(obj, dict) or obj.get("v") != VERSION:
+        raise BadMessage("reply without a supported version")
+    if not isinstance(obj.get("id"), str) or not isinstance(obj.get("ok"), bool):
+        raise BadMessage("reply without an id or ok")
+    return obj
 
 
 def encode_reply(req_id: str, ok: bool, *, error: str | None = None,

@@ -36,7 +36,6 @@ import os
 import time
 from typing import Any
 
-from virby.supervisor.circus_ini import VM_SHUTDOWN_TIMEOUT
 from virby.supervisor.config import Config
 from virby.workers import bus, stop_intent
 from virby.workers.activity import Activity
@@ -44,9 +43,11 @@ from virby.workers.backends import make_backend
 from virby.workers.backends.base import Backend, BackendError
 from virby.workers.files import write_json
 from virby.workers.keys import KeyPaths, ensure_keys
+from virby.workers.protocol import COUNTERS_FILE
 from virby.workers.runtime import run_worker
 from virby.workers.snapshot import SnapshotInvalid, SnapshotStore, dependencies
 from virby.workers.sshcheck import SSHNotReady, prove_ssh
+from virby.workers.timeouts import VM_SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("virby.vm")
 
@@ -130,7 +131,7 @@ class VMWorker:
 
     @property
     def _counters_path(self) -> str:
-        return self.config.runtime("vm.counters.json")
+        return self.config.runtime(COUNTERS_FILE)
 
     def _persist(self) -> None:
         """Boot counters outlive a worker restart (they count since the arbiter started)."""

@@ -1,6 +1,6 @@
 # The NixOS builder guest that the vfkit backend boots on macOS (aarch64-linux).
 #
-# What the host hands it (workers/backends/vfkit.py):
+# What the host hands it (workers/backends/vfkit/backend.py):
 #   kernel + initrd + cmdline    direct kernel boot, no bootloader, no EFI
 #   /dev/vda                     the persistent data disk, blank on first boot
 #   /dev/vdb                     this system's store image (squashfs, read-only)
@@ -246,7 +246,7 @@ in
 
   # -- time ------------------------------------------------------------------------------------
   # A paused VM's clock stands still. The host sets it right after each resume through this
-  # agent (workers/backends/vfkit.py sync_clock); chrony steps it after a host sleep (no
+  # agent (workers/backends/vfkit/backend.py sync_clock); chrony steps it after a host sleep (no
   # pause) or any other jump larger than a second, at its next poll.
   systemd.services.virby-clock-agent = {
     description = "Let the host set the guest clock (vsock port 1025)";

@@ -1,8 +1,9 @@
 """The Linux test guest (`virby guest build`) against its contract in image/README.md.
 
-Real QEMU (TCG), booted the way the vm worker boots it: the built initrd plus an appended cpio
-archive with this test's keys, SSH on a forwarded loopback port QEMU picks, the agent on the
-second serial port. Every wait reads a socket (or the process) with a deadline; no sleeps.
+Real QEMU (TCG), booted with the vm worker's own command line (`QemuBackend.command()`): the
+built initrd plus an appended cpio archive with this test's keys, SSH on a forwarded loopback
+port QEMU picks, the agent on the second serial port, QMP through qemu.qmp. Every wait reads a
+socket (or the process) with a deadline; no sleeps.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import base64
 import contextlib
 import gzip
 import io
-import json
+import os
 import re
 import secrets
 import shutil
@@ -30,8 +31,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.harness import qmp_execute
+from virby.supervisor.config import from_dict
+from virby.workers.backends.disk import ensure_disk
+from virby.workers.backends.qemu import QemuBackend
 from virby.workers.cpio import CpioEntry, append_archive, newc_archive
-from virby.workers.keys import dropbear_private
+from virby.workers.keys import KeyPaths, dropbear_private
 
 pytestmark = pytest.mark.e2e
 
@@ -119,41 +124,21 @@ class Agent:
         return reply
 
 
-class Qmp:
-    """A minimal synchronous QMP client: one connection, replies matched in order."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.settimeout(10)
-        self.file = sock.makefile("rwb")
-        json.loads(self.file.readline())  # greeting
-        self.command("qmp_capabilities")
-
-    def command(self, name: str, **arguments: Any) -> Any:
-        msg: dict[str, Any] = {"execute": name}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        while True:
-            reply = json.loads(self.file.readline())
-            if "error" in reply:
-                raise AssertionError(f"QMP {name}: {reply['error']}")
-            if "return" in reply:
-                return reply["return"]  # anything else is an event
-
-
 @dataclass
 class Vm:
     dir: Path
+    backend: QemuBackend
     proc: subprocess.Popen[bytes]
-    qmp: Qmp
     agent: Agent
     port: int
     started: float  # time.monotonic() when QEMU was started
 
     @property
     def console(self) -> str:
-        return (self.dir / "console.log").read_text(errors="replace")
+        return Path(self.backend.console_log).read_text(errors="replace")
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        return qmp_execute(self.backend.qmp_path, command, arguments or None)
 
     def qemu_log(self) -> str:
         return (self.dir / "qemu.log").read_text(errors="replace")
@@ -191,36 +176,39 @@ def connect_unix(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10)
             raise AssertionError(f"qemu exited ({proc.returncode}): {log}")
 
 
+def guest_backend(image: Path, run: Path, *, memory: int, append: str) -> QemuBackend:
+    """The qemu backend for a guest image, with state and sockets in `run` (TCG, one core)."""
+    config = from_dict({
+        "stateDir": str(run / "state"), "runtimeDir": str(run), "accel": "tcg", "memory": memory,
+        "diskSize": "1GiB",
+        "guest": {"kernel": str(image / "vmlinuz"), "initrd": str(image / "initrd.img"),
+                  "cmdline": f"console=ttyS0 quiet panic=-1 {append}".strip()},
+    }, source=None)
+    return QemuBackend(config, KeyPaths.in_dir(config.stateDir))
+
+
 @contextlib.contextmanager
 def booted(image: Path, keys: Keys, *, memory: int = 256, append: str = "",
            user: str = "builder") -> Iterator[Vm]:
     # unix socket paths must stay under 108 bytes: a short dir right under /tmp
     run = Path(tempfile.mkdtemp(dir="/tmp", prefix="vby-"))
     try:
-        append_archive(str(image / "initrd.img"), keys.archive(user), str(run / "initrd.img"))
-        argv = [
-            "qemu-system-x86_64", "-accel", "tcg", "-M", "q35", "-m", str(memory),
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(image / "vmlinuz"), "-initrd", str(run / "initrd.img"),
-            "-append", f"console=ttyS0 quiet panic=-1 {append}".strip(),
-            "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
-            "-device", "virtio-net-pci,netdev=n0,romfile=",
-            "-device", "virtio-rng-pci",
-            "-serial", f"file:{run / 'console.log'}",
-            "-chardev", f"socket,id=agent,path={run / 'agent.sock'},server=on,wait=off",
-            "-serial", "chardev:agent",
-            "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
-        ]
+        backend = guest_backend(image, run, memory=memory, append=append)
+        os.makedirs(backend.config.log_dir)
+        ensure_disk(backend.config.state("disk.raw"), backend.config.diskSize)  # what _start does
+        # This test's own keys in the appended archive, where the backend puts its keyed initrd.
+        append_archive(str(image / "initrd.img"), keys.archive(user), backend.boot_initrd)
         with open(run / "qemu.log", "wb") as qlog:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
+            proc = subprocess.Popen(backend.command(), stdin=subprocess.DEVNULL, stdout=qlog,
+                                    stderr=qlog)
         started = time.monotonic()
         try:
-            qmp = Qmp(connect_unix(run / "qmp.sock", proc))
-            agent = Agent(connect_unix(run / "agent.sock", proc))
-            usernet = qmp.command("human-monitor-command", **{"command-line": "info usernet"})
+            agent = Agent(connect_unix(Path(backend.agent_path), proc))
+            usernet = qmp_execute(backend.qmp_path, "human-monitor-command",
+                                  {"command-line": "info usernet"})
             m = USERNET_RE.search(usernet)
             assert m, f"no SSH forward in `info usernet`:\n{usernet}"
-            yield Vm(run, proc, qmp, agent, int(m.group(1)), started)
+            yield Vm(run, backend, proc, agent, int(m.group(1)), started)
         finally:
             proc.kill()
             proc.wait()
@@ -392,7 +380,7 @@ def test_the_login_user_comes_from_etc_virby_user(guest_dir: Path, keys: Keys) -
 def test_power_button_powers_off(guest_dir: Path, keys: Keys) -> None:
     with booted(guest_dir, keys) as vm:
         vm.wait_ready()
-        vm.qmp.command("system_powerdown")
+        vm.qmp("system_powerdown")
         assert vm.proc.wait(timeout=60) == 0
         assert "virby-guest: shutting down" in vm.console
 

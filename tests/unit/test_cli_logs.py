@@ -16,6 +16,7 @@ from typing import BinaryIO
 from circus.stream import FileStream
 
 from virby.supervisor import logview
+from virby.workers import logtail
 
 
 def _config(tmp_path: Path) -> Path:
@@ -29,10 +30,10 @@ def _config(tmp_path: Path) -> Path:
 def test_tail_lines_stops_at_the_given_offset(tmp_path: Path) -> None:
     p = tmp_path / "x.log"
     p.write_bytes(b"a\nb\nc\nd\n")
-    assert logview.tail_lines(str(p), 2) == ["c", "d"]
-    assert logview.tail_lines(str(p), 2, end=4) == ["a", "b"]
-    assert logview.tail_lines(str(p), 0) == []
-    assert logview.tail_lines(str(tmp_path / "missing"), 3) == []
+    assert logtail.tail_lines(str(p), 2) == ["c", "d"]
+    assert logtail.tail_lines(str(p), 2, end=4) == ["a", "b"]
+    assert logtail.tail_lines(str(p), 0) == []
+    assert logtail.tail_lines(str(tmp_path / "missing"), 3) == []
 
 
 def test_logs_follow_across_circus_rotation(tmp_path: Path) -> None:

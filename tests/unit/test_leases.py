@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from virby.workers import leases
+from virby.workers.backends.vfkit import leases
 
 # Before macOS 15: hw_address is "1,<mac>" with each octet's leading zero dropped. Two leases
 # for the same MAC (an old one lingers); the later expiry is the current one.

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from virby.supervisor import cli, launchd
+from virby.supervisor import launchd, sshconfig
 from virby.supervisor.config import from_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,7 +161,7 @@ def test_ssh_config_text(nix_env) -> None:
 def test_ssh_config_matches_virby_ssh_config(nix_env) -> None:
     opts = {"port": 40022, "virbyExe": VIRBY, "hypervisor": VFKIT, "guest": GUEST}
     cfg = from_dict(nix_eval(nix_env, opts, "config"))
-    assert nix_eval(nix_env, opts, "sshConfig") == cli.ssh_config_text(cfg)
+    assert nix_eval(nix_env, opts, "sshConfig") == sshconfig.ssh_config_text(cfg)
 
 
 def test_ssh_config_with_user_ssh_uses_the_group_copy(nix_env) -> None:

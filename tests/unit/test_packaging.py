@@ -22,7 +22,8 @@ def test_wheel_file_list(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("virby/supervisor/cli.py", "virby/supervisor/config.py", "virby/workers/bus.py",
                    "virby/workers/vm.py", "virby/workers/forwarder.py", "virby/workers/idle.py",
-                   "virby/workers/backends/qemu.py", "virby/workers/backends/vfkit.py"):
+                   "virby/workers/backends/qemu/backend.py",
+                   "virby/workers/backends/vfkit/backend.py", "virby/workers/backends/vfkit/rest.py"):
         assert module in names, module
     top = {n.split("/")[0] for n in names}
     assert "supervisor" not in top and "workers" not in top and "tests" not in top

@@ -10,7 +10,7 @@ import pytest
 
 from virby.supervisor.config import from_dict
 from virby.workers.backends.base import BackendError
-from virby.workers.backends.qemu import QemuBackend
+from virby.workers.backends.qemu.backend import QemuBackend
 from virby.workers.keys import ensure_keys
 
 
@@ -64,15 +64,15 @@ def test_accel_is_a_setting_or_a_recorded_probe_never_the_device(tmp_path: Path)
         assert b.accel() == "tcg"
         return
     # /dev/kvm may open and still not run a guest: untested, "auto" means "probe with a boot"
-    assert b._probe_record() is None and b.accel() == "kvm"
-    b._save_probe("tcg", "no announcement")
+    assert b.probe.recorded() is None and b.accel() == "kvm"
+    b.probe.record("tcg", "no announcement")
     assert b.accel() == "tcg" and "-cpu" not in b.command()
-    b._save_probe("kvm", "announced")
+    b.probe.record("kvm", "announced")
     assert b.accel() == "kvm" and "-cpu" in b.command()
     # a record made for another host kernel or QEMU binary does not count
-    record = json.loads(Path(b._probe_path).read_text())
-    Path(b._probe_path).write_text(json.dumps({**record, "key": "other"}))
-    assert b._probe_record() is None
+    record = json.loads(Path(b.probe.path).read_text())
+    Path(b.probe.path).write_text(json.dumps({**record, "key": "other"}))
+    assert b.probe.recorded() is None
     assert backend(tmp_path, accel="tcg").accel() == "tcg"
 
 

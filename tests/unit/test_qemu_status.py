@@ -18,7 +18,7 @@ def status_of(b: QemuBackend, qemu_status: str) -> str:
         assert cmd == "query-status"
         return {"status": qemu_status, "running": False}
 
-    b._alive = lambda: True  # type: ignore[method-assign]
+    b.process.alive = lambda: True  # type: ignore[method-assign]
     b._execute = execute  # type: ignore[method-assign]
     return asyncio.run(b.status())
 

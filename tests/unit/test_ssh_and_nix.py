@@ -8,8 +8,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from virby.supervisor.cli import cli, nix_machines_line, ssh_config_text
+from virby.supervisor.cli import cli
 from virby.supervisor.config import from_dict
+from virby.supervisor.sshconfig import nix_machines_line, ssh_config_text
 from virby.workers.keys import ensure_keys
 
 

@@ -13,9 +13,11 @@ import pytest
 
 from virby.supervisor.config import from_dict
 from virby.workers import cpio
-from virby.workers.backends import vfkit as vfkit_mod
 from virby.workers.backends.base import BackendError
-from virby.workers.backends.vfkit import VfkitBackend, ensure_disk, ensure_mac, nested_supported
+from virby.workers.backends.disk import ensure_disk
+from virby.workers.backends.vfkit import backend as vfkit_mod
+from virby.workers.backends.vfkit.backend import VfkitBackend, nested_supported
+from virby.workers.backends.vfkit.provision import ensure_mac
 from virby.workers.keys import ensure_keys, guest_keys_archive
 
 GiB = 1 << 30

@@ -27,11 +27,12 @@ import psutil
 import pytest
 
 from virby.supervisor.config import from_dict
-from virby.workers.backends import vfkit as vfkit_mod
-from virby.workers.backends.base import BackendError, Endpoint, PidRecord
+from virby.workers.backends.base import BackendError, Endpoint
+from virby.workers.backends.process import PidRecord
 from virby.workers.backends.vfkit import VfkitBackend
+from virby.workers.backends.vfkit import backend as vfkit_mod
+from virby.workers.backends.vfkit.rest import VfkitRest, VmState
 from virby.workers.keys import ensure_keys
-from virby.workers.vfkit_rest import VfkitRest, VmState
 
 FAKE_VFKIT = textwrap.dedent('''\
     import http.server, json, os, socket, socketserver, sys, threading, time
@@ -307,7 +308,8 @@ def test_refused_connection_says_so(short_dir: Path) -> None:
 
 
 def _serve(path: str, handler):
-    """Run `handler` as a one-shot asyncio unix server while `body` runs."""
+    """Run `handler` as a one-shot asyncio unix server while `body` runs. Since Python 3.12
+    leaving `async with server` waits for every handler, so each handler must end."""
     async def run(body):
         server = await asyncio.start_unix_server(handler, path=path)
         async with server:
@@ -317,10 +319,10 @@ def _serve(path: str, handler):
 
 def test_silent_server_times_out(short_dir: Path) -> None:
     path = str(short_dir / "silent.sock")
-    never = asyncio.Event
 
     async def handler(reader, writer):
-        await never().wait()
+        await reader.read()  # say nothing; end when the client hangs up (after its timeout)
+        writer.close()
 
     async def body():
         await VfkitRest(path, timeout=0.2).state()

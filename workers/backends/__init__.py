@@ -9,9 +9,9 @@ from virby.workers.keys import KeyPaths
 
 def make_backend(config: Config, keys: KeyPaths) -> Backend:
     if config.backend == "vfkit":
-        from virby.workers.backends.vfkit import VfkitBackend
+        from virby.workers.backends.vfkit.backend import VfkitBackend
 
         return VfkitBackend(config, keys)
-    from virby.workers.backends.qemu import QemuBackend
+    from virby.workers.backends.qemu.backend import QemuBackend
 
     return QemuBackend(config, keys)

@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import json
 import os
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import psutil
-
 from virby.supervisor.config import Config
-from virby.workers.files import write_json
 from virby.workers.keys import KeyPaths
+from virby.workers.logtail import tail_lines
 
 
 class BackendError(Exception):
@@ -161,15 +157,7 @@ class Backend(abc.ABC):
 
     def console_tail(self, lines: int = 15) -> str:
         """The last lines of the guest console log, for failure reasons."""
-        path = self.console_log
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 16384))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(tail_lines(self.console_log, lines))
 
     @property
     def console_log(self) -> str:
@@ -191,68 +179,3 @@ def require_binary(what: str, name: str) -> str:
     if found is None:
         raise BackendError(f"{what} not found: {name} (not on PATH and not an executable file)")
     return found
-
-
-@dataclass(frozen=True)
-class PidRecord:
-    """What we write next to a hypervisor we start, to recognise it after our own restart."""
-
-    pid: int
-    create_time: float
-    argv: Sequence[str]
-
-    def save(self, path: str) -> None:
-        write_json(path, {"pid": self.pid, "create_time": self.create_time, "argv": list(self.argv)})
-
-    @classmethod
-    def load(cls, path: str) -> PidRecord | None:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            return cls(int(data["pid"]), float(data["create_time"]), list(data["argv"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def alive_process(self) -> psutil.Process | None:
-        """The process if it is still the one we started (pid reuse is ruled out by create
-        time and command line), else None."""
-        try:
-            proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 0.05:
-                return None
-            if proc.cmdline() != list(self.argv):
-                return None
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return proc
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return None
-
-
-async def wait_process_exit(proc: psutil.Process, child: asyncio.subprocess.Process | None) -> None:
-    """Wait for a hypervisor to exit: our child via asyncio, an adopted one via a pidfd
-    (Linux) or a short poll elsewhere."""
-    if child is not None:
-        await child.wait()
-        return
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is not None:
-        try:
-            fd = pidfd_open(proc.pid)
-        except ProcessLookupError:
-            return
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        def readable() -> None:
-            if not done.done():
-                done.set_result(None)
-
-        loop.add_reader(fd, readable)
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
-        return
-    while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-        await asyncio.sleep(0.2)

@@ -46,30 +46,29 @@ import ipaddress
 import logging
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
-import psutil
-
 from virby.supervisor.config import Config
-from virby.workers import cpio, leases
 from virby.workers.backends.base import (
     Backend,
     BackendError,
     Endpoint,
-    PidRecord,
     require_binary,
     require_file,
-    wait_process_exit,
 )
 from virby.workers.backends.disk import ensure_disk
-from virby.workers.files import write_atomic, write_if_changed
-from virby.workers.keys import KeyPaths, guest_keys_archive
-from virby.workers.vfkit_rest import VfkitRest
+from virby.workers.backends.initrd import build_keyed_initrd
+from virby.workers.backends.process import HypervisorProcess
+from virby.workers.backends.vfkit import leases
+from virby.workers.backends.vfkit.provision import ensure_mac, fill_guest_keys
+from virby.workers.backends.vfkit.rest import VfkitRest
+from virby.workers.files import write_atomic
+from virby.workers.keys import KeyPaths
+from virby.workers.logtail import tail_lines
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,6 @@ HARD_STOP_WAIT = 5.0
 STATE_SETTLE = 5.0  # a Pause/Resume the REST API accepted shows in /vm/state within this
 
 _ANNOUNCE_RE = re.compile(r"^virby-ready (\S+)$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 @functools.cache
@@ -106,23 +104,6 @@ def cpu_brand() -> str | None:
 def nested_supported(brand: str | None) -> bool:
     """Virtualization.framework offers nested virtualization from M3 on (macOS 15)."""
     return brand is None or re.search(r"\bM[12]\b", brand) is None
-
-
-def ensure_mac(path: str) -> str:
-    """The install's MAC: read from `path`, or made once (locally administered, unicast)."""
-    try:
-        with open(path) as f:
-            mac = f.read().strip().lower()
-        if _MAC_RE.match(mac) and int(mac[:2], 16) & 0b11 == 0b10:
-            return mac
-        log.warning("%s holds %r, not a locally administered MAC; making a new one", path, mac)
-    except FileNotFoundError:
-        pass
-    octets = bytearray(secrets.token_bytes(6))
-    octets[0] = (octets[0] & 0b11111100) | 0b10
-    mac = ":".join(f"{o:02x}" for o in octets)
-    write_atomic(path, (mac + "\n").encode(), 0o644)
-    return mac
 
 
 def _unlink(path: str) -> None:
@@ -145,8 +126,7 @@ class VfkitBackend(Backend):
         super().__init__(config, keys)
         self.rest = VfkitRest(self.rest_socket)
         self.leases_path = leases.LEASES_PATH
-        self._child: asyncio.subprocess.Process | None = None
-        self._proc: psutil.Process | None = None
+        self.process = HypervisorProcess("vfkit", self.pid_path)
         self._guest_ip: str | None = None
         self._announcer: asyncio.Server | None = None
         self._announced: asyncio.Future[str] | None = None
@@ -277,34 +257,10 @@ class VfkitBackend(Backend):
         os.makedirs(c.runtimeDir, mode=0o700, exist_ok=True)
         ensure_disk(self.disk_path, c.diskSize)
         ensure_mac(self.mac_path)
-        self._fill_guest_keys()
+        fill_guest_keys(self.guest_keys_dir, self.keys, c)
         # vfkit refuses to bind a socket path that exists; any left here are stale.
         for path in (self.rest_socket, self.agent_socket, self.ip_path):
             _unlink(path)
-
-    def _fill_guest_keys(self) -> None:
-        os.makedirs(self.guest_keys_dir, mode=0o700, exist_ok=True)
-        os.chmod(self.guest_keys_dir, 0o700)
-        with open(self.keys.host_key, "rb") as f:
-            host_key = f.read()
-        with open(self.keys.client_pub, "rb") as f:
-            authorized = f.read()
-        c = self.config
-        # Besides keys, the settings the guest applies at boot, so that changing them never
-        # needs a new guest image: the shares to mount and whether to register Rosetta.
-        wanted = {
-            "ssh_host_ed25519_key": host_key,
-            "authorized_keys": authorized,
-            "user": (c.sshUser + "\n").encode(),
-            "shares": "".join(f"{tag}\n" for tag in sorted(c.sharedDirectories)).encode(),
-        }
-        rosetta_flag = os.path.join(self.guest_keys_dir, "rosetta")
-        if c.rosetta:
-            wanted["rosetta"] = b"rosetta\n"
-        else:
-            _unlink(rosetta_flag)
-        for name, data in wanted.items():
-            write_if_changed(os.path.join(self.guest_keys_dir, name), data, 0o600)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -312,37 +268,19 @@ class VfkitBackend(Backend):
         self.check()
         self.prepare()
         # Tens of MB copied and fsynced: off the event loop.
-        await asyncio.to_thread(cpio.append_archive, self.config.guest.initrd,
-                                guest_keys_archive(self.keys, self.config.sshUser),
-                                self.boot_initrd)
+        await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
+                                self.config.sshUser, self.boot_initrd)
         await self._listen_for_announcement()
         argv = self.command()
         log.info("starting vfkit: %s", " ".join(argv))
-        out = open(self.vfkit_log, "ab")  # noqa: SIM115 - the child keeps its own copy
-        try:
-            # Own session: a signal to the worker's process group must not reach the VM; a
-            # new worker adopts it instead.
-            child = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                cwd=self.config.stateDir, start_new_session=True)
-        except OSError as e:
-            raise BackendError(f"cannot start vfkit ({argv[0]}): {e.strerror or e}") from None
-        finally:
-            out.close()
-        self._child = child
-        try:
-            self._proc = psutil.Process(child.pid)
-            # Record what psutil will compare at adoption (a script shows its interpreter).
-            seen = self._proc.cmdline()
-            PidRecord(child.pid, self._proc.create_time(), seen or argv).save(self.pid_path)
-        except psutil.Error:
-            pass  # it died already; _wait_rest reports why
+        # If it dies at once, _wait_rest reports why.
+        await self.process.start(argv, log_path=self.vfkit_log, cwd=self.config.stateDir)
         await self._wait_rest()
 
     async def _wait_rest(self) -> None:
         """Until the REST API answers (the VM exists), or vfkit exits, or a deadline passes."""
-        assert self._child is not None
-        child = self._child
+        child = self.process.child
+        assert child is not None
         exited = asyncio.ensure_future(child.wait())
         deadline = time.monotonic() + REST_START_TIMEOUT
         try:
@@ -365,14 +303,7 @@ class VfkitBackend(Backend):
                            f"{self._vfkit_tail() or '(no output)'}")
 
     def _vfkit_tail(self, lines: int = 5) -> str:
-        try:
-            with open(self.vfkit_log, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 4096))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+        return " | ".join(line.strip() for line in tail_lines(self.vfkit_log, lines) if line.strip())
 
     async def _listen_for_announcement(self) -> None:
         await self._stop_listening()
@@ -416,7 +347,7 @@ class VfkitBackend(Backend):
         write_atomic(self.ip_path, (ip + "\n").encode(), 0o600)
 
     async def wait_announced(self) -> None:
-        if self._announced is None or self._proc is None:
+        if self._announced is None or self.process.proc is None:
             raise BackendError("vfkit is not running")
         exited = asyncio.ensure_future(self.wait_exit())
         fallback = asyncio.ensure_future(self._lease_fallback())
@@ -432,7 +363,7 @@ class VfkitBackend(Backend):
         if fallback in done:
             self._set_guest_ip(fallback.result())  # raises its BackendError if it gave up
             return
-        status = self._child.returncode if self._child is not None else None
+        status = self.process.returncode
         raise BackendError(f"vfkit exited (status {status}) before the guest announced itself: "
                            f"{self._vfkit_tail() or '(no output)'}")
 
@@ -469,7 +400,7 @@ class VfkitBackend(Backend):
         await self._change("Resume", "running")
 
     async def _change(self, action: str, want: str) -> None:
-        if self._proc is None:
+        if self.process.proc is None:
             raise BackendError(f"cannot {action.lower()}: vfkit is not running")
         if (await self.rest.state()).state == want:
             return
@@ -482,7 +413,7 @@ class VfkitBackend(Backend):
             await asyncio.sleep(0.05)
 
     async def shutdown(self, timeout: float) -> None:
-        if self._proc is None or not self._alive():
+        if not self.process.alive():
             await self._forget()
             return
         try:
@@ -492,80 +423,52 @@ class VfkitBackend(Backend):
         except BackendError as e:
             # vfkit's own SIGTERM handler asks the guest to stop, then forces it after 5 s.
             log.warning("cannot ask the guest to stop over REST (%s); sending vfkit SIGTERM", e)
-            with contextlib.suppress(psutil.Error):
-                self._proc.send_signal(signal.SIGTERM)
-        if await self._exits_within(timeout):
+            self.process.send_signal(signal.SIGTERM)
+        if await self.process.exits_within(timeout):
             await self._forget()
             return
         log.warning("the guest did not power off within %gs; stopping it hard", timeout)
         with contextlib.suppress(BackendError):
             await self.rest.change_state("HardStop")
-        if await self._exits_within(HARD_STOP_WAIT):
+        if await self.process.exits_within(HARD_STOP_WAIT):
             await self._forget()
             return
         await self.kill()
 
-    async def _exits_within(self, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(self.wait_exit(), seconds)
-            return True
-        except TimeoutError:
-            return False
-
     async def kill(self) -> None:
-        proc = self._proc
-        if proc is not None:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-            await self.wait_exit()
+        await self.process.kill()
         await self._forget()
-
-    def _alive(self) -> bool:
-        if self._proc is None:
-            return False
-        if self._child is not None:
-            return self._child.returncode is None
-        try:
-            return self._proc.is_running() and self._proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
 
     async def _forget(self) -> None:
         """The process is gone: drop every file and socket that described it."""
         await self._stop_listening()
-        for path in (self.pid_path, self.ip_path, self.rest_socket, self.agent_socket,
-                     self.boot_initrd):
+        self.process.forget()
+        for path in (self.ip_path, self.rest_socket, self.agent_socket, self.boot_initrd):
             _unlink(path)
-        self._proc = None
-        self._child = None
         self._guest_ip = None
         self._announced = None
 
     async def status(self) -> str:
-        if not self._alive():
+        if not self.process.alive():
             return "stopped"
         return (await self.rest.state()).state
 
     async def wait_exit(self) -> None:
-        if self._proc is not None:
-            await wait_process_exit(self._proc, self._child)
+        await self.process.wait_exit()
 
     async def adopt(self) -> bool:
-        record = PidRecord.load(self.pid_path)
-        proc = record.alive_process() if record is not None else None
-        if proc is None:
-            for path in (self.pid_path, self.ip_path, self.rest_socket, self.agent_socket,
-                         self.announce_socket):
+        if not self.process.adopt():
+            for path in (self.ip_path, self.rest_socket, self.agent_socket, self.announce_socket):
                 _unlink(path)
             return False
-        self._proc, self._child = proc, None
+        pid = self.process.pid
         try:
             await self.rest.state()
         except BackendError as e:
             # A vfkit we cannot control still holds the data disk: end it, or the next boot
             # would start a second VM on the same disk. The disk's contents survive.
             log.warning("vfkit pid %d from an earlier worker cannot be controlled (%s); "
-                        "killing it", proc.pid, e)
+                        "killing it", pid, e)
             await self.kill()
             return False
         # Listen again: a guest still booting announces to whoever listens on the socket now.
@@ -578,7 +481,7 @@ class VfkitBackend(Backend):
         if ip is not None and self._announced is not None:
             self._guest_ip = ip
             self._announced.set_result(ip)
-        log.info("adopted vfkit pid %d (guest %s)", proc.pid, ip or "not announced yet")
+        log.info("adopted vfkit pid %s (guest %s)", pid, ip or "not announced yet")
         return True
 
     async def sync_clock(self) -> None:
@@ -606,7 +509,7 @@ class VfkitBackend(Backend):
         await self._stop_listening()
 
     def pid(self) -> int | None:
-        return self._proc.pid if self._alive() and self._proc is not None else None
+        return self.process.pid
 
 
 async def _port_open(host: str, port: int) -> bool:

@@ -4,13 +4,19 @@ vfkit serves `GET /vm/state` and `POST /vm/state {"state": X}` with X one of Pau
 Stop (asks the guest) and HardStop. Its handler answers 202 to a POST although its docs say 200,
 so both count as success. One short HTTP/1.1 exchange per call with `Connection: close`: the
 socket is local and calls are rare, so there is no connection to keep, reuse or leak.
+
+HTTP itself is the stdlib's `http.client` (status line, headers, chunked bodies) over a unix
+socket; the exchange is blocking, so it runs in a worker thread with a socket timeout and an
+overall deadline, and the event loop keeps answering wakes meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +84,8 @@ class VfkitRest:
 
     async def request(self, method: str, path: str, payload: Any = None) -> bytes:
         try:
-            return await asyncio.wait_for(self._exchange(method, path, payload), self.timeout)
+            return await asyncio.wait_for(
+                asyncio.to_thread(self._exchange, method, path, payload), self.timeout)
         except TimeoutError:
             raise BackendError(
                 f"vfkit REST {method} {path}: no answer within {self.timeout:g}s "
@@ -87,31 +94,23 @@ class VfkitRest:
             raise BackendError(
                 f"vfkit REST {method} {path}: cannot connect to {self.socket_path} "
                 f"({e.strerror or e}); is vfkit running?") from None
-        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-            raise BackendError(f"vfkit REST {method} {path}: {e}") from None
+        except http.client.BadStatusLine as e:
+            raise BackendError(f"vfkit REST {method} {path}: not an HTTP reply: {e}") from None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise BackendError(f"vfkit REST {method} {path}: {e or type(e).__name__}") from None
 
-    async def _exchange(self, method: str, path: str, payload: Any) -> bytes:
-        body = b"" if payload is None else json.dumps(payload).encode()
-        head = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                f"Accept: application/json\r\nContent-Length: {len(body)}\r\n")
-        if payload is not None:
-            head += "Content-Type: application/json\r\n"
-        reader, writer = await asyncio.open_unix_connection(self.socket_path)
+    def _exchange(self, method: str, path: str, payload: Any) -> bytes:
+        body = None if payload is None else json.dumps(payload).encode()
+        headers = {"Connection": "close", "Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        conn = UnixHTTPConnection(self.socket_path, self.timeout)
         try:
-            writer.write(head.encode() + b"\r\n" + body)
-            await writer.drain()
-            status_line = await reader.readline()
-            parts = status_line.decode("latin-1").split(" ", 2)
-            if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-                raise ValueError(f"not an HTTP reply: {status_line[:80]!r}")
-            status = int(parts[1])
-            headers: dict[str, str] = {}
-            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                headers[name.strip().lower()] = value.strip()
-            reply = await _read_body(reader, headers)
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            status, reply = response.status, response.read()
         finally:
-            writer.close()
+            conn.close()
         if status not in (200, 202):
             reason = reply.decode("utf-8", "replace").strip()
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -121,13 +120,19 @@ class VfkitRest:
         return reply
 
 
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        out = b""
-        while size := int((await reader.readline()).split(b";")[0].strip() or b"0", 16):
-            out += await reader.readexactly(size)
-            await reader.readline()  # the CRLF after each chunk
-        return out
-    if "content-length" in headers:
-        return await reader.readexactly(int(headers["content-length"]))
-    return await reader.read()  # Connection: close delimits the body
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client's connection over a unix socket (vfkit's `--restful-uri unix://PATH`)."""
+
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock

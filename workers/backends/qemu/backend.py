@@ -15,36 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
-import shutil
-import sys
 import time
 
-import psutil
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from virby.workers import cpio
 from virby.workers.backends import qmp_migration
-from virby.workers.backends.base import (
-    Backend,
-    BackendError,
-    Endpoint,
-    PidRecord,
-    require_binary,
-    require_file,
-    wait_process_exit,
-)
+from virby.workers.backends.base import Backend, BackendError, Endpoint, require_binary, require_file
 from virby.workers.backends.disk import ensure_disk
+from virby.workers.backends.initrd import build_keyed_initrd
+from virby.workers.backends.process import HypervisorProcess
+from virby.workers.backends.qemu.accel import KVM_PROBE_TIMEOUT, AccelProbe
+from virby.workers.logtail import last_line
 
 log = logging.getLogger("virby.qemu")
 
 _USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
 _TB_SIZE_MIB = 128  # cap the TCG translation cache (its 1 GiB default inflates RSS)
-KVM_PROBE_TIMEOUT = 10.0  # a guest that works under KVM announces itself in ~1-2 s
 SAVE_TIMEOUT = 60.0  # the idle monitor's stop request waits 60 s
 LOAD_TIMEOUT = 30.0  # the vm worker's own restore deadline is shorter
 # QEMU run states in which the process lives on but the guest is lost: `failed`, not `running`.
@@ -57,14 +47,14 @@ class QemuBackend(Backend):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._child: asyncio.subprocess.Process | None = None
-        self._proc: psutil.Process | None = None
+        self.process = HypervisorProcess("qemu", self.pid_path)
         self._qmp: QMPClient | None = None
         self._agent_reader: asyncio.StreamReader | None = None
         self._agent_writer: asyncio.StreamWriter | None = None
         self._agent_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._port: int | None = None
+        self.probe = AccelProbe(self.config)
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -81,6 +71,10 @@ class QemuBackend(Backend):
         return self.config.runtime("qemu.pid.json")
 
     @property
+    def qemu_log(self) -> str:
+        return os.path.join(self.config.log_dir, "qemu.log")
+
+    @property
     def boot_initrd(self) -> str:
         """The base initrd with the per-install keys appended (rebuilt at every boot)."""
         return self.config.runtime("initrd.img")
@@ -88,48 +82,8 @@ class QemuBackend(Backend):
     # -- pure parts -----------------------------------------------------------------------------
 
     def accel(self) -> str:
-        """The accelerator: a setting, or for "auto" the result of a real boot probe recorded
-        in the state dir. `/dev/kvm` existing proves nothing (reference/vm-lab.md §1: it opens
-        here and cannot run a stock guest), so "auto" with an untested /dev/kvm boots with KVM
-        once and keeps that VM if it announces itself in time, else records "tcg"."""
-        if self.config.accel != "auto":
-            return self.config.accel
-        if sys.platform == "darwin":
-            return "hvf"
-        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            return "tcg"
-        return self._probe_record() or "kvm"
-
-    @property
-    def _probe_path(self) -> str:
-        return self.config.state("accel-probe.json")
-
-    def _probe_key(self) -> str:
-        """The probe holds while the host kernel and the QEMU binary stay the same."""
-        binary = shutil.which(self.config.hypervisor) or self.config.hypervisor
-        try:
-            mtime = os.stat(binary).st_mtime
-        except OSError:
-            mtime = 0.0
-        return f"{os.uname().release} {binary} {mtime:.0f}"
-
-    def _probe_record(self) -> str | None:
-        try:
-            with open(self._probe_path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            return None
-        if not isinstance(data, dict) or data.get("key") != self._probe_key():
-            return None
-        accel = data.get("accel")
-        return accel if accel in ("kvm", "tcg") else None
-
-    def _save_probe(self, accel: str, detail: str) -> None:
-        try:
-            with open(self._probe_path, "w") as f:
-                json.dump({"key": self._probe_key(), "accel": accel, "detail": detail}, f)
-        except OSError as e:
-            log.warning("cannot record the KVM probe: %s", e)
+        """The accelerator: a setting, or for "auto" the KVM probe's record (accel.py)."""
+        return self.probe.accel()
 
     def command(self) -> list[str]:
         c = self.config
@@ -178,34 +132,21 @@ class QemuBackend(Backend):
         if self.accel() == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise BackendError("accel is kvm but /dev/kvm is not accessible")
 
-    def _keys_archive(self) -> bytes:
-        with open(self.keys.host_key_dropbear, "rb") as f:
-            host_key = f.read()
-        with open(self.keys.client_pub, "rb") as f:
-            client_pub = f.read()
-        return cpio.newc_archive([
-            cpio.CpioEntry("etc", mode=0o755, directory=True),
-            cpio.CpioEntry("etc/virby", mode=0o700, directory=True),
-            cpio.CpioEntry("etc/virby/ssh_host_ed25519_key", data=host_key, mode=0o600),
-            cpio.CpioEntry("etc/virby/authorized_keys", data=client_pub, mode=0o644),
-            cpio.CpioEntry("etc/virby/user", data=self.config.sshUser.encode() + b"\n", mode=0o644),
-        ])
-
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def boot(self) -> None:
-        if self.config.accel == "auto" and self.accel() == "kvm" and self._probe_record() is None:
+        if self.probe.needs_probe():
             try:
                 await self._start()
                 await asyncio.wait_for(self.wait_announced(), KVM_PROBE_TIMEOUT)
-                self._save_probe("kvm", "the guest announced itself under KVM")
-                log.info("KVM probe: usable; recorded in %s", self._probe_path)
+                self.probe.record("kvm", "the guest announced itself under KVM")
+                log.info("KVM probe: usable; recorded in %s", self.probe.path)
                 return  # keep this VM: the probe was the boot
             except (TimeoutError, BackendError) as e:
                 detail = str(e) or f"no announcement within {KVM_PROBE_TIMEOUT:g}s"
-                self._save_probe("tcg", detail)
+                self.probe.record("tcg", detail)
                 log.warning("KVM probe: /dev/kvm cannot run this guest (%s); using TCG from now "
-                            "on (recorded in %s)", detail, self._probe_path)
+                            "on (recorded in %s)", detail, self.probe.path)
                 await self.kill()
         await self._start()
 
@@ -219,17 +160,11 @@ class QemuBackend(Backend):
         # Tens of MB copied and fsynced: off the event loop, which keeps answering wakes. A
         # restore reuses the one a suspend left (QEMU reads it at start; the guest never does).
         if not (extra and os.path.exists(self.boot_initrd)):
-            await asyncio.to_thread(cpio.append_archive, self.config.guest.initrd, self._keys_archive(),
-                                    self.boot_initrd)
+            await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
+                                    self.config.sshUser, self.boot_initrd)
         self._ready.clear()
-        argv = self.command() + list(extra)
-        with open(os.path.join(self.config.log_dir, "qemu.log"), "ab") as qlog:
-            self._child = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=qlog, stderr=qlog,
-                start_new_session=True)
-        self._proc = psutil.Process(self._child.pid)
-        PidRecord(self._child.pid, self._proc.create_time(), argv).save(self.pid_path)
-        log.info("qemu started, pid %d, accel %s", self._child.pid, self.accel())
+        await self.process.start(self.command() + list(extra), log_path=self.qemu_log)
+        log.info("qemu started, pid %s, accel %s", self.process.pid, self.accel())
         try:
             await self._connect_control(hello)
         except BackendError:
@@ -240,8 +175,8 @@ class QemuBackend(Backend):
         """QMP and the agent socket appear once QEMU has parsed its command line."""
         deadline = time.monotonic() + 10
         while not (os.path.exists(self.qmp_path) and os.path.exists(self.agent_path)):
-            if self._proc is None or not self._alive():
-                raise BackendError(f"qemu exited at start: {self._qemu_log_tail()}")
+            if not self.process.alive():
+                raise BackendError(f"qemu exited at start: {last_line(self.qemu_log)}")
             if time.monotonic() > deadline:
                 raise BackendError("qemu did not create its QMP socket within 10s")
             await asyncio.sleep(0.005)
@@ -252,7 +187,7 @@ class QemuBackend(Backend):
                 break
             except (QMPError, OSError, TimeoutError) as e:
                 # the socket file exists from bind(); QEMU listens a moment later (refused)
-                if time.monotonic() > deadline or not self._alive():
+                if time.monotonic() > deadline or not self.process.alive():
                     raise BackendError(f"cannot connect to QMP at {self.qmp_path}: {e}") from e
                 await asyncio.sleep(0.01)
         self._qmp = qmp
@@ -283,24 +218,6 @@ class QemuBackend(Backend):
             raise BackendError(f"no SSH port forward in `info usernet`: {out!r}")
         return int(m.group(1))
 
-    def _alive(self) -> bool:
-        if self._proc is None:
-            return False
-        try:
-            return self._proc.is_running() and self._proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    def _qemu_log_tail(self) -> str:
-        try:
-            with open(os.path.join(self.config.log_dir, "qemu.log"), "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 2000))
-                lines = f.read().decode("utf-8", "replace").strip().splitlines()
-                return lines[-1] if lines else "no output"
-        except OSError:
-            return "no output"
-
     async def wait_announced(self) -> None:
         ready = asyncio.create_task(self._ready.wait())
         exited = asyncio.create_task(self.wait_exit())
@@ -310,7 +227,7 @@ class QemuBackend(Backend):
             ready.cancel()
             exited.cancel()
         if ready not in done:
-            raise BackendError(f"qemu exited during boot: {self._qemu_log_tail()}")
+            raise BackendError(f"qemu exited during boot: {last_line(self.qemu_log)}")
 
     def endpoint(self) -> Endpoint:
         if self._port is None:
@@ -350,26 +267,21 @@ class QemuBackend(Backend):
     async def suspend(self, path: str) -> None:
         if self._qmp is None:
             raise BackendError("no QMP connection to qemu")
-        await qmp_migration.save(self._qmp, path, SAVE_TIMEOUT, self._alive)
+        await qmp_migration.save(self._qmp, path, SAVE_TIMEOUT, self.process.alive)
         with contextlib.suppress(BackendError):  # it may be gone before it answers
             await self._execute("quit")
-        try:
-            await asyncio.wait_for(self.wait_exit(), 10)
-        except TimeoutError:
+        if not await self.process.exits_within(10):
             log.warning("qemu did not quit after the save; killing it")
-            if self._proc is not None:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    self._proc.kill()
-            await self.wait_exit()
+            await self.process.kill()
         await self._cleanup(keep_initrd=True)
 
     async def restore(self, path: str) -> None:
         await self._start(("-incoming", "defer"), hello=False)
         assert self._qmp is not None
         try:
-            await qmp_migration.load(self._qmp, path, LOAD_TIMEOUT, self._alive)
+            await qmp_migration.load(self._qmp, path, LOAD_TIMEOUT, self.process.alive)
         except BackendError as e:
-            raise BackendError(f"{e}: {self._qemu_log_tail()}") from e
+            raise BackendError(f"{e}: {last_line(self.qemu_log)}") from e
 
     async def sync_guest(self, seed: bytes) -> None:
         """The agent handles lines in order: the clock and the entropy are in place before its
@@ -378,7 +290,7 @@ class QemuBackend(Backend):
         await self._agent_send(_time_line(), f"seed {seed.hex()}", "hello")
 
     async def status(self) -> str:
-        if not self._alive():
+        if not self.process.alive():
             return "stopped"
         reply = await self._execute("query-status")
         status = str(reply.get("status") if isinstance(reply, dict) else None)
@@ -403,7 +315,7 @@ class QemuBackend(Backend):
         raise BackendError("the QMP event stream ended")
 
     async def shutdown(self, timeout: float) -> None:
-        if self._alive():
+        if self.process.alive():
             try:
                 if await self.status() == "paused":
                     await self._execute("cont")  # a paused guest cannot hear the power button
@@ -414,19 +326,14 @@ class QemuBackend(Backend):
         await self.kill()
 
     async def kill(self) -> None:
-        if self._alive() and self._proc is not None:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                self._proc.kill()
-            await self.wait_exit()
+        await self.process.kill()
         await self._cleanup()
 
     async def _cleanup(self, keep_initrd: bool = False) -> None:
         await self.close()
-        self._child = None
-        self._proc = None
+        self.process.forget()
         self._port = None
-        for path in (self.pid_path, self.qmp_path, self.agent_path,
-                     *(() if keep_initrd else (self.boot_initrd,))):
+        for path in (self.qmp_path, self.agent_path, *(() if keep_initrd else (self.boot_initrd,))):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
@@ -443,32 +350,28 @@ class QemuBackend(Backend):
             self._qmp = None
 
     async def wait_exit(self) -> None:
-        if self._proc is None:
-            return
-        await wait_process_exit(self._proc, self._child)
+        await self.process.wait_exit()
 
     async def adopt(self) -> bool:
-        record = PidRecord.load(self.pid_path)
-        proc = record.alive_process() if record else None
-        if record is None or proc is None:
-            if record is not None:
-                log.info("stale qemu pid file (pid %d is gone or not ours); removing", record.pid)
+        had_record = os.path.exists(self.pid_path)
+        if not self.process.adopt():
+            if had_record:
+                log.info("stale qemu pid file (the process is gone or not ours); removing")
             await self._cleanup()
             return False
-        self._proc = proc
-        self._child = None
+        pid = self.process.pid
         self._ready.clear()
         try:
             await self._connect_control()
         except (BackendError, OSError) as e:
-            log.warning("cannot re-attach to qemu pid %d (%s); killing it", proc.pid, e)
+            log.warning("cannot re-attach to qemu pid %s (%s); killing it", pid, e)
             await self.kill()
             return False
-        log.info("adopted running qemu, pid %d", proc.pid)
+        log.info("adopted running qemu, pid %s", pid)
         return True
 
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self.process.pid
 
 
 def _time_line() -> str:

@@ -1,0 +1,62 @@
+"""What other programs need to reach the builder: the ssh_config block (`virby ssh-config`,
+`virby ssh`, doctor's SSH check) and the Nix machines line (`virby nix-machines`)."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+from virby.supervisor.config import Config
+from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
+
+
+def ssh_config_text(config: Config, host: str = "virby-vm") -> str:
+    """The ssh_config block for the builder (also what nix/lib.nix writes on a Mac)."""
+    keys = KeyPaths.in_dir(config.stateDir)
+    # The forwarder accepts at once but the banner comes only when the guest is up: the
+    # timeout must cover a cold boot.
+    connect_timeout = int(config.readyTimeout) + 15
+    return "\n".join([
+        f"Host {host}",
+        "  HostName 127.0.0.1",
+        f"  Port {config.port}",
+        f"  User {config.sshUser}",
+        f"  IdentityFile {keys.client_key}",
+        "  IdentitiesOnly yes",
+        # Global + /dev/null: the same text works in /etc/ssh/ssh_config.d for every user
+        # (nix/lib.nix writes it there) and no user's own known_hosts can interfere.
+        f"  GlobalKnownHostsFile {keys.known_hosts}",
+        "  UserKnownHostsFile /dev/null",
+        f"  HostKeyAlias {HOST_KEY_ALIAS}",
+        "  StrictHostKeyChecking yes",
+        f"  ConnectTimeout {connect_timeout}",
+        "  BatchMode yes",
+        "",
+    ])
+
+
+def guest_systems(config: Config) -> list[str]:
+    """The systems the builder serves: the guest runs the host's architecture; Rosetta adds
+    x86_64 on Apple Silicon."""
+    machine = os.uname().machine
+    arch = "aarch64" if machine in ("arm64", "aarch64") else "x86_64"
+    systems = [f"{arch}-linux"]
+    if config.rosetta and arch == "aarch64":
+        systems.append("x86_64-linux")
+    return systems
+
+
+def nix_machines_line(config: Config, *, host: str = "virby-vm", protocol: str = "ssh-ng",
+                      speed_factor: int = 1) -> str:
+    """The /etc/nix/machines line: URI, systems, key, jobs, speed, features, host key."""
+    keys = KeyPaths.in_dir(config.stateDir)
+    try:
+        with open(keys.host_pub) as f:
+            host_key = base64.b64encode(" ".join(f.read().split()[:2]).encode()).decode()
+    except OSError:
+        host_key = "-"  # no keys yet: `virby run` makes them; ssh_config still pins the key
+    features = ["benchmark", "big-parallel"]
+    if config.nestedVirtualization:
+        features += ["kvm", "nixos-test"]  # only where the guest really has /dev/kvm
+    return " ".join([f"{protocol}://{host}", ",".join(guest_systems(config)), keys.client_key,
+                     str(config.cores), str(speed_factor), ",".join(features), "-", host_key])
