@@ -7,7 +7,8 @@ cd "$(dirname "$0")"
 
 PACKAGES=(
   qemu-system-x86 qemu-utils   # the hypervisor (TCG or KVM)
-  cpio openssh-client          # building the test guest; ssh to the builder
+  qemu-system-arm              # boots the aarch64 guest (-M virt) on this host too
+  cpio openssh-client          # tests list archives with GNU cpio; ssh to the builder
   dropbear-bin busybox-static  # tests check the guest's key format with dropbearkey
   nix-bin                      # Nix builds through the builder (issue: remote builds)
   socat                        # the throughput benchmark's baseline

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # From a fresh Debian/Ubuntu machine to commands run inside the builder VM:
-#   installs QEMU, Nix and Virby (./install.sh), builds the test guest from Debian packages,
+#   installs QEMU, Nix and Virby (./install.sh), builds the guest (`virby guest build`),
 #   starts the arbiter (`virby run`, in the background here; launchd runs it on macOS),
 #   makes sure the VM is stopped, then connects through the forwarder: the connection boots the
 #   VM, waits for its sshd and runs `uname -a` in it. Prints the cold-start time, then has Nix
@@ -12,8 +12,8 @@ REPO=$PWD
 ./install.sh
 export PATH="$REPO/.venv/bin:$PATH"
 
-WITH_NIX=1 bash image/build-test-guest.sh
-GUEST=${XDG_CACHE_HOME:-$HOME/.cache}/virby/guest-nix
+# the builder guest (Debian 13 packages from image/guest.lock.json, Nix 2.26, store on a disk)
+GUEST=$(virby guest build --arch x86_64 --variant nix)
 
 export VIRBY_CONFIG=${VIRBY_CONFIG:-${XDG_CONFIG_HOME:-$HOME/.config}/virby/config.json}
 if [ ! -f "$VIRBY_CONFIG" ]; then

@@ -8,8 +8,10 @@ cd "$(dirname "$0")"
 ./install.sh
 export PATH="$PWD/.venv/bin:$PATH"
 t0=$(date +%s)
-bash image/build-test-guest.sh
-WITH_NIX=1 bash image/build-test-guest.sh
+virby guest build --arch x86_64 --variant base
+virby guest build --arch x86_64 --variant nix
+virby guest build --arch aarch64 --variant base
+virby guest build --arch aarch64 --variant nix
 ruff check .
 lint-imports --no-cache  # the import contracts in .importlinter
 mypy -p virby.supervisor -p virby.workers

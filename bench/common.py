@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness import Instance
+from tests.harness import Instance, guest_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,12 +72,17 @@ class Context:
     def runs(self, full: int, quick: int) -> int:
         return quick if self.quick else full
 
-    def running_instance(self) -> Instance:
+    def guest(self, arch: str) -> Path:
+        """The guest folder for `arch` (the run's own for x86_64, built on first use otherwise)."""
+        return self.guest_dir if arch == "x86_64" else guest_for(arch)
+
+    def running_instance(self, arch: str = "x86_64") -> Instance:
         """A Virby whose VM is booted and never idles out, shared by `warm` and `resume`."""
-        inst = self._shared.get("running")
+        inst = self._shared.get(f"running-{arch}")
         if inst is None:
-            inst = Instance(guest_dir=self.guest_dir, onDemand={"pauseAfter": None, "stopAfter": None})
-            self._shared["running"] = inst
+            inst = Instance(guest_dir=self.guest(arch), arch=arch,
+                            onDemand={"pauseAfter": None, "stopAfter": None})
+            self._shared[f"running-{arch}"] = inst
             inst.start()
             out = inst.ssh("true", timeout=120)
             if out.returncode != 0:

@@ -1,6 +1,7 @@
 """warm: `ssh true` through the forwarder to a running VM, against `ssh true` straight to the
 guest's forwarded port (`virby status --json` .vm.endpoint). Samples alternate between the two
-paths. Target: forwarder / direct <= 1.02 (medians)."""
+paths. Target: forwarder / direct <= 1.02 (medians). `warm_aarch64`: the same against the
+aarch64 guest."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ def _ms(s: dict[str, float | int]) -> str:
     return f"{s['median'] * 1000:.0f} ms (p10–p90 {s['p10'] * 1000:.0f}–{s['p90'] * 1000:.0f})"
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: Context, arch: str = "x86_64") -> Result:
     n = ctx.runs(full=30, quick=8)
-    res = Result(NAME, "s", target=f"forwarder ÷ direct ≤ {TARGET}")
-    inst = ctx.running_instance()
+    res = Result(NAME if arch == "x86_64" else f"{NAME}_{arch}", "s", target=f"forwarder ÷ direct ≤ {TARGET}")
+    inst = ctx.running_instance(arch)
     status = json.loads(inst.cli("status", "--json").stdout)
     host, port = status["vm"]["endpoint"]
     if host != "127.0.0.1":

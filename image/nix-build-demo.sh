@@ -3,7 +3,7 @@
 #
 # Usage: image/nix-build-demo.sh CONFIG
 #   CONFIG is the config file of a running Virby (`virby run --config CONFIG`) whose guest has
-#   Nix inside (`WITH_NIX=1 image/build-test-guest.sh`). The VM may be stopped: the first build's
+#   Nix inside (`virby guest build --variant nix`). The VM may be stopped: the first build's
 #   SSH connection boots it. Two builds run, each of a fresh derivation (a nonce), so neither is
 #   ever already in /nix/store; `--max-jobs 0` forbids building on the host.
 # Prints, for each build: its wall time, the VM state before it, and the hostname and kernel it

@@ -13,10 +13,12 @@ from typing import Any, NoReturn
 
 import click
 
-from virby.supervisor.config import ENV_VAR, Config, ConfigError, load
+from virby.supervisor.config import ENV_VAR, Config, ConfigError, load, load_builders
 from virby.workers import protocol
 
-CONFIG_HELP = "Config file (JSON, or TOML by extension). Default: $VIRBY_CONFIG, else built-in defaults."
+CONFIG_HELP = ("Config file (JSON, or TOML by extension), or for `status`, `nix-machines` and "
+               "`ssh-config` a directory of them (one per builder). Default: $VIRBY_CONFIG, "
+               "else built-in defaults.")
 
 
 class ConfigClickError(click.ClickException):
@@ -24,8 +26,19 @@ class ConfigClickError(click.ClickException):
 
 
 def _load(path: str | None) -> Config:
+    if path is not None and os.path.isdir(path):
+        raise ConfigClickError(f"{path} is a directory of builders; this command works on one: "
+                               f"pass its file ({path}/NAME.json)")
     try:
         return load(path)
+    except ConfigError as e:
+        raise ConfigClickError(str(e)) from e
+
+
+def _load_builders(path: str | None) -> list[Config]:
+    """Every builder: each file of a directory (builders side by side), or the one config."""
+    try:
+        return load_builders(path) if path is not None else [load(None)]
     except ConfigError as e:
         raise ConfigClickError(str(e)) from e
 
@@ -36,7 +49,7 @@ def _fail(message: str) -> NoReturn:
 
 
 def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--config", "config_path", envvar=ENV_VAR, type=click.Path(dir_okay=False),
+    return click.option("--config", "config_path", envvar=ENV_VAR, type=click.Path(),
                         help=CONFIG_HELP)(f)
 
 
@@ -106,15 +119,35 @@ def status(config_path: str | None, as_json: bool) -> None:
       virby status --json | jq .vm.state
     """
     from virby.supervisor import control
+    from virby.supervisor.statusview import format_status
 
-    config = _load(config_path)
-    st = _control_call(lambda: control.status(config))
+    configs = _load_builders(config_path)
+    if len(configs) == 1:
+        st = _control_call(lambda: control.status(configs[0]))
+        click.echo(control.dumps(st) if as_json else format_status(st))
+        return
+    from virby.supervisor.sshconfig import guest_systems
+
+    # Several builders, each its own arbiter: one that is down does not hide the others.
+    report: dict[str, Any] = {}
+    down = False
+    for config in configs:
+        try:
+            report[config.name] = control.status(config)
+        except control.NotRunning as e:
+            report[config.name] = {"error": str(e)}
+            down = True
     if as_json:
-        click.echo(control.dumps(st))
+        click.echo(control.dumps({"builders": report}))
     else:
-        from virby.supervisor.statusview import format_status
-
-        click.echo(format_status(st))
+        blocks = []
+        for config in configs:
+            st = report[config.name]
+            head = (f"== {config.name}: {','.join(guest_systems(config))}, "
+                    f"127.0.0.1:{config.port} ({config.source})")
+            blocks.append(head + "\n" + (f"virby: {st['error']}" if "error" in st else format_status(st)))
+        click.echo("\n\n".join(blocks))
+    sys.exit(1 if down else 0)
 
 
 def _vm_command(cmd: str, timeout: float = 2.0) -> Callable[..., None]:
@@ -219,10 +252,11 @@ def _wait_unless_running(config: Config) -> None:
 
 @cli.command("ssh-config")
 @config_option
-@click.option("--host", default="virby-vm", show_default=True, help="The Host alias.")
-def ssh_config(config_path: str | None, host: str) -> None:
-    """Print an ssh_config block for the builder. Write it to a file: OpenSSH closes extra
-    file descriptors before it reads its config, so `ssh -F <(virby ssh-config)` does not work.
+@click.option("--host", default=None, help="The Host alias (default: the config's `name`, virby-vm).")
+def ssh_config(config_path: str | None, host: str | None) -> None:
+    """Print an ssh_config block for the builder (one per builder for a directory). Write it
+    to a file: OpenSSH closes extra file descriptors before it reads its config, so
+    `ssh -F <(virby ssh-config)` does not work.
 
     \b
     Example:
@@ -230,7 +264,10 @@ def ssh_config(config_path: str | None, host: str) -> None:
     """
     from virby.supervisor.sshconfig import ssh_config_text
 
-    click.echo(ssh_config_text(_load(config_path), host), nl=False)
+    configs = _load_builders(config_path)
+    if host is not None and len(configs) > 1:
+        raise click.UsageError("--host names one builder; a directory has several (set `name`)")
+    click.echo("\n".join(ssh_config_text(c, host or c.name) for c in configs), nl=False)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -386,16 +423,19 @@ def forward(config_path: str | None, guest_port: int, host_port: int) -> None:
 @click.option("--protocol", type=click.Choice(["ssh-ng", "ssh"]), default="ssh-ng", show_default=True)
 @click.option("--speed-factor", type=click.IntRange(1), default=1, show_default=True)
 def nix_machines(config_path: str | None, protocol: str, speed_factor: int) -> None:
-    """Print the /etc/nix/machines line (`--builders` value) for this builder.
+    """Print the /etc/nix/machines line (`--builders` value) for this builder, or for a
+    directory one line per builder, each with its systems: Nix sends every derivation to a
+    builder of its system (it takes newlines between machines in --builders too).
 
     \b
-    Example:
+    Examples:
       nix-build --max-jobs 0 --builders "$(virby nix-machines)" ...
+      nix-build --max-jobs 0 --builders "$(virby nix-machines --config /etc/virby/builders)" ...
     """
     from virby.supervisor.sshconfig import nix_machines_line
 
-    config = _load(config_path)
-    click.echo(nix_machines_line(config, protocol=protocol, speed_factor=speed_factor))
+    for config in _load_builders(config_path):
+        click.echo(nix_machines_line(config, protocol=protocol, speed_factor=speed_factor))
 
 
 @cli.command("launchd-plist")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import sys
 import tomllib
@@ -62,6 +63,8 @@ class Config:
     readyTimeout: float
     accel: str
     hypervisor: str
+    arch: str  # the guest's: "x86_64" or "aarch64"
+    name: str = "virby-vm"  # the builder's ssh Host alias (one per builder when several run)
     source: str | None = field(default=None, compare=False)
 
     # Paths derived from the two directories; every process computes them the same way.
@@ -110,20 +113,37 @@ def default_runtime_dir(state_dir: str | None = None) -> str:
     return f"/tmp/virby-{os.getuid()}"
 
 
-def default_guest_dir() -> str:
-    """Where `image/build-test-guest.sh` puts the Linux test guest by default."""
-    return os.path.join(_xdg("XDG_CACHE_HOME", "~/.cache"), "virby", "guest")
+def default_guest_dir(arch: str | None = None) -> str:
+    """Where `virby guest build` puts the builder guest (the `nix` variant, of `arch`: the
+    config's, else this host's)."""
+    arch = arch or ("aarch64" if platform.machine().lower() in ("arm64", "aarch64") else "x86_64")
+    return os.path.join(_xdg("XDG_CACHE_HOME", "~/.cache"), "virby", "guests", f"{arch}-nix")
 
 
 DEFAULT_CMDLINES = {
     "qemu": "console=ttyS0 quiet panic=-1",
     "vfkit": "console=hvc0 quiet panic=-1",  # vfkit's console is a virtio console
 }
+# qemu -M virt's first serial port is a PL011 (built into arm64 kernels, so early messages show)
+QEMU_AARCH64_CMDLINE = "console=ttyAMA0 quiet panic=-1"
+ARCHES = ("x86_64", "aarch64")
+
+
+def host_arch() -> str:
+    """The host's CPU as Nix and QEMU spell it (macOS says arm64, Debian amd64)."""
+    machine = os.uname().machine
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(machine, machine)
+
+
+def default_cmdline(backend: str, arch: str) -> str:
+    if backend == "qemu" and arch == "aarch64":
+        return QEMU_AARCH64_CMDLINE
+    return DEFAULT_CMDLINES[backend]
 
 _TOP_KEYS = {
     "backend", "port", "cores", "memory", "diskSize", "onDemand", "stateDir", "runtimeDir",
     "guest", "sshUser", "rosetta", "nestedVirtualization", "sharedDirectories", "debug",
-    "readyTimeout", "accel", "hypervisor",
+    "readyTimeout", "accel", "hypervisor", "arch", "name",
 }
 _ON_DEMAND_KEYS = {"enable", "pauseAfter", "stopAfter"}
 _GUEST_KEYS = {"kernel", "initrd", "cmdline", "disk"}
@@ -136,6 +156,7 @@ _SIZE_UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_HOST_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,35}$")
 
 
@@ -224,12 +245,12 @@ def _on_demand(raw: Any) -> OnDemand:
     return OnDemand(enable=enable, pauseAfter=pause, stopAfter=stop)
 
 
-def _guest(raw: Any, base: str | None, backend: str) -> Guest:
+def _guest(raw: Any, base: str | None, backend: str, arch: str) -> Guest:
     data = _check_keys("guest", raw, _GUEST_KEYS)
-    gdir = default_guest_dir()
+    gdir = default_guest_dir(arch)
     kernel = _abs_path("guest.kernel", data.get("kernel", os.path.join(gdir, "vmlinuz")), base)
     initrd = _abs_path("guest.initrd", data.get("initrd", os.path.join(gdir, "initrd.img")), base)
-    cmdline = data.get("cmdline", DEFAULT_CMDLINES[backend])
+    cmdline = data.get("cmdline", default_cmdline(backend, arch))
     if not isinstance(cmdline, str) or "\n" in cmdline or len(cmdline) > 2048:
         raise _fail("guest.cmdline", cmdline, "one line of kernel arguments (at most 2048 characters)")
     disk = data.get("disk")
@@ -282,8 +303,14 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
     accel = data.get("accel", "auto")
     if accel not in ("auto", "kvm", "tcg", "hvf"):
         raise _fail("accel", accel, '"auto", "kvm", "tcg" or "hvf"')
-    default_hv = "vfkit" if backend == "vfkit" else _default_qemu()
+    arch = data.get("arch", host_arch())
+    if arch not in ARCHES:
+        raise _fail("arch", arch, '"x86_64" or "aarch64" (the guest\'s CPU)')
+    default_hv = "vfkit" if backend == "vfkit" else f"qemu-system-{arch}"
     hypervisor = _str("hypervisor", data.get("hypervisor", default_hv))
+    name = data.get("name", "virby-vm")
+    if not isinstance(name, str) or not _HOST_ALIAS_RE.match(name):
+        raise _fail("name", name, 'an ssh Host alias of letters, digits, "." and "-", such as "virby-arm"')
 
     return Config(
         backend=backend,
@@ -294,7 +321,7 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
         onDemand=_on_demand(data.get("onDemand", {})),
         stateDir=state_dir,
         runtimeDir=runtime_dir,
-        guest=_guest(data.get("guest", {}), base, backend),
+        guest=_guest(data.get("guest", {}), base, backend, arch),
         sshUser=ssh_user,
         rosetta=_bool("rosetta", data.get("rosetta", False)),
         nestedVirtualization=_bool("nestedVirtualization", data.get("nestedVirtualization", False)),
@@ -303,14 +330,10 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
         readyTimeout=ready_timeout,
         accel=accel,
         hypervisor=hypervisor,
+        arch=arch,
+        name=name,
         source=source,
     )
-
-
-def _default_qemu() -> str:
-    machine = os.uname().machine
-    arch = "aarch64" if machine in ("arm64", "aarch64") else "x86_64"
-    return f"qemu-system-{arch}"
 
 
 def load(path: str | Path | None) -> Config:
@@ -329,6 +352,28 @@ def load(path: str | Path | None) -> Config:
         kind = "TOML" if path.endswith(".toml") else "JSON"
         raise ConfigError(f"config file {path}: not valid {kind}: {e}") from e
     return from_dict(data, source=os.path.abspath(path))
+
+
+def load_builders(path: str | Path) -> list[Config]:
+    """Several builders side by side: a directory with one config file per builder (`*.json`,
+    `*.toml`, in name order), each run by its own `virby run`; or one file, one builder. They
+    must not share a port, an ssh alias or a directory: that would be one builder twice."""
+    path = str(path)
+    if not os.path.isdir(path):
+        return [load(path)]
+    files = sorted(f for f in os.listdir(path) if f.endswith((".json", ".toml")))
+    if not files:
+        raise ConfigError(f"config directory {path}: no builder config (*.json or *.toml) in it")
+    configs = [load(os.path.join(path, f)) for f in files]
+    for key in ("name", "port", "stateDir", "runtimeDir"):
+        seen: dict[object, str] = {}
+        for c in configs:
+            value = getattr(c, key)
+            if value in seen:
+                raise ConfigError(f"config key '{key}': {json.dumps(value)} in both {seen[value]} and "
+                                  f"{c.source}; each builder needs its own")
+            seen[value] = str(c.source)
+    return configs
 
 
 ENV_VAR = "VIRBY_CONFIG"

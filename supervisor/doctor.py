@@ -162,7 +162,7 @@ def check_guest_files(ctx: Context) -> Check:
         files.append(("guest.disk", g.disk))
     missing = [f"{key} {path}" for key, path in files if not os.path.isfile(path)]
     if missing:
-        fix = ("build the test guest: `bash image/build-test-guest.sh` (or point `guest` at your image)"
+        fix = ("build the guest: `virby guest build` (or point `guest` at your image)"
                if ctx.config.backend == "qemu" else "rebuild with nix-darwin (`darwin-rebuild switch`)")
         return Check(False, "guest files", "missing " + ", ".join(missing), fix)
     return Check(True, "guest files", ", ".join(os.path.basename(p) for _, p in files))

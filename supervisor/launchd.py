@@ -15,6 +15,11 @@ from virby.supervisor.config import Config
 
 LABEL = "org.nixos.virby"
 
+
+def label(config: Config) -> str:
+    """One job per builder: the default builder keeps the plain label, others get their name."""
+    return LABEL if config.name == "virby-vm" else f"{LABEL}.{config.name}"
+
 # circusd stops its watchers all at once, each within its graceful timeout; launchd must wait
 # for the slowest (the vm watcher powering the guest off) and circusd's own exit before it
 # sends SIGKILL. Its default, 20 s, is too short. nix/lib.nix repeats this number (tested).
@@ -57,7 +62,7 @@ def render_plist(
     not their folder, and fails the job silently if it is missing.
     """
     job: dict[str, object] = {
-        "Label": LABEL,
+        "Label": label(config),
         "ProgramArguments": [virby_exe, "run", "--config", config_path],
         # Always running: the arbiter owns the port even while the VM is stopped (on demand).
         "RunAtLoad": True,

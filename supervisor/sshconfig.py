@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import os
 
 from virby.supervisor.config import Config
 from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
@@ -36,17 +35,15 @@ def ssh_config_text(config: Config, host: str = "virby-vm") -> str:
 
 
 def guest_systems(config: Config) -> list[str]:
-    """The systems the builder serves: the guest runs the host's architecture; Rosetta adds
-    x86_64 on Apple Silicon."""
-    machine = os.uname().machine
-    arch = "aarch64" if machine in ("arm64", "aarch64") else "x86_64"
-    systems = [f"{arch}-linux"]
-    if config.rosetta and arch == "aarch64":
+    """The systems the builder serves: its guest's arch; Rosetta adds x86_64 to an aarch64
+    guest (the guest registers it with binfmt_misc: image/guest/common/etc/rc.d/rosetta.sh)."""
+    systems = [f"{config.arch}-linux"]
+    if config.rosetta and config.arch == "aarch64":
         systems.append("x86_64-linux")
     return systems
 
 
-def nix_machines_line(config: Config, *, host: str = "virby-vm", protocol: str = "ssh-ng",
+def nix_machines_line(config: Config, *, host: str | None = None, protocol: str = "ssh-ng",
                       speed_factor: int = 1) -> str:
     """The /etc/nix/machines line: URI, systems, key, jobs, speed, features, host key."""
     keys = KeyPaths.in_dir(config.stateDir)
@@ -58,5 +55,5 @@ def nix_machines_line(config: Config, *, host: str = "virby-vm", protocol: str =
     features = ["benchmark", "big-parallel"]
     if config.nestedVirtualization:
         features += ["kvm", "nixos-test"]  # only where the guest really has /dev/kvm
-    return " ".join([f"{protocol}://{host}", ",".join(guest_systems(config)), keys.client_key,
+    return " ".join([f"{protocol}://{host or config.name}", ",".join(guest_systems(config)), keys.client_key,
                      str(config.cores), str(speed_factor), ",".join(features), "-", host_key])

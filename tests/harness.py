@@ -48,6 +48,11 @@ def build_guest(with_nix: bool = False, arch: str = "x86_64") -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def guest_for(arch: str, with_nix: bool = False) -> Path:
+    """The test guest for `arch` (`virby guest build --arch ARCH`)."""
+    return build_guest(with_nix=with_nix, arch=arch)
+
+
 def qmp_execute(path: str, command: str, arguments: dict[str, Any] | None = None, *,
                 deadline: float | None = None) -> Any:
     """Run one QMP command on a QEMU unix socket with qemu.qmp's QMPClient (one connection per
@@ -193,11 +198,11 @@ class Instance:
         return path
 
     def ssh(self, *command: str, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ssh", "-F", str(self.ssh_config), "virby-vm", "--", *command],
+        return subprocess.run(["ssh", "-F", str(self.ssh_config), self.config.name, "--", *command],
                               capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
     def ssh_popen(self, *command: str, **kw: Any) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ssh", "-F", str(self.ssh_config), "virby-vm", "--", *command], **kw)
+        return subprocess.Popen(["ssh", "-F", str(self.ssh_config), self.config.name, "--", *command], **kw)
 
     # -- waiting on the bus ---------------------------------------------------------------------
 

@@ -9,7 +9,15 @@ from pathlib import Path
 
 from virby.supervisor.guest import elfdeps, modules
 from virby.supervisor.guest.deb import Node, Tree
-from virby.supervisor.guest.spec import ARCHES, MERGED_USR, NIX_LINKS, SHIP, VARIANT_MODULES, elf_roots
+from virby.supervisor.guest.spec import (
+    ARCHES,
+    DLOPENED,
+    MERGED_USR,
+    NIX_LINKS,
+    SHIP,
+    VARIANT_MODULES,
+    elf_roots,
+)
 from virby.workers.cpio import CpioEntry
 
 BUILDER_UID = 1000
@@ -113,8 +121,14 @@ def rootfs(tree: Tree, arch: str, variant: str, modules_dir: str, guest_dir: Pat
     missing = [p for p in SHIP[variant] if elfdeps.resolve_link(tree, p) is None]
     if missing:
         raise AssembleError(f"the packages have no {', '.join(missing)}")
+    dlopened = []
+    for name in DLOPENED[variant]:
+        lib = elfdeps.find_library(tree, name, (), spec.multiarch)
+        if lib is None:
+            raise AssembleError(f"no package has {name}")
+        dlopened.append(lib)
     try:
-        needed = elfdeps.closure(tree, elf_roots(variant), spec.multiarch)
+        needed = elfdeps.closure(tree, elf_roots(variant) + dlopened, spec.multiarch)
     except elfdeps.MissingLibrary as e:
         raise AssembleError(str(e)) from e
     for path in sorted({*needed, *SHIP[variant]}):

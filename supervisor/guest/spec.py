@@ -23,8 +23,11 @@ ARCHES = {
         "virtio_pci", "virtio_mmio", "virtio_net", "virtio-rng", "virtio_console", "evdev",
         "button", "vmw_vsock_virtio_transport")),
     "aarch64": ArchSpec("arm64", "aarch64-linux-gnu", "linux-image-cloud-arm64", (
+        # (the cloud kernel has no gpio_keys: the power button works where the VM has ACPI)
         "virtio_pci", "virtio_mmio", "virtio_net", "virtio-rng", "virtio_console", "evdev",
-        "gpio_keys", "gpio-pl061", "vmw_vsock_virtio_transport")),
+        "button", "vmw_vsock_virtio_transport",
+        # Rosetta (etc/rc.d/rosetta.sh): vfkit's "rosetta" virtiofs share, binfmt_misc for it
+        "virtiofs", "binfmt_misc")),
 }
 
 # Extra modules per variant: the nix store lives on a virtio-blk disk, formatted ext4.
@@ -43,6 +46,10 @@ SHIP = {
     "nix": ("usr/bin/busybox", "usr/sbin/dropbear", "usr/bin/nix", "usr/sbin/mke2fs",
             "usr/sbin/resize2fs", "etc/mke2fs.conf"),
 }
+
+# Libraries a variant loads with dlopen (no DT_NEEDED names them), looked up like DT_NEEDED:
+# Nix preloads the NSS modules (glibc keeps stubs of them).
+DLOPENED = {"base": (), "nix": ("libnss_dns.so.2", "libnss_files.so.2")}
 
 # Names that are the one `nix` binary (it dispatches on argv[0]).
 NIX_LINKS = ("nix-build", "nix-channel", "nix-collect-garbage", "nix-copy-closure", "nix-daemon",

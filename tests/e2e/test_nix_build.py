@@ -233,3 +233,57 @@ def test_a_vm_that_never_gets_ready_fails_the_build(guest_nix_dir: Path) -> None
         assert "unable to start any build" in build.proc.stderr
         st = inst.wait_vm("failed", timeout=30)
         assert "guest not ready within 8s" in st["reason"]
+
+
+def test_a_build_survives_a_cold_stop_and_the_store_grows_with_disk_size(
+        tmp_path: Path, guest_nix_dir: Path) -> None:
+    """The guest's store lives on <stateDir>/disk.raw: a build done before `virby stop` (the VM
+    powers off, RAM is gone) is still valid after the next cold boot; a bigger diskSize later
+    grows the filesystem at boot, keeping it; a smaller one is refused."""
+    state = tmp_path / "state"
+    outputs: list[str] = []
+    try:
+        with Instance(guest_dir=guest_nix_dir, memory=512, diskSize="1GiB",
+                      stateDir=str(state)) as inst:
+            inst.start()
+            nix = Nix(inst.dir, inst.ssh_config)
+            built = nix.build(builders=builders_for(inst, "ssh-ng", "alias"))
+            out = str(built.out)
+            outputs += nix.paths
+            first = Where.read(built.out)
+            inst.cli("stop")
+            inst.wait_vm("stopped")
+            assert inst.qemu() is None
+            again = inst.ssh(f"nix-store --check-validity {out} && cat {out} && "
+                             "cat /proc/sys/kernel/random/boot_id && df -k /nix | tail -1")
+            logs = Path(inst.config.log_dir)
+            assert again.returncode == 0, (
+                f"{again.stderr}\nconsole:\n{(logs / 'console.log').read_text()[-3000:]}"
+                f"\nvm.log:\n{(logs / 'vm.log').read_text()[-3000:]}")
+            lines = again.stdout.splitlines()
+            assert Where(*lines[0].split()) == first
+            assert lines[1].strip() != first.boot_id, "not a new boot"
+            assert inst.status()["vm"]["boots"] == 2
+            small_kib = int(lines[2].split()[1])
+        assert (state / "disk.raw").stat().st_size == 1 << 30
+
+        with Instance(guest_dir=guest_nix_dir, memory=512, diskSize="2GiB",
+                      stateDir=str(state)) as inst:
+            inst.start()
+            grown = inst.ssh(f"nix-store --check-validity {out} && df -k /nix | tail -1")
+            assert grown.returncode == 0, grown.stderr
+            assert int(grown.stdout.split()[1]) > small_kib * 1.8
+            assert "grew the Nix store" in (Path(inst.config.log_dir) / "console.log").read_text()
+        assert (state / "disk.raw").stat().st_size == 2 << 30
+
+        with Instance(guest_dir=guest_nix_dir, memory=512, diskSize="1GiB",
+                      stateDir=str(state)) as inst:
+            inst.start()
+            refused = inst.ssh("true", timeout=60)
+            assert refused.returncode != 0
+            assert "never shrunk" in str(inst.status()["vm"].get("reason")), inst.status()["vm"]
+        assert (state / "disk.raw").stat().st_size == 2 << 30
+    finally:
+        host = Nix(tmp_path, tmp_path / "unused")
+        host.paths = outputs
+        host.delete_outputs()

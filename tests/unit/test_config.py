@@ -56,6 +56,9 @@ BAD: list[tuple[str, Any, str]] = [
     ("ready-string", {"readyTimeout": "60"}, "readyTimeout"),
     ("accel-unknown", {"accel": "fast"}, "accel"),
     ("hypervisor-empty", {"hypervisor": ""}, "hypervisor"),
+    ("arch-unknown", {"arch": "riscv64"}, "arch"),
+    ("arch-debian-name", {"arch": "arm64"}, "arch"),
+    ("name-space", {"name": "virby vm"}, "name"),
     ("unknown-key", {"ttl": 180}, "ttl"),
     ("top-list", [1, 2], "(top level)"),
 ]
@@ -106,7 +109,7 @@ def test_no_file_at_all_gives_working_linux_defaults(monkeypatch: pytest.MonkeyP
     c = cfg.from_dict({})
     assert (c.backend, c.port, c.memory, c.sshUser) == ("qemu", 31222, 512, "builder")
     assert c.onDemand == cfg.OnDemand(enable=True, pauseAfter=60.0, stopAfter=600.0)
-    assert c.guest.kernel.endswith("virby/guest/vmlinuz")
+    assert c.guest.kernel.endswith("-nix/vmlinuz") and "/virby/guests/" in c.guest.kernel
     assert c.guest.cmdline.startswith("console=ttyS0")
     assert os.path.isabs(c.stateDir) and os.path.isabs(c.runtimeDir)
 
@@ -162,3 +165,66 @@ def test_run_with_a_bad_config_exits_2_before_starting_anything(tmp_path: Path) 
     assert out.returncode == 2
     assert "config key 'memory'" in out.stderr
     assert not run_dir.exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("machine", "arch"), [("x86_64", "x86_64"), ("aarch64", "aarch64"),
+                                               ("arm64", "aarch64")])
+def test_arch_defaults_to_the_hosts_and_picks_the_hypervisor(
+        monkeypatch: pytest.MonkeyPatch, machine: str, arch: str) -> None:
+    monkeypatch.setattr(cfg.sys, "platform", "linux")
+    monkeypatch.setattr(cfg.os, "uname", lambda: os.uname_result(("Linux", "h", "6", "#1", machine)))
+    c = cfg.from_dict({})
+    assert (c.arch, c.hypervisor) == (arch, f"qemu-system-{arch}")
+
+
+def test_an_aarch64_guest_on_qemu_gets_the_pl011_console() -> None:
+    c = cfg.from_dict({"arch": "aarch64", "backend": "qemu"})
+    assert c.hypervisor == "qemu-system-aarch64"
+    assert c.guest.cmdline == "console=ttyAMA0 quiet panic=-1"
+    assert cfg.from_dict({"arch": "aarch64", "backend": "vfkit"}).guest.cmdline.startswith("console=hvc0")
+
+
+def test_arch_error_says_what_is_allowed() -> None:
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.from_dict({"arch": "arm64"})
+    assert str(e.value) == ('config key \'arch\': got "arm64", expected "x86_64" or "aarch64" '
+                            "(the guest's CPU)")
+
+
+def _builder(d: Path, name: str, **over: Any) -> None:
+    doc = {"name": name, "port": over.pop("port", 40000 + len(list(d.iterdir()))),
+           "stateDir": str(d / name / "state"), "runtimeDir": f"/tmp/vb-{name}", **over}
+    (d / f"{name}.json").write_text(json.dumps(doc))
+
+
+def test_a_directory_holds_one_config_per_builder(tmp_path: Path) -> None:
+    _builder(tmp_path, "virby-x86", arch="x86_64", port=40001)
+    _builder(tmp_path, "virby-arm", arch="aarch64", port=40002, onDemand={"stopAfter": 120})
+    (tmp_path / "notes.txt").write_text("not a config")
+    arm, x86 = cfg.load_builders(tmp_path)  # file name order
+    assert (arm.name, arm.arch, arm.port, arm.onDemand.stopAfter) == ("virby-arm", "aarch64", 40002, 120.0)
+    assert (x86.name, x86.arch, x86.port) == ("virby-x86", "x86_64", 40001)
+    assert cfg.load_builders(tmp_path / "virby-x86.json") == [x86]
+
+
+@pytest.mark.parametrize("key", ["name", "port", "stateDir", "runtimeDir"])
+def test_two_builders_cannot_share(tmp_path: Path, key: str) -> None:
+    _builder(tmp_path, "a", port=40001)
+    _builder(tmp_path, "b", port=40002)
+    doc = json.loads((tmp_path / "a.json").read_text())
+    shared = json.loads((tmp_path / "b.json").read_text())
+    shared[key] = doc[key]
+    (tmp_path / "b.json").write_text(json.dumps(shared))
+    with pytest.raises(cfg.ConfigError, match=f"config key '{key}'.*a.json.*b.json.*its own"):
+        cfg.load_builders(tmp_path)
+
+
+def test_an_empty_builders_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError, match="no builder config"):
+        cfg.load_builders(tmp_path)
+
+
+def test_the_default_guest_follows_arch() -> None:
+    c = cfg.from_dict({"arch": "aarch64"})
+    assert c.guest.kernel.endswith("virby/guests/aarch64-nix/vmlinuz")
+    assert cfg.from_dict({"arch": "x86_64"}).guest.initrd.endswith("virby/guests/x86_64-nix/initrd.img")

@@ -83,3 +83,11 @@ def test_logs_follow_the_state_dir() -> None:
     assert job["StandardErrorPath"] == "/Users/me/.virby/logs/launchd.err"
     assert job["WorkingDirectory"] == "/Users/me/.virby"
     assert job["ProgramArguments"][-1] == "/x.json"
+
+
+def test_each_builder_is_its_own_job() -> None:
+    x86 = launchd.render_plist("/etc/virby/builders/virby-x86.json", _config(name="virby-x86"),
+                               virby_exe=VIRBY, user="_virby")
+    job = plistlib.loads(x86)
+    assert job["Label"] == "org.nixos.virby.virby-x86"
+    assert job["ProgramArguments"] == [VIRBY, "run", "--config", "/etc/virby/builders/virby-x86.json"]

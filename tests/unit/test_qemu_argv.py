@@ -47,6 +47,40 @@ def test_command_line(tmp_path: Path) -> None:
     assert "-cpu" not in argv
 
 
+def test_aarch64_command_line(tmp_path: Path) -> None:
+    argv = backend(tmp_path, arch="aarch64").command()
+    assert argv[0] == "qemu-system-aarch64"
+    assert arg_after(argv, "-M") == ["virt"]
+    assert arg_after(argv, "-accel") == ["tcg,tb-size=128"]
+    assert arg_after(argv, "-cpu") == ["cortex-a72"]  # not max: its pointer auth is slow in TCG
+    assert arg_after(argv, "-append") == ["console=ttyAMA0 quiet panic=-1"]
+    # virt has one PL011: the console; the agent is a named virtio-console port
+    assert arg_after(argv, "-serial") == ["chardev:console"]
+    assert arg_after(argv, "-device") == ["virtio-net-pci,netdev=n0,romfile=", "virtio-rng-pci",
+                                          "virtio-serial-pci",
+                                          "virtserialport,chardev=agent,name=virby.agent"]
+
+
+@pytest.mark.parametrize(("host", "arch", "platform", "accel"), [
+    ("arm64", "aarch64", "darwin", "hvf"),  # Apple Silicon
+    ("x86_64", "aarch64", "darwin", "tcg"),  # an Intel Mac cannot run an arm64 guest in HVF
+    ("aarch64", "x86_64", "linux", "tcg"),
+    ("x86_64", "aarch64", "linux", "tcg"),
+])
+def test_auto_accel_only_for_the_hosts_own_arch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                host: str, arch: str, platform: str, accel: str) -> None:
+    from virby.supervisor import config as cfg
+    from virby.workers.backends.qemu import accel as qemu
+
+    b = backend(tmp_path, accel="auto", arch=arch)
+    monkeypatch.setattr(cfg.os, "uname", lambda: os.uname_result(("X", "h", "6", "#1", host)))
+    monkeypatch.setattr(qemu.sys, "platform", platform)
+    assert b.accel() == accel
+    argv = b.command()
+    assert arg_after(argv, "-cpu") == (["host"] if accel == "hvf" else
+                                       ["cortex-a72"] if arch == "aarch64" else [])
+
+
 def test_shared_directories_and_disk(tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"
     disk.write_bytes(b"")

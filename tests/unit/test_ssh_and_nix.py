@@ -66,3 +66,54 @@ def test_cli_prints_them(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "  Port 40001\n" in r.output
     r = CliRunner().invoke(cli, ["nix-machines", "--config", str(cfg), "--protocol", "ssh"])
     assert r.exit_code == 0 and r.output.startswith("ssh://virby-vm ")
+
+
+def _builders(tmp_path: Path) -> Path:
+    d = tmp_path / "builders"
+    d.mkdir()
+    for name, arch, port, extra in (("virby-arm", "aarch64", 40011, ', "rosetta": true'),
+                                    ("virby-x86", "x86_64", 40012, "")):
+        (d / f"{name}.json").write_text(
+            f'{{"name": "{name}", "arch": "{arch}", "port": {port}, "runtimeDir": "/tmp/vbu-{name}", '
+            f'"stateDir": "{tmp_path / name}"{extra}}}')
+    return d
+
+
+def test_a_builders_directory_gives_one_machines_line_per_builder_with_its_systems(tmp_path: Path) -> None:
+    d = _builders(tmp_path)
+    r = CliRunner().invoke(cli, ["nix-machines", "--config", str(d)])
+    assert r.exit_code == 0, r.output
+    lines = [line.split() for line in r.output.splitlines()]
+    assert [f[:3] for f in lines] == [
+        ["ssh-ng://virby-arm", "aarch64-linux,x86_64-linux", f"{tmp_path}/virby-arm/ssh_user_ed25519_key"],
+        ["ssh-ng://virby-x86", "x86_64-linux", f"{tmp_path}/virby-x86/ssh_user_ed25519_key"],
+    ]
+
+
+def test_each_builders_alias_reaches_its_own_port_with_its_own_key(tmp_path: Path) -> None:
+    d = _builders(tmp_path)
+    r = CliRunner().invoke(cli, ["ssh-config", "--config", str(d)])
+    assert r.exit_code == 0, r.output
+    path = tmp_path / "ssh_config"
+    path.write_text(r.output)
+    for host, port in (("virby-arm", "40011"), ("virby-x86", "40012")):
+        out = subprocess.run(["ssh", "-G", "-F", str(path), host], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        settings = dict(line.split(" ", 1) for line in out)
+        assert settings["port"] == port
+        assert settings["identityfile"] == f"{tmp_path}/{host}/ssh_user_ed25519_key"
+        assert settings["globalknownhostsfile"] == f"{tmp_path}/{host}/ssh_known_hosts"
+
+
+def test_status_of_a_builders_directory_names_every_builder_even_when_down(tmp_path: Path) -> None:
+    r = CliRunner().invoke(cli, ["status", "--config", str(_builders(tmp_path))])
+    assert r.exit_code == 1
+    assert "== virby-arm: aarch64-linux,x86_64-linux, 127.0.0.1:40011" in r.output
+    assert "== virby-x86: x86_64-linux, 127.0.0.1:40012" in r.output
+    assert r.output.count("virby is not running") == 2
+
+
+def test_one_builder_commands_refuse_a_directory(tmp_path: Path) -> None:
+    d = _builders(tmp_path)
+    r = CliRunner().invoke(cli, ["stop", "--config", str(d)])
+    assert r.exit_code == 2 and "is a directory of builders" in r.output

@@ -15,6 +15,7 @@ import shutil
 import sys
 
 from virby.supervisor.config import Config
+from virby.workers.backends.qemu import machine
 from virby.workers.files import write_json
 
 log = logging.getLogger("virby.qemu")
@@ -36,6 +37,8 @@ class AccelProbe:
         """A setting, or for "auto" the recorded probe result ("kvm" while untested)."""
         if self.config.accel != "auto":
             return self.config.accel
+        if not machine.can_accelerate(self.config.arch):
+            return "tcg"  # KVM and HVF run the host's own arch only
         if sys.platform == "darwin":
             return "hvf"
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):

@@ -28,6 +28,7 @@ from virby.workers.backends.base import Backend, BackendError, Endpoint, require
 from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.initrd import build_keyed_initrd
 from virby.workers.backends.process import HypervisorProcess
+from virby.workers.backends.qemu import machine as qemu_machine
 from virby.workers.backends.qemu.accel import KVM_PROBE_TIMEOUT, AccelProbe
 from virby.workers.logtail import last_line
 
@@ -87,13 +88,14 @@ class QemuBackend(Backend):
 
     def command(self) -> list[str]:
         c = self.config
+        m = qemu_machine.machine_for(c.arch)
         accel = self.accel()
         accel_arg = f"tcg,tb-size={_TB_SIZE_MIB}" if accel == "tcg" else accel
         argv = [
             c.hypervisor,
             "-name", "virby-vm",
             "-accel", accel_arg,
-            "-M", "q35",
+            "-M", m.machine,
             "-m", str(c.memory),
             "-smp", str(c.cores),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -104,17 +106,17 @@ class QemuBackend(Backend):
             "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
             "-device", "virtio-net-pci,netdev=n0,romfile=",
             "-device", "virtio-rng-pci",
-            # a new VM generation ID at every start, a restore included: the guest kernel
-            # (CONFIG_VMGENID) reseeds its RNG at once when it changes (issue 14)
-            "-device", "vmgenid,guid=auto",
+            # A new VM generation ID at every start, a restore included: the guest kernel
+            # (CONFIG_VMGENID) reseeds its RNG at once when it changes (issue 14). An ACPI
+            # device: q35 only (qemu-system-aarch64 has none).
+            *(["-device", "vmgenid,guid=auto"] if m.machine == "q35" else []),
             "-chardev", f"file,id=console,path={self.console_log},append=on",
             "-serial", "chardev:console",
             "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
-            "-serial", "chardev:agent",
+            *qemu_machine.agent_args(m, "agent"),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
-        if accel in ("kvm", "hvf"):
-            argv += ["-cpu", "host"]
+        argv += qemu_machine.cpu_args(m, accel)
         # the data disk first (/dev/vda: the guest's Nix store), then the optional image disk
         argv += ["-drive", f"file={c.state('disk.raw')},if=virtio,format=raw,cache=writeback"]
         if c.guest.disk:
@@ -184,15 +186,18 @@ class QemuBackend(Backend):
             qmp = QMPClient("virby-vm")
             try:
                 await asyncio.wait_for(qmp.connect(self.qmp_path), 5)
+                reader, writer = await asyncio.open_unix_connection(self.agent_path)
                 break
             except (QMPError, OSError, TimeoutError) as e:
-                # the socket file exists from bind(); QEMU listens a moment later (refused)
-                if time.monotonic() > deadline or not self.process.alive():
-                    raise BackendError(f"cannot connect to QMP at {self.qmp_path}: {e}") from e
-                await asyncio.sleep(0.01)
+                with contextlib.suppress(Exception):
+                    await qmp.disconnect()
+                # the socket files appear at bind(), a moment before listen(): "refused" = not yet
+                if "refused" in str(e) and self.process.alive() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+                    continue
+                raise BackendError(f"cannot connect to QMP and the agent at {self.qmp_path}: {e}") from e
         self._qmp = qmp
         self._port = await self._forwarded_port()
-        reader, writer = await asyncio.open_unix_connection(self.agent_path)
         self._agent_reader, self._agent_writer = reader, writer
         self._agent_task = asyncio.create_task(self._agent_loop(reader))
         if hello:  # not into a machine that is still loading its state: it would be garbled
@@ -319,11 +324,18 @@ class QemuBackend(Backend):
             try:
                 if await self.status() == "paused":
                     await self._execute("cont")  # a paused guest cannot hear the power button
-                await self._execute("system_powerdown")
+                await self._power_off()
                 await asyncio.wait_for(self.wait_exit(), timeout)
             except (BackendError, TimeoutError):
                 log.warning("guest did not power off within %.0fs; killing qemu", timeout)
         await self.kill()
+
+    async def _power_off(self) -> None:
+        if qemu_machine.machine_for(self.config.arch).power_button:
+            await self._execute("system_powerdown")
+        elif self._agent_writer is not None:
+            self._agent_writer.write(b"poweroff\n")  # the guest syncs, then powers off
+            await self._agent_writer.drain()
 
     async def kill(self) -> None:
         await self.process.kill()

@@ -4,5 +4,5 @@
 # sequence and its ::shutdown line: the hypervisor is gone about 2 s sooner).
 echo "virby-guest: shutting down" > /dev/console
 sync
-if mountpoint -q /nix; then umount /nix 2>/dev/null || mount -o remount,ro /nix 2>/dev/null; sync; fi
+if grep -q " /nix " /proc/mounts; then umount /nix 2>/dev/null || mount -o remount,ro /nix 2>/dev/null; sync; fi
 exec /bin/busybox poweroff -f
