@@ -36,7 +36,7 @@ if ! virby status >/dev/null 2>&1; then
   for _ in $(seq 100); do virby status >/dev/null 2>&1 && break; sleep 0.2; done
 fi
 virby status >/dev/null || { echo "the arbiter did not come up; see: virby logs"; exit 1; }
-virby stop >/dev/null   # start from a stopped VM: the connection below boots it
+virby stop --cold >/dev/null   # start from a stopped VM: the connection below boots it
 
 ssh_config=$(virby env | sed -n "s/^export VIRBY_RUNTIME_DIR=//p" | tr -d "'")/ssh_config
 virby ssh-config > "$ssh_config"
@@ -48,7 +48,7 @@ awk -v a="$t0" -v b="$t1" 'BEGIN { printf "cold start through the forwarder: %.2
 virby status
 
 echo
-virby stop >/dev/null   # the first build's connection boots the VM again
+virby stop >/dev/null   # suspend to disk: the first build's connection restores the VM
 image/nix-build-demo.sh "$VIRBY_CONFIG"
 echo
 echo "Virby keeps running. Try: virby status | virby ssh -- uname -a | virby logs -f"

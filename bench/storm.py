@@ -20,7 +20,7 @@ DEADLINE = 240.0
 
 def _stop(inst: Instance) -> None:
     qemu = inst.qemu()
-    reply = control.request(inst.config, "stop", timeout=60)
+    reply = control.request(inst.config, "stop", {"cold": True}, timeout=60)
     if not reply.get("ok"):
         raise RuntimeError(f"virby stop failed: {reply.get('error')}")
     if qemu is not None:

@@ -84,6 +84,8 @@ WAITING_WORDS = {
     "starting": "booting the VM (cold start)",
     "paused": "resuming the VM",
     "stopping": "waiting for the VM to finish stopping, then booting it again",
+    "suspending": "waiting for the VM to finish saving, then restoring it",
+    "suspended": "asking the VM to restore",
     "failed": "the last boot failed; trying again",
 }
 
@@ -102,11 +104,14 @@ def wait_running(config: Config, progress: Progress, timeout: float | None = Non
     sock = control.subscribe(config)
     last_kick = time.monotonic()
     current = str(state.get("state") or "starting")
+    reason = str(state.get("reason") or "")
     booting = current == "starting"  # a `failed` after this is our boot failing
     try:
         deadline = time.monotonic() + timeout
         while True:
-            progress.update(WAITING_WORDS.get(current, f"waiting for the VM ({current})"))
+            restoring = current == "starting" and reason.startswith("restoring")
+            progress.update("restoring the saved VM" if restoring
+                            else WAITING_WORDS.get(current, f"waiting for the VM ({current})"))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StartFailed(f"the VM is not running after {timeout:.0f}s (it is {current}); "
@@ -120,13 +125,15 @@ def wait_running(config: Config, progress: Progress, timeout: float | None = Non
             if msg.sender != "vm" or msg.kind != "state":
                 continue
             current = str(msg.data.get("state"))
+            reason = str(msg.data.get("reason") or "")
             if current == "running":
                 return dict(msg.data)
             if current == "starting":
                 booting = True
             elif current == "failed" and booting:
                 raise StartFailed(str(msg.data.get("reason") or "the boot failed"))
-            elif current in ("stopped", "paused", "failed") and time.monotonic() - last_kick >= REKICK_EVERY:
+            elif (current in ("stopped", "suspended", "paused", "failed")
+                  and time.monotonic() - last_kick >= REKICK_EVERY):
                 # A stop finished, or our start raced one: ask again (wake is idempotent).
                 last_kick = time.monotonic()
                 reply = control.request(config, "start", {"wait": 0}, timeout=5)

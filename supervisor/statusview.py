@@ -38,6 +38,10 @@ def _ago(t: Any, now: float) -> str:
     return f"{duration(now - t)} ago"
 
 
+def _seconds(value: Any) -> str:
+    return f"{value:.1f}s" if isinstance(value, int | float) else "-"
+
+
 def _short_inc(inc: Any) -> str:
     return str(inc) if inc else "-"
 
@@ -55,8 +59,17 @@ def format_status(st: dict[str, Any], now: float | None = None) -> str:
     if state == "failed" and isinstance(vm.get("retry_at"), int | float):
         lines.append(f"{'next try':<12}in {duration(vm['retry_at'] - now)} (on the next connection)")
     last = vm.get("last_boot_seconds")
+    restore = vm.get("last_restore_seconds")
     lines.append(f"{'backend':<12}{vm.get('backend', '-')}    boots {vm.get('boots', '-')}    "
-                 f"last cold start {f'{last:.1f}s' if isinstance(last, int | float) else '-'}")
+                 f"last cold start {_seconds(last)}    restores {vm.get('restores', '-')}    "
+                 f"last restore {_seconds(restore)}")
+    snap = vm.get("snapshot")
+    if isinstance(snap, dict):
+        saved = snap.get("save_seconds")
+        lines.append(f"{'saved VM':<12}{size(snap.get('size'))}, saved {_ago(snap.get('saved_at'), now)}"
+                     + (f" (in {saved:.2f}s)" if isinstance(saved, int | float) else ""))
+    elif vm.get("can_suspend") is False and state in ("running", "paused"):
+        lines.append(f"{'saved VM':<12}none (this backend cannot save a VM: stop shuts it down)")
     fwd = vm.get("forwarder") or {}
     conn = vm.get("connections")
     extra = []

@@ -2,6 +2,14 @@
 
     stopped -> starting -> running <-> paused -> stopping -> stopped
                        \\-> failed (with the reason; the next boot waits out a backoff)
+    running/paused -> suspending -> suspended -> starting (restore, else a cold boot) -> running
+
+Suspend (issue 14): the idle monitor's stop and `virby stop` (unless `cold`) save the whole
+machine to a file when the backend can (`Backend.can_suspend`), and the hypervisor exits; the
+next wake restores it, sets the guest clock and reseeds its entropy, proves SSH, then
+publishes `running`. The snapshot rules (what invalidates it, restored at most once) live in
+`workers/snapshot.py`. Anything wrong with a snapshot or its restore costs a cold boot in the
+same wake, never the client's connection. `boots` counts cold boots, `restores` restores.
 
 Every transition runs under one lock, so the backend is only ever driven by one task. Wake
 requests during `starting` all wait for the same boot: one boot, however many connections
@@ -37,14 +45,17 @@ from virby.workers.files import write_json
 from virby.workers.keys import KeyPaths, ensure_keys
 from virby.workers.protocol import COUNTERS_FILE
 from virby.workers.runtime import run_worker
+from virby.workers.snapshot import SnapshotInvalid, SnapshotStore, dependencies
 from virby.workers.sshcheck import SSHNotReady, prove_ssh
 from virby.workers.timeouts import VM_SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("virby.vm")
 
-STATES = ("stopped", "starting", "running", "paused", "stopping", "failed")
+STATES = ("stopped", "starting", "running", "paused", "stopping", "suspending", "suspended", "failed")
 FAILURE_BACKOFF_MAX = 60.0
 WAKE_WAIT_MAX = 10.0  # longest a single wake request is held before it is answered
+RESTORE_TIMEOUT = 15.0  # a restore takes ~1 s here (TCG); past this, boot cold instead
+SEED_BYTES = 32  # host entropy mixed into a restored guest's pool
 
 
 def one_line(text: str) -> str:
@@ -64,6 +75,9 @@ class VMWorker:
         self.reason: str | None = None
         self.boots = 0
         self.last_boot_seconds: float | None = None
+        self.restores = 0
+        self.last_restore_seconds: float | None = None
+        self.snapshots = SnapshotStore(config.stateDir)
         self.woken_at = 0.0
         self.failures = 0
         self.retry_at = 0.0  # wall time before which a failed VM is not booted again
@@ -85,6 +99,8 @@ class VMWorker:
             "state": self.state, "since": self.since, "reason": self.reason,
             "backend": self.backend.name, "pid": self.backend.pid(), "endpoint": endpoint,
             "boots": self.boots, "last_boot_seconds": self.last_boot_seconds,
+            "restores": self.restores, "last_restore_seconds": self.last_restore_seconds,
+            "snapshot": self.snapshots.info(), "can_suspend": self.backend.can_suspend(),
             "woken_at": self.woken_at, "retry_at": self.retry_at if self.state == "failed" else None,
             "connections": self.activity.open_connections(),
             "last_activity": self.activity.last_activity(),
@@ -119,7 +135,8 @@ class VMWorker:
 
     def _persist(self) -> None:
         """Boot counters outlive a worker restart (they count since the arbiter started)."""
-        data = {"boots": self.boots, "last_boot_seconds": self.last_boot_seconds}
+        data = {"boots": self.boots, "last_boot_seconds": self.last_boot_seconds,
+                "restores": self.restores, "last_restore_seconds": self.last_restore_seconds}
         try:
             write_json(self._counters_path, data)
         except OSError as e:  # a full disk costs us the counters, never the VM
@@ -132,6 +149,9 @@ class VMWorker:
             self.boots = int(data.get("boots", 0))
             lbs = data.get("last_boot_seconds")
             self.last_boot_seconds = float(lbs) if lbs is not None else None
+            self.restores = int(data.get("restores", 0))
+            lrs = data.get("last_restore_seconds")
+            self.last_restore_seconds = float(lrs) if lrs is not None else None
         except (OSError, ValueError, TypeError, AttributeError):
             pass
 
@@ -160,7 +180,8 @@ class VMWorker:
             if refusal:
                 return False, refusal, self.snapshot()
             await (self._pause(args) if cmd == "pause" else self._stop(args))
-            ok = self.state in (("paused", "stopped", "failed") if cmd == "pause" else ("stopped", "failed"))
+            ok = self.state in (("paused", "stopped", "suspended", "failed") if cmd == "pause"
+                                else ("stopped", "suspended", "failed"))
             return ok, None if ok else f"could not {cmd}: VM is {self.state}", self.snapshot()
         return False, f"unknown command {cmd}", self.snapshot()
 
@@ -179,11 +200,11 @@ class VMWorker:
         self.woken_at = time.time()
         wait = args.get("wait", 0)
         wait = min(float(wait), WAKE_WAIT_MAX) if isinstance(wait, int | float) else 0.0
-        if self.state == "stopping":
-            await self.wait_for(("stopped", "failed"), wait)
+        if self.state in ("stopping", "suspending"):
+            await self.wait_for(("stopped", "suspended", "failed"), wait)
         if self.state == "paused":
             await self._resume()
-        elif self.state in ("stopped", "failed"):
+        elif self.state in ("stopped", "suspended", "failed"):
             if self.state == "failed" and time.time() < self.retry_at:
                 wait_s = self.retry_at - time.time()
                 return False, f"boot failed: {self.reason} (next try in {wait_s:.0f}s)", self.snapshot()
@@ -199,7 +220,7 @@ class VMWorker:
         so every wake that comes in meanwhile waits for this same boot."""
         if self._boot is not None and not self._boot.done():
             return
-        self._set("starting")
+        self._set("starting", "restoring the saved VM" if self.snapshots.present() else None)
         self._boot = asyncio.create_task(self._run_boot())
 
     async def _run_boot(self) -> None:
@@ -208,7 +229,20 @@ class VMWorker:
                 return
             await self._do_boot()
 
+    def _dependencies(self) -> dict[str, Any]:
+        return dependencies(self.config, self.backend.command(), self.backend.snapshot_inputs())
+
     async def _do_boot(self) -> None:
+        if self.snapshots.present():
+            try:
+                if await self._restore():
+                    return
+            except asyncio.CancelledError:
+                await self._kill_quietly()
+                self._set("stopped", "boot cancelled")
+                raise
+        if self.snapshots.discard():
+            log.info("a cold boot invalidates the saved VM: deleted")
         t0 = time.monotonic()
         deadline = t0 + self.config.readyTimeout
         # paramiko is imported lazily (10 MiB an idle worker need not carry); load it while the
@@ -237,6 +271,52 @@ class VMWorker:
         log.info("guest ready in %.2fs (boot %d)", self.last_boot_seconds, self.boots)
         self._set("running")
         self._watch_exit()
+
+    async def _restore(self) -> bool:
+        """Restore the saved VM; True when it runs and SSH is proven. False (the snapshot is
+        deleted, the reason logged, the hypervisor ended) when a cold boot must follow."""
+        t0 = time.monotonic()
+        deadline = t0 + min(RESTORE_TIMEOUT, self.config.readyTimeout)
+        # as for a cold boot: paramiko (for the SSH proof) loads while the state does
+        preload = asyncio.get_running_loop().run_in_executor(None, importlib.import_module, "paramiko")
+        try:
+            deps = await asyncio.to_thread(self._dependencies)
+            with self.snapshots.take(deps) as taken:
+                # sha256 of the file alongside the load; checked before a vCPU runs
+                verified = asyncio.create_task(asyncio.to_thread(taken.verify))
+                try:
+                    await asyncio.wait_for(self.backend.restore(taken.path), deadline - time.monotonic())
+                except BaseException:
+                    verified.cancel()  # its answer no longer matters (the thread just ends)
+                    raise
+                await asyncio.wait_for(verified, max(1.0, deadline - time.monotonic()))
+            loaded = time.monotonic()
+            await self.backend.resume()
+            await self.backend.sync_guest(os.urandom(SEED_BYTES))
+            await asyncio.wait_for(self.backend.wait_announced(), deadline - time.monotonic())
+            await preload
+            await self._prove_ssh(deadline)
+        except Exception as e:  # whatever went wrong (a bug included), the client gets a cold boot
+            if isinstance(e, TimeoutError):
+                reason = f"not ready within {deadline - t0:g}s"
+            elif isinstance(e, SnapshotInvalid | BackendError | OSError):
+                reason = one_line(str(e)) or type(e).__name__
+            else:
+                log.error("unexpected error during the restore", exc_info=e)
+                reason = f"{type(e).__name__}: {one_line(str(e))}".rstrip(": ")
+            log.warning("the saved VM was not restored (%s); booting cold", reason)
+            await self._kill_quietly()
+            self.snapshots.discard()
+            self._set("starting", f"cold boot (the restore failed: {reason})")
+            return False
+        self.restores += 1
+        self.failures = 0
+        self.last_restore_seconds = round(time.monotonic() - t0, 3)
+        log.info("guest restored in %.2fs (state loaded in %.2fs; restore %d)",
+                 self.last_restore_seconds, loaded - t0, self.restores)
+        self._set("running")
+        self._watch_exit()
+        return True
 
     async def _prove_ssh(self, deadline: float) -> None:
         ep = self.backend.endpoint()
@@ -344,9 +424,39 @@ class VMWorker:
 
     async def _stop(self, args: dict[str, Any]) -> None:
         async with self._lock:
-            if self.state in ("stopped", "failed") or self._idle_refusal(args):
+            cold = bool(args.get("cold"))
+            if self.state == "suspended" and cold:
+                self.snapshots.discard()
+                self._set("stopped", "the saved VM was deleted (stop --cold)")
                 return
-            await self._shutdown_locked(VM_SHUTDOWN_TIMEOUT)
+            if self.state in ("stopped", "suspended", "failed") or self._idle_refusal(args):
+                return
+            if not cold and self.state in ("running", "paused") and self.backend.can_suspend():
+                await self._suspend_locked()
+            else:
+                await self._shutdown_locked(VM_SHUTDOWN_TIMEOUT)
+
+    async def _suspend_locked(self) -> None:
+        """Save the VM and let the hypervisor exit; on any failure, a clean stop instead."""
+        self._set("suspending")
+        if self._monitor is not None:
+            self._monitor.cancel()
+        t0 = time.monotonic()
+        try:
+            path = self.snapshots.begin()
+            await self.backend.suspend(path)
+            saved = time.monotonic() - t0
+            # after the exit: the disk's identity is final only once the hypervisor is gone
+            rec = await asyncio.to_thread(self.snapshots.commit, self._dependencies(), saved)
+        except (BackendError, OSError) as e:
+            log.warning("could not save the VM (%s); stopping it instead", e)
+            self.snapshots.discard()
+            await self.backend.shutdown(VM_SHUTDOWN_TIMEOUT)
+            self._set("stopped", f"the VM could not be saved: {e}")
+            return
+        log.info("VM saved in %.2fs (%.1f MiB; recorded after %.2fs)", saved, rec["size"] / 2**20,
+                 time.monotonic() - t0)
+        self._set("suspended")
 
     async def _shutdown_locked(self, timeout: float) -> None:
         self._set("stopping")
@@ -364,14 +474,21 @@ class VMWorker:
         except Exception as e:  # a VM we cannot drive is ended, never a crash loop
             log.warning("could not adopt a running VM: %s", e)
             await self._kill_quietly()
-            return
+            status, adopted = "stopped", False
+        if status in ("running", "paused", "failed"):
+            self.snapshots.discard()  # a VM that ran since supersedes any saved one
         if status in ("running", "paused"):
             self._set(status)
             self._watch_exit()
-        elif status == "failed":
+            return
+        if status == "failed":
             await self._fail(self.backend.failure or "the guest is broken", console=False)
-        elif adopted:
+            return
+        if adopted:
             await self._kill_quietly()
+        self.snapshots.clean_leftovers()
+        if self.snapshots.present():
+            self._set("suspended")
 
     async def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
         before = self._activity_view()

@@ -24,9 +24,9 @@ def test_the_aarch64_guest_boots_through_the_forwarder_and_powers_off(guest_aarc
         console = (Path(vm.config.log_dir) / "console.log").read_text()
         assert "virby-guest: up in" in console
 
-        # no power button on virt without firmware: `stop` asks the agent, and the guest
+        # no power button on virt without firmware: `stop --cold` asks the agent, and the guest
         # powers itself off (the kill after the shutdown timeout is logged as such)
-        assert vm.cli("stop", timeout=90).stdout.strip() == "VM stopped"
+        assert vm.cli("stop", "--cold", timeout=90).stdout.strip() == "VM stopped"
         assert vm.qemu() is None
         assert "virby-guest: shutting down" in (Path(vm.config.log_dir) / "console.log").read_text()
         assert "did not power off" not in (Path(vm.config.log_dir) / "vm.log").read_text()

@@ -14,6 +14,7 @@ import gzip
 import io
 import os
 import re
+import secrets
 import shutil
 import socket
 import struct
@@ -312,6 +313,14 @@ def test_time_sets_the_guest_clock(guest: Vm, keys: Keys) -> None:
         assert target <= now < target + 120
     finally:
         assert guest.agent.ask(f"time {time.time():.3f}") == "virby-time-ok"
+
+
+def test_seed_takes_host_entropy_as_hex(guest: Vm) -> None:
+    """After a restore the host reseeds the guest (issue 14): hex only, one answer per line."""
+    assert guest.agent.ask(f"seed {secrets.token_hex(32)}") == "virby-seed-ok"
+    assert guest.agent.ask("seed not-hex") == "virby-error seed"
+    assert guest.agent.ask("seed ") == "virby-error seed"
+    assert guest.agent.ask("hello") == "virby-ready"  # still in step
 
 
 def test_password_logins_are_refused(guest: Vm) -> None:

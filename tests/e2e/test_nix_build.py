@@ -237,7 +237,7 @@ def test_a_vm_that_never_gets_ready_fails_the_build(guest_nix_dir: Path) -> None
 
 def test_a_build_survives_a_cold_stop_and_the_store_grows_with_disk_size(
         tmp_path: Path, guest_nix_dir: Path) -> None:
-    """The guest's store lives on <stateDir>/disk.raw: a build done before `virby stop` (the VM
+    """The guest's store lives on <stateDir>/disk.raw: a build done before `virby stop --cold` (the VM
     powers off, RAM is gone) is still valid after the next cold boot; a bigger diskSize later
     grows the filesystem at boot, keeping it; a smaller one is refused."""
     state = tmp_path / "state"
@@ -251,7 +251,7 @@ def test_a_build_survives_a_cold_stop_and_the_store_grows_with_disk_size(
             out = str(built.out)
             outputs += nix.paths
             first = Where.read(built.out)
-            inst.cli("stop")
+            inst.cli("stop", "--cold")  # a suspend would keep the RAM: power it off
             inst.wait_vm("stopped")
             assert inst.qemu() is None
             again = inst.ssh(f"nix-store --check-validity {out} && cat {out} && "

@@ -98,8 +98,8 @@ def test_operator_commands_on_a_real_vm(guest_dir: Path) -> None:
                     fwd.proc.kill()
             inst.wait_bus(lambda s: s.get("vm", {}).get("connections") == 0, 10, "the tunnel to close")
 
-        # 5. stop, then `virby start` on a terminal: a spinner with the elapsed time
-        assert inst.cli("stop").stdout.strip() == "VM stopped"
+        # 5. stop (cold: no snapshot), then `virby start` on a terminal: a spinner with the elapsed time
+        assert inst.cli("stop", "--cold").stdout.strip() == "VM stopped"
         code, drawn = _in_pty([*VIRBY, "start", *conf])
         assert code == 0, drawn
         assert "\r\x1b[K" in drawn and "booting the VM (cold start)" in drawn

@@ -76,7 +76,7 @@ def test_state_dir_full_before_the_first_run(tmpfs: Path) -> None:
 def test_state_dir_full_with_keys_still_serves_and_keeps_the_keys(tmpfs: Path, guest_dir: Path) -> None:
     with Instance(guest_dir=guest_dir, stateDir=str(tmpfs / "state")) as inst:
         boot(inst)
-        inst.cli("stop", timeout=60)
+        inst.cli("stop", "--cold", timeout=60)
         inst.wait_vm("stopped")
         keys = {k: v for k, v in tree_snapshot(tmpfs / "state").items() if not k.startswith("logs/")}
         fill(tmpfs)

@@ -152,7 +152,7 @@ def test_fuzz_the_port_with_a_running_vm(booted: Instance) -> None:
 
     fuzz()
     # Clients that vanish while the VM boots: stop it, then connect and leave at once.
-    inst.cli("stop", timeout=60)
+    inst.cli("stop", "--cold", timeout=60)
     inst.wait_vm("stopped")
     for _ in range(10):
         s = socket.create_connection(("127.0.0.1", inst.port), timeout=5)

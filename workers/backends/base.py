@@ -115,6 +115,38 @@ class Backend(abc.ABC):
     async def sync_clock(self) -> None:  # noqa: B027 - optional capability
         """Set the guest clock from the host's after a resume. Optional."""
 
+    # -- suspend to disk (optional capability, issue 14) ---------------------------------------
+
+    def can_suspend(self) -> bool:
+        """Whether `suspend`/`restore` work for this backend and config. Without it the vm
+        worker's suspend is a clean stop (vfkit today: it has no save/restore endpoint yet,
+        vfkit#449; VZ itself can save and restore on macOS 14+)."""
+        return False
+
+    def snapshot_inputs(self) -> dict[str, str | None]:
+        """The files a saved guest depends on (their identity goes into the snapshot record)."""
+        from virby.workers.snapshot import default_inputs
+
+        return default_inputs(self.config)
+
+    async def suspend(self, path: str) -> None:
+        """Pause the guest, save the whole machine state into the existing empty file `path`,
+        and let the hypervisor exit. Returns when the process is gone (pid file removed).
+        Raise BackendError if the state could not be saved; the hypervisor is then left as it
+        was (the caller shuts it down)."""
+        raise BackendError(f"the {self.name} backend cannot save a VM")
+
+    async def restore(self, path: str) -> None:
+        """Start the hypervisor from the state saved in `path` and load it; the guest stays
+        paused (the caller checks the file, then calls `resume` and `sync_guest`). Raise
+        BackendError if the hypervisor refuses the state or exits."""
+        raise BackendError(f"the {self.name} backend cannot restore a VM")
+
+    async def sync_guest(self, seed: bytes) -> None:
+        """After a restore: set the guest clock, mix `seed` into the guest's entropy pool and ask
+        the guest to announce sshd again (`wait_announced` then returns). Default: the clock."""
+        await self.sync_clock()
+
     async def close(self) -> None:  # noqa: B027 - optional capability
         """Release the control channel; leave the hypervisor running (for a worker exiting
         while the VM must survive it)."""

@@ -23,6 +23,7 @@ import time
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from virby.workers.backends import qmp_migration
 from virby.workers.backends.base import Backend, BackendError, Endpoint, require_binary, require_file
 from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.initrd import build_keyed_initrd
@@ -35,6 +36,8 @@ log = logging.getLogger("virby.qemu")
 
 _USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
 _TB_SIZE_MIB = 128  # cap the TCG translation cache (its 1 GiB default inflates RSS)
+SAVE_TIMEOUT = 60.0  # the idle monitor's stop request waits 60 s
+LOAD_TIMEOUT = 30.0  # the vm worker's own restore deadline is shorter
 # QEMU run states in which the process lives on but the guest is lost: `failed`, not `running`.
 _BROKEN_STATES = frozenset({"guest-panicked", "internal-error", "io-error"})
 _STATE_EVENTS = ("STOP", "GUEST_PANICKED", "BLOCK_IO_ERROR")
@@ -103,6 +106,10 @@ class QemuBackend(Backend):
             "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
             "-device", "virtio-net-pci,netdev=n0,romfile=",
             "-device", "virtio-rng-pci",
+            # A new VM generation ID at every start, a restore included: the guest kernel
+            # (CONFIG_VMGENID) reseeds its RNG at once when it changes (issue 14). An ACPI
+            # device: q35 only (qemu-system-aarch64 has none).
+            *(["-device", "vmgenid,guid=auto"] if m.machine == "q35" else []),
             "-chardev", f"file,id=console,path={self.console_log},append=on",
             "-serial", "chardev:console",
             "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
@@ -145,26 +152,28 @@ class QemuBackend(Backend):
                 await self.kill()
         await self._start()
 
-    async def _start(self) -> None:
+    async def _start(self, extra: tuple[str, ...] = (), hello: bool = True) -> None:
         self.check()
         ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # refuses to shrink
         for path in (self.qmp_path, self.agent_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         os.makedirs(self.config.log_dir, exist_ok=True)
-        # Tens of MB copied and fsynced: off the event loop, which keeps answering wakes.
-        await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
-                                self.config.sshUser, self.boot_initrd)
+        # Tens of MB copied and fsynced: off the event loop, which keeps answering wakes. A
+        # restore reuses the one a suspend left (QEMU reads it at start; the guest never does).
+        if not (extra and os.path.exists(self.boot_initrd)):
+            await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
+                                    self.config.sshUser, self.boot_initrd)
         self._ready.clear()
-        await self.process.start(self.command(), log_path=self.qemu_log)
+        await self.process.start(self.command() + list(extra), log_path=self.qemu_log)
         log.info("qemu started, pid %s, accel %s", self.process.pid, self.accel())
         try:
-            await self._connect_control()
+            await self._connect_control(hello)
         except BackendError:
             await self.kill()
             raise
 
-    async def _connect_control(self) -> None:
+    async def _connect_control(self, hello: bool = True) -> None:
         """QMP and the agent socket appear once QEMU has parsed its command line."""
         deadline = time.monotonic() + 10
         while not (os.path.exists(self.qmp_path) and os.path.exists(self.agent_path)):
@@ -191,17 +200,20 @@ class QemuBackend(Backend):
         self._port = await self._forwarded_port()
         self._agent_reader, self._agent_writer = reader, writer
         self._agent_task = asyncio.create_task(self._agent_loop(reader))
-        writer.write(b"hello\n")  # an adopted guest answers virby-ready again
+        if hello:  # not into a machine that is still loading its state: it would be garbled
+            writer.write(b"hello\n")  # an adopted guest answers virby-ready again
 
     async def _agent_loop(self, reader: asyncio.StreamReader) -> None:
-        # The agent's only message we act on is the announcement; the `time` command has no
-        # reply, and anything else it prints is dropped (never queued: nobody would read it).
+        # The agent's only message we act on is the announcement; errors are logged, the other
+        # replies (`virby-time-ok`, `virby-seed-ok`) dropped (never queued: nobody would read them).
         while True:
             line = await reader.readline()
             if not line:
                 return
             if line.strip() == b"virby-ready":
                 self._ready.set()
+            elif line.startswith(b"virby-error"):
+                log.warning("the guest agent answered %r", line.strip().decode("ascii", "replace"))
 
     async def _forwarded_port(self) -> int:
         assert self._qmp is not None
@@ -243,10 +255,44 @@ class QemuBackend(Backend):
 
     async def sync_clock(self) -> None:
         """The guest clock stands still while paused (TCG has no catch-up): set it."""
+        await self._agent_send(_time_line())
+
+    async def _agent_send(self, *lines: str) -> None:
         if self._agent_writer is None:
             return
-        self._agent_writer.write(f"time {time.time():.3f}\n".encode())
+        self._agent_writer.write("".join(f"{line}\n" for line in lines).encode())
         await self._agent_writer.drain()
+
+    # -- suspend to disk --------------------------------------------------------------------------
+
+    def can_suspend(self) -> bool:
+        # A mounted 9p export blocks migration in QEMU: such a VM is stopped instead.
+        return not self.config.sharedDirectories
+
+    async def suspend(self, path: str) -> None:
+        if self._qmp is None:
+            raise BackendError("no QMP connection to qemu")
+        await qmp_migration.save(self._qmp, path, SAVE_TIMEOUT, self.process.alive)
+        with contextlib.suppress(BackendError):  # it may be gone before it answers
+            await self._execute("quit")
+        if not await self.process.exits_within(10):
+            log.warning("qemu did not quit after the save; killing it")
+            await self.process.kill()
+        await self._cleanup(keep_initrd=True)
+
+    async def restore(self, path: str) -> None:
+        await self._start(("-incoming", "defer"), hello=False)
+        assert self._qmp is not None
+        try:
+            await qmp_migration.load(self._qmp, path, LOAD_TIMEOUT, self.process.alive)
+        except BackendError as e:
+            raise BackendError(f"{e}: {last_line(self.qemu_log)}") from e
+
+    async def sync_guest(self, seed: bytes) -> None:
+        """The agent handles lines in order: the clock and the entropy are in place before its
+        `virby-ready` answer to the hello."""
+        self._ready.clear()
+        await self._agent_send(_time_line(), f"seed {seed.hex()}", "hello")
 
     async def status(self) -> str:
         if not self.process.alive():
@@ -258,7 +304,7 @@ class QemuBackend(Backend):
             self.failure = f"qemu reports {status}" + (f"; console: {tail}" if tail else "")
             return "failed"
         return {"running": "running", "paused": "paused", "prelaunch": "paused"}.get(
-            status, "stopped" if status in ("shutdown", "postmigrate") else "running")
+            status, "stopped" if status in ("shutdown", "postmigrate", "inmigrate") else "running")
 
     async def wait_broken(self) -> str:
         """QEMU announces each of these with an event (STOP for internal and I/O errors): then
@@ -295,11 +341,11 @@ class QemuBackend(Backend):
         await self.process.kill()
         await self._cleanup()
 
-    async def _cleanup(self) -> None:
+    async def _cleanup(self, keep_initrd: bool = False) -> None:
         await self.close()
         self.process.forget()
         self._port = None
-        for path in (self.qmp_path, self.agent_path, self.boot_initrd):
+        for path in (self.qmp_path, self.agent_path, *(() if keep_initrd else (self.boot_initrd,))):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
@@ -338,3 +384,9 @@ class QemuBackend(Backend):
 
     def pid(self) -> int | None:
         return self.process.pid
+
+
+def _time_line() -> str:
+    """`time <epoch>` rounded to the nearest second: the guest agent drops the fraction, so
+    sending it would leave the guest up to a second behind."""
+    return f"time {round(time.time())}"

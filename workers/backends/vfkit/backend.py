@@ -28,6 +28,10 @@ only on host wake-ups (not on our pauses), holds its agent connection for good, 
 qemu-guest-agent, whose guest-set-time fails without /sbin/hwclock (absent on NixOS). The guest
 runs chrony for drift and host sleep, and a one-line clock agent (image/nixos/guest.nix).
 
+No suspend to disk: vfkit has no save/restore endpoint (vfkit#449), so `can_suspend()` stays
+false (the base class default) and the vm worker's stop is a clean shutdown. How to turn it on:
+docs/operations.md, "Suspend to disk".
+
 Resource handling: the backend owns the vfkit process (started or adopted), the announcement
 listener (a unix server in the runtime dir) and the pid/ip files; `shutdown`/`kill` release all
 of them, `close` only the listener.
