@@ -1,5 +1,5 @@
-"""What every benchmark shares: the result record, statistics, machine facts, timed `ssh true`
-probes.
+"""What every benchmark shares: the result record, statistics, machine facts, stopping the VM,
+timed `ssh true` probes.
 
 Every loop here is bounded in time and count; every process started here is ended by its
 caller in a `finally`.
