@@ -1,5 +1,5 @@
-"""What every benchmark shares: the result record, statistics, machine facts, timed `ssh true`
-probes.
+"""What every benchmark shares: the result record, statistics, machine facts, stopping the VM,
+timed `ssh true` probes.
 
 Every loop here is bounded in time and count; every process started here is ended by its
 caller in a `finally`.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness import Instance, guest_for
+from virby.supervisor import control
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,6 +203,22 @@ def need(binary: str) -> str:
     if found is None:
         raise RuntimeError(f"{binary} not found on PATH")
     return found
+
+
+# -- the VM ------------------------------------------------------------------------------------
+
+
+def stop_vm(inst: Instance, cold: bool) -> dict[str, object]:
+    """`virby stop [--cold]` once the last connection is seen closed; wait for QEMU to go."""
+    inst.wait_bus(lambda s: s.get("vm", {}).get("connections") == 0, 10, "no open connection")
+    qemu = inst.qemu()
+    reply = control.request(inst.config, "stop", {"cold": cold}, timeout=60)
+    if not reply.get("ok"):
+        raise RuntimeError(f"virby stop failed: {reply.get('error')}")
+    if qemu is not None and wait_pid_gone(qemu.pid, 30) is None:
+        raise RuntimeError("QEMU still there 30 s after the stop")
+    st = inst.wait_vm("stopped" if cold else "suspended", timeout=30)
+    return dict(st)
 
 
 # -- ssh -----------------------------------------------------------------------------------------

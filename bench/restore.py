@@ -8,26 +8,12 @@ from __future__ import annotations
 
 import json
 
-from bench.common import Context, Result, summary, timed_ssh_true, wait_pid_gone
+from bench.common import Context, Result, stop_vm, summary, timed_ssh_true
 from tests.harness import Instance
-from virby.supervisor import control
 
 NAME = "restore"
 TARGET = 0.35
 DEADLINE = 120.0
-
-
-def stop(inst: Instance, cold: bool) -> dict[str, object]:
-    """`virby stop [--cold]` once the last connection is seen closed; wait for QEMU to go."""
-    inst.wait_bus(lambda s: s.get("vm", {}).get("connections") == 0, 10, "no open connection")
-    qemu = inst.qemu()
-    reply = control.request(inst.config, "stop", {"cold": cold}, timeout=60)
-    if not reply.get("ok"):
-        raise RuntimeError(f"virby stop failed: {reply.get('error')}")
-    if qemu is not None and wait_pid_gone(qemu.pid, 30) is None:
-        raise RuntimeError("QEMU still there 30 s after the stop")
-    st = inst.wait_vm("stopped" if cold else "suspended", timeout=30)
-    return dict(st)
 
 
 def run(ctx: Context) -> Result:
@@ -41,7 +27,7 @@ def run(ctx: Context) -> Result:
         timed_ssh_true(inst.ssh_config, timeout=DEADLINE)  # first boot, untimed
         for i in range(n):
             for which in (("restore", "cold") if i % 2 == 0 else ("cold", "restore")):
-                st = stop(inst, cold=which == "cold")
+                st = stop_vm(inst, cold=which == "cold")
                 seconds = timed_ssh_true(inst.ssh_config, timeout=DEADLINE)
                 vm = inst.status()["vm"]
                 if which == "restore":

@@ -14,114 +14,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.harness import Instance
+from tests.nixhost import Nix, Where, alias_builders, assert_built_in_guest, host_boot_id
 
 pytestmark = pytest.mark.e2e
-
-NIX_CONFIG = "\n".join([
-    "build-users-group =",  # Debian's nix-bin creates no nixbld group
-    "substituters =",  # loopback only: no binary cache
-    "experimental-features = nix-command",
-])
-
-# Only builtins and /proc: the builder runs on any Linux, so a build that landed on the host
-# would succeed and the checks on its output, not a missing tool, are what catch it.
-WHERE_NIX = """\
-{ nonce }:
-derivation {
-  name = "virby-where-${builtins.substring 0 8 nonce}";
-  system = builtins.currentSystem;
-  builder = "/bin/sh";
-  inherit nonce;
-  args = [ "-c" ''
-    read -r h < /proc/sys/kernel/hostname
-    read -r k < /proc/sys/kernel/osrelease
-    read -r b < /proc/sys/kernel/random/boot_id
-    echo "$h $k $b" > "$out"
-  '' ];
-}
-"""
-
-BUILD_TIMEOUT = 180.0  # a cold build is about 5 s alone; 2 cores shared with other VM tests
-
-
-@dataclass(frozen=True)
-class Where:
-    hostname: str
-    kernel: str
-    boot_id: str
-
-    @classmethod
-    def read(cls, path: Path) -> Where:
-        hostname, kernel, boot_id = path.read_text().split()
-        return cls(hostname, kernel, boot_id)
-
-
-@dataclass(frozen=True)
-class Build:
-    proc: subprocess.CompletedProcess[str]
-    seconds: float
-
-    @property
-    def out(self) -> Path:
-        assert self.proc.returncode == 0, f"nix-build exited {self.proc.returncode}:\n{self.proc.stderr}"
-        return Path(self.proc.stdout.strip())
-
-
-def host_boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-def assert_built_in_guest(where: Where, guest_boot_id: str) -> None:
-    """The output came from this Virby's VM, not from the host or another machine."""
-    assert where.hostname == "virby-vm", f"built on {where.hostname!r}, not in the guest"
-    assert where.kernel != os.uname().release, f"built under the host's kernel {where.kernel}"
-    assert where.kernel.endswith("-cloud-amd64"), f"not the guest's cloud kernel: {where.kernel}"
-    assert where.boot_id != host_boot_id(), "built under the host's kernel (same boot id)"
-    assert where.boot_id == guest_boot_id, "built in some other VM than this Virby's"
-
-
-class Nix:
-    """nix-build with the host configured through the environment only; remembers what it
-    built so the test can delete it from /nix/store afterwards."""
-
-    def __init__(self, workdir: Path, ssh_config: Path) -> None:
-        assert ssh_config.is_absolute(), "Nix runs ssh from another directory: -F needs an absolute path"
-        self.expr = workdir / "where.nix"
-        self.expr.write_text(WHERE_NIX)
-        self.env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, "NIX_SSHOPTS": f"-F {ssh_config}"}
-        for var in ("NIX_REMOTE", "NIX_BUILDERS"):
-            self.env.pop(var, None)
-        self.paths: list[str] = []
-
-    def build(self, *options: str, builders: str | None = None) -> Build:
-        args = ["nix-build", str(self.expr), "--no-out-link", "--argstr", "nonce", uuid.uuid4().hex]
-        if builders is not None:
-            args += ["--max-jobs", "0", "--builders", builders]
-        t0 = time.monotonic()
-        proc = subprocess.run([*args, *options], env=self.env, capture_output=True, text=True,
-                              timeout=BUILD_TIMEOUT, check=False)
-        seconds = time.monotonic() - t0
-        if proc.returncode == 0:
-            self.paths.append(proc.stdout.strip())
-        return Build(proc, seconds)
-
-    def delete_outputs(self) -> None:
-        # --no-out-link: no GC roots, so the outputs and their .drv files can go
-        for out in self.paths:
-            drv = subprocess.run(["nix-store", "--query", "--deriver", out], env=self.env,
-                                 capture_output=True, text=True, check=False).stdout.strip()
-            subprocess.run(["nix-store", "--delete", out, *([drv] if drv.endswith(".drv") else [])],
-                           env=self.env, capture_output=True, check=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -151,7 +52,7 @@ def builders_for(vm: Instance, protocol: str, form: str) -> str:
         assert len(fields) == 8 and fields[0] == f"{protocol}://virby-vm", line
         assert os.path.isabs(fields[2]), f"the key in the machines line is not absolute: {line}"
         return line
-    return f"{protocol}://virby-vm x86_64-linux - 1 1"
+    return alias_builders(protocol)
 
 
 @pytest.mark.parametrize(("protocol", "form"), [
