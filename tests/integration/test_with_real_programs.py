@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.builders_dir import make_builders_dir
 from virby.supervisor.cli import cli
 from virby.supervisor.config import from_dict
 from virby.supervisor.sshconfig import ssh_config_text
@@ -51,19 +52,9 @@ def test_openssh_reads_it_as_intended(tmp_path: Path) -> None:
     assert settings["identitiesonly"] == "yes"
 
 
-def _builders(tmp_path: Path) -> Path:
-    d = tmp_path / "builders"
-    d.mkdir()
-    for name, arch, port, extra in (("virby-arm", "aarch64", 40011, ', "rosetta": true'),
-                                    ("virby-x86", "x86_64", 40012, "")):
-        (d / f"{name}.json").write_text(
-            f'{{"name": "{name}", "arch": "{arch}", "port": {port}, "runtimeDir": "/tmp/vbu-{name}", '
-            f'"stateDir": "{tmp_path / name}"{extra}}}')
-    return d
-
 
 def test_each_builders_alias_reaches_its_own_port_with_its_own_key(tmp_path: Path) -> None:
-    d = _builders(tmp_path)
+    d = make_builders_dir(tmp_path)
     r = CliRunner().invoke(cli, ["ssh-config", "--config", str(d)])
     assert r.exit_code == 0, r.output
     path = tmp_path / "ssh_config"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from tests.builders_dir import make_builders_dir
 from virby.supervisor.cli import cli
 from virby.supervisor.config import from_dict
 from virby.supervisor.sshconfig import nix_machines_line, ssh_config_text
@@ -55,19 +56,9 @@ def test_cli_prints_them(tmp_path: Path) -> None:
     assert r.exit_code == 0 and r.output.startswith("ssh://virby-vm ")
 
 
-def _builders(tmp_path: Path) -> Path:
-    d = tmp_path / "builders"
-    d.mkdir()
-    for name, arch, port, extra in (("virby-arm", "aarch64", 40011, ', "rosetta": true'),
-                                    ("virby-x86", "x86_64", 40012, "")):
-        (d / f"{name}.json").write_text(
-            f'{{"name": "{name}", "arch": "{arch}", "port": {port}, "runtimeDir": "/tmp/vbu-{name}", '
-            f'"stateDir": "{tmp_path / name}"{extra}}}')
-    return d
-
 
 def test_a_builders_directory_gives_one_machines_line_per_builder_with_its_systems(tmp_path: Path) -> None:
-    d = _builders(tmp_path)
+    d = make_builders_dir(tmp_path)
     r = CliRunner().invoke(cli, ["nix-machines", "--config", str(d)])
     assert r.exit_code == 0, r.output
     lines = [line.split() for line in r.output.splitlines()]
@@ -78,7 +69,7 @@ def test_a_builders_directory_gives_one_machines_line_per_builder_with_its_syste
 
 
 def test_status_of_a_builders_directory_names_every_builder_even_when_down(tmp_path: Path) -> None:
-    r = CliRunner().invoke(cli, ["status", "--config", str(_builders(tmp_path))])
+    r = CliRunner().invoke(cli, ["status", "--config", str(make_builders_dir(tmp_path))])
     assert r.exit_code == 1
     assert "== virby-arm: aarch64-linux,x86_64-linux, 127.0.0.1:40011" in r.output
     assert "== virby-x86: x86_64-linux, 127.0.0.1:40012" in r.output
@@ -86,6 +77,6 @@ def test_status_of_a_builders_directory_names_every_builder_even_when_down(tmp_p
 
 
 def test_one_builder_commands_refuse_a_directory(tmp_path: Path) -> None:
-    d = _builders(tmp_path)
+    d = make_builders_dir(tmp_path)
     r = CliRunner().invoke(cli, ["stop", "--config", str(d)])
     assert r.exit_code == 2 and "is a directory of builders" in r.output
