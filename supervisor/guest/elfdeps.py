@@ -98,10 +98,11 @@ def find_library(tree: Tree, name: str, runpath: tuple[str, ...], multiarch: str
     return None
 
 
-def closure(tree: Tree, roots: list[str], multiarch: str) -> list[str]:
-    """Every tree path `roots` need at run time: the roots, their ELF interpreter and the
-    DT_NEEDED closure (as named paths; symlinks are kept by the caller). Sorted."""
+def _walk(tree: Tree, roots: list[str], multiarch: str) -> tuple[set[str], list[tuple[str | None, str]]]:
+    """The paths `roots` reach through ELF loaders and DT_NEEDED, and what they miss: (the
+    missing soname or loader name, or None for a root not in the tree; why, in one line)."""
     seen: set[str] = set()
+    missing: list[tuple[str | None, str]] = []
     todo = list(roots)
     while todo:
         path = todo.pop()
@@ -110,7 +111,8 @@ def closure(tree: Tree, roots: list[str], multiarch: str) -> list[str]:
         seen.add(path)
         real = resolve_link(tree, path)
         if real is None:
-            raise MissingLibrary(f"{path} is not in the tree")
+            missing.append((None, f"{path} is not in the tree"))
+            continue
         data = tree[real].data
         if not is_elf(data):
             continue
@@ -118,36 +120,29 @@ def closure(tree: Tree, roots: list[str], multiarch: str) -> list[str]:
         if dyn.interp:
             interp = dyn.interp.lstrip("/")
             if resolve_link(tree, interp) is None:
-                raise MissingLibrary(f"{path}: its loader /{interp} is not in the tree")
-            todo.append(interp)
+                why = f"{path}: its loader /{interp} is not in the tree"
+                missing.append((posixpath.basename(interp), why))
+            else:
+                todo.append(interp)
         for name in dyn.needed:
             lib = find_library(tree, name, dyn.runpath, multiarch)
             if lib is None:
-                raise MissingLibrary(f"{path} needs {name}, which no package in the tree has")
-            todo.append(lib)
+                missing.append((name, f"{path} needs {name}, which no package in the tree has"))
+            else:
+                todo.append(lib)
+    return seen, missing
+
+
+def closure(tree: Tree, roots: list[str], multiarch: str) -> list[str]:
+    """Every tree path `roots` need at run time: the roots, their ELF interpreter and the
+    DT_NEEDED closure (as named paths; symlinks are kept by the caller). Sorted. Raises
+    MissingLibrary naming the first thing missing."""
+    seen, missing = _walk(tree, roots, multiarch)
+    if missing:
+        raise MissingLibrary(missing[0][1])
     return sorted(seen)
 
 
 def missing_sonames(tree: Tree, roots: list[str], multiarch: str) -> set[str]:
     """The DT_NEEDED names in `roots`' closure that the tree cannot satisfy (for the locker)."""
-    missing: set[str] = set()
-    seen: set[str] = set()
-    todo = list(roots)
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        real = resolve_link(tree, path)
-        if real is None or not is_elf(tree[real].data):
-            continue
-        dyn = dynamic(tree[real].data)
-        if dyn.interp and resolve_link(tree, dyn.interp.lstrip("/")) is None:
-            missing.add(posixpath.basename(dyn.interp))
-        for name in dyn.needed:
-            lib = find_library(tree, name, dyn.runpath, multiarch)
-            if lib is None:
-                missing.add(name)
-            else:
-                todo.append(lib)
-    return missing
+    return {name for name, _ in _walk(tree, roots, multiarch)[1] if name is not None}
