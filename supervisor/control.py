@@ -16,6 +16,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -49,31 +50,45 @@ def _not_running(config: Config) -> NotRunning:
                       "(start it with `virby run`)")
 
 
+def _call(endpoint: str, frames: list[bytes], read: Callable[[list[bytes]], dict[str, Any] | None],
+          timeout: float, silent: str) -> dict[str, Any]:
+    """Send one request on a fresh DEALER (so a lost reply is never taken for the answer to a
+    later one) and return the first reply `read` accepts; NotRunning(silent) on timeout.
+    Queued until the connection exists; LINGER 0 drops it if nobody ever answers."""
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(frames)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                raise NotRunning(silent)
+            reply = read(sock.recv_multipart())
+            if reply is not None:
+                return reply
+    finally:
+        sock.close(linger=0)
+
+
 def circus_call(config: Config, command: str, timeout: float = 1.0, **props: Any) -> dict[str, Any]:
     """One command to circusd's control socket (the same JSON `circusctl` sends)."""
     endpoint = config.endpoint(CIRCUS_CONTROL)
     if not os.path.exists(_ipc_file(endpoint)):
         raise _not_running(config)
-    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
     call_id = uuid.uuid4().hex
-    try:
-        sock.connect(endpoint)
-        sock.send(json.dumps({"command": command, "properties": props, "id": call_id}).encode())
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
-                raise NotRunning(f"virby is not running: the arbiter at {endpoint} does not answer "
-                                 f"within {timeout:g}s")
-            try:
-                reply = json.loads(sock.recv())
-            except ValueError:
-                continue
-            if isinstance(reply, dict) and reply.get("id") == call_id:
-                return reply
-    finally:
-        sock.close(linger=0)
+
+    def read(frames: list[bytes]) -> dict[str, Any] | None:
+        try:
+            reply = json.loads(frames[-1])
+        except ValueError:
+            return None
+        return reply if isinstance(reply, dict) and reply.get("id") == call_id else None
+
+    body = json.dumps({"command": command, "properties": props, "id": call_id}).encode()
+    return _call(endpoint, [body], read, timeout,
+                 f"virby is not running: the arbiter at {endpoint} does not answer within {timeout:g}s")
 
 
 # A state broadcast as the bus sends it.
@@ -104,31 +119,20 @@ def watcher_status(config: Config) -> dict[str, dict[str, Any]]:
 
 def request(config: Config, cmd: str, args: dict[str, Any] | None = None,
             timeout: float = 2.0) -> dict[str, Any]:
-    """One command to the vm worker and its reply (`{"ok", "error"?, "state"?}`). A fresh
-    DEALER each call, so a lost reply is never taken for the answer to a later request."""
+    """One command to the vm worker and its reply (`{"ok", "error"?, "state"?}`)."""
     if not os.path.exists(_ipc_file(config.endpoint(CIRCUS_CONTROL))):
         raise _not_running(config)
-    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
     req_id = uuid.uuid4().hex
-    try:
-        # Queued until the connection exists; LINGER 0 drops it if the vm worker never shows.
-        sock.connect(config.endpoint(VM_COMMANDS))
-        sock.send_multipart([b"", encode_request(cmd, args, req_id)])
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
-                raise NotRunning(f"the vm worker does not answer: no answer from the vm worker "
-                                 f"within {timeout:g}s ({cmd})")
-            try:
-                reply = decode_reply(sock.recv_multipart()[-1])
-            except BadMessage:
-                continue
-            if reply["id"] == req_id:
-                return reply
-    finally:
-        sock.close(linger=0)
+
+    def read(frames: list[bytes]) -> dict[str, Any] | None:
+        try:
+            reply = decode_reply(frames[-1])
+        except BadMessage:
+            return None
+        return reply if reply["id"] == req_id else None
+
+    return _call(config.endpoint(VM_COMMANDS), [b"", encode_request(cmd, args, req_id)], read, timeout,
+                 f"the vm worker does not answer: no answer from the vm worker within {timeout:g}s ({cmd})")
 
 
 def subscribe(config: Config, ctx: zmq.Context[Any] | None = None) -> zmq.Socket[Any]:
