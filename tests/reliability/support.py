@@ -340,13 +340,19 @@ def log_lines(inst: Instance, watcher: str, needle: str) -> int:
         return 0
 
 
-def tree_snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+SNAPSHOT_CONTENT_MAX = 1 << 20
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, bytes | int]]:
     """Mode and content of every regular file under `root` (keys, config): to prove nothing
-    was corrupted."""
-    out = {}
+    was corrupted. Files over 1 MiB (the guest's data disk: a sparse file of diskSize bytes,
+    20 GiB by default) are recorded by size, never read into memory."""
+    out: dict[str, tuple[int, bytes | int]] = {}
     for p in sorted(root.rglob("*")):
         if p.is_file() and not p.is_symlink():
-            out[str(p.relative_to(root))] = (p.stat().st_mode & 0o7777, p.read_bytes())
+            st = p.stat()
+            content = p.read_bytes() if st.st_size <= SNAPSHOT_CONTENT_MAX else st.st_size
+            out[str(p.relative_to(root))] = (st.st_mode & 0o7777, content)
     return out
 
 
