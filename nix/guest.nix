@@ -36,7 +36,7 @@ let
   };
   debs = map (p: { inherit (p) sha256; deb = fetch p; }) packages;
 
-  cmdline = "console=hvc0 panic=-1";
+  cmdline = "console=hvc0 panic=-1 virby.net=dhcp"; # vfkit NAT: the address comes by DHCP
 in
 runCommand "virby-guest-${arch}-${variant}"
   {

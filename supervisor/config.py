@@ -122,7 +122,7 @@ def default_guest_dir(arch: str | None = None) -> str:
 
 DEFAULT_CMDLINES = {
     "qemu": "console=ttyS0 quiet panic=-1",
-    "vfkit": "console=hvc0 quiet panic=-1",  # vfkit's console is a virtio console
+    "vfkit": "console=hvc0 quiet panic=-1 virby.net=dhcp",  # virtio console; NAT hands out addresses
 }
 # qemu -M virt's first serial port is a PL011 (built into arm64 kernels, so early messages show)
 QEMU_AARCH64_CMDLINE = "console=ttyAMA0 quiet panic=-1"

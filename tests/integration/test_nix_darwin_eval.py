@@ -91,6 +91,7 @@ def test_config_json_is_the_locks_aarch64_guest_and_loads_in_config_py(default) 
     assert (cfg.guest.kernel, cfg.guest.initrd) == (f"{guest}/vmlinuz", f"{guest}/initrd.img")
     assert cfg.guest.disk is None  # the store lives on the data disk
     assert cfg.guest.cmdline.split()[0] == "console=hvc0"
+    assert "virby.net=dhcp" in cfg.guest.cmdline.split()  # vfkit's NAT: the guest asks DHCP
     assert cfg.backend == "vfkit" and cfg.hypervisor.endswith("-vfkit-0.6.1/bin/vfkit")
     assert default["etc"]["virby/config.json"]["source"].endswith("-etc-config.json")
 

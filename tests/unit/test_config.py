@@ -120,6 +120,7 @@ def test_darwin_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert c.backend == "vfkit"
     assert c.stateDir == "/var/lib/virby" and c.runtimeDir == "/var/lib/virby/run"
     assert c.guest.cmdline.startswith("console=hvc0")
+    assert "virby.net=dhcp" in c.guest.cmdline.split()  # vfkit's NAT hands out the address
     assert c.hypervisor == "vfkit"
 
 
