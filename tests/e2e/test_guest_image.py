@@ -176,24 +176,26 @@ def connect_unix(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10)
             raise AssertionError(f"qemu exited ({proc.returncode}): {log}")
 
 
-def guest_backend(image: Path, run: Path, *, memory: int, append: str) -> QemuBackend:
+def guest_backend(image: Path, run: Path, *, memory: int, append: str,
+                  arch: str = "x86_64") -> QemuBackend:
     """The qemu backend for a guest image, with state and sockets in `run` (TCG, one core)."""
+    console = "ttyAMA0" if arch == "aarch64" else "ttyS0"
     config = from_dict({
         "stateDir": str(run / "state"), "runtimeDir": str(run), "accel": "tcg", "memory": memory,
-        "diskSize": "1GiB",
+        "diskSize": "1GiB", "arch": arch,
         "guest": {"kernel": str(image / "vmlinuz"), "initrd": str(image / "initrd.img"),
-                  "cmdline": f"console=ttyS0 quiet panic=-1 {append}".strip()},
+                  "cmdline": f"console={console} quiet panic=-1 {append}".strip()},
     }, source=None)
     return QemuBackend(config, KeyPaths.in_dir(config.stateDir))
 
 
 @contextlib.contextmanager
 def booted(image: Path, keys: Keys, *, memory: int = 256, append: str = "",
-           user: str = "builder") -> Iterator[Vm]:
+           user: str = "builder", arch: str = "x86_64") -> Iterator[Vm]:
     # unix socket paths must stay under 108 bytes: a short dir right under /tmp
     run = Path(tempfile.mkdtemp(dir="/tmp", prefix="vby-"))
     try:
-        backend = guest_backend(image, run, memory=memory, append=append)
+        backend = guest_backend(image, run, memory=memory, append=append, arch=arch)
         os.makedirs(backend.config.log_dir)
         ensure_disk(backend.config.state("disk.raw"), backend.config.diskSize)  # what _start does
         # This test's own keys in the appended archive, where the backend puts its keyed initrd.
