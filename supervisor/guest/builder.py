@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from virby.supervisor.guest import assemble, deb, fetch, mirrors
-from virby.supervisor.guest.lock import DEFAULT_LOCK, REPO_IMAGE, ArchLock, Lock, LockError, Package, load
+from virby.supervisor.guest.lock import ArchLock, Lock, LockError, Package, load
 from virby.supervisor.guest.report import Report
-from virby.supervisor.guest.spec import ARCHES, VARIANTS
+from virby.supervisor.guest.spec import ARCHES, DEFAULT_LOCK, REPO_IMAGE, VARIANTS
 from virby.workers.cpio import newc_archive
 from virby.workers.files import write_atomic
 

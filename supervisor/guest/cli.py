@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from virby.supervisor.guest.lock import DEFAULT_LOCK
-from virby.supervisor.guest.spec import ARCHES, VARIANTS
+from virby.supervisor.guest.spec import ARCHES, DEFAULT_LOCK, VARIANTS
 
 
 def _host_arch() -> str:

@@ -9,11 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from virby.supervisor.guest.spec import ARCHES, VARIANTS
+from virby.supervisor.guest.spec import ARCHES, DEFAULT_LOCK, VARIANTS
 
 VERSION = 1
-REPO_IMAGE = Path(__file__).resolve().parents[2] / "image"
-DEFAULT_LOCK = REPO_IMAGE / "guest.lock.json"
 
 
 class LockError(Exception):

@@ -5,9 +5,14 @@ order from each module's `depends=`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 VARIANTS = ("base", "nix")
 SUITE = "trixie"
+# Here (not in lock.py) so that the CLI can show the default without importing the lock code:
+# every `virby` command mounts the `guest` group, `virby status` included.
+REPO_IMAGE = Path(__file__).resolve().parents[2] / "image"
+DEFAULT_LOCK = REPO_IMAGE / "guest.lock.json"
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ import pytest
 from tests.guestkit import Archive, serve
 from virby.supervisor.guest import builder as guest_build
 from virby.supervisor.guest.builder import BuildError, build
-from virby.supervisor.guest.lock import REPO_IMAGE, dumps
+from virby.supervisor.guest.lock import dumps
 from virby.supervisor.guest.report import Report
+from virby.supervisor.guest.spec import REPO_IMAGE
 
 GUEST_SCRIPTS = REPO_IMAGE / "guest"
 
