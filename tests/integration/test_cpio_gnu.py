@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.test_cpio import KEYS  # the keys archive the unit tier checks byte by byte
 from virby.workers.cpio import CpioEntry, append_archive, newc_archive
 
 pytestmark = pytest.mark.integration
@@ -41,14 +42,6 @@ def cpio_extract(archive: bytes, into: Path) -> None:
                     "--make-directories"], input=archive, cwd=into, check=True)
 
 
-KEYS = [
-    CpioEntry("etc", mode=0o755, directory=True),
-    CpioEntry("etc/virby", mode=0o700, directory=True),
-    CpioEntry("etc/virby/ssh_host_ed25519_key", data=b"\0\0\0\x0bssh-ed25519" + bytes(36),
-              mode=0o600),
-    CpioEntry("etc/virby/authorized_keys", data=b"ssh-ed25519 AAAAC3Nz test\n", mode=0o644),
-    CpioEntry("etc/virby/user", data=b"builder\n", mode=0o644),
-]
 
 
 def test_the_keys_archive_extracts_with_contents_and_modes(tmp_path: Path) -> None:
