@@ -51,6 +51,11 @@ class Activity:
         self._prune()
         return sum(f.open for f in self._by_inc.values())
 
+    def heard_any(self) -> bool:
+        """Whether any forwarder has reported yet: until one has, the last activity is unknown
+        (0.0 would read as "idle since 1970")."""
+        return bool(self._by_inc) or self._gone_activity > 0
+
     def last_activity(self) -> float:
         self._prune()
         return max([self._gone_activity, *(f.last_activity for f in self._by_inc.values())])

@@ -36,6 +36,7 @@ class IdleMonitor:
         self.changed = asyncio.Event()
         self.decision = "waiting for the vm worker"
         self.not_before = 0.0  # monotonic: back off after a refusal
+        self.started = time.time()
 
     async def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
         self.activity.observe(msg)
@@ -49,6 +50,10 @@ class IdleMonitor:
         open_ = self.activity.open_connections()
         woken = vm.state.get("woken_at", 0.0)
         idle_since = max(self.activity.last_activity(), woken if isinstance(woken, int | float) else 0.0)
+        if not self.activity.heard_any():
+            # No forwarder heard yet (`circusctl restart` restarts all three, and the vm worker
+            # forgets its woken_at): count the idle time from our own start, never from 1970.
+            idle_since = max(idle_since, self.started)
         info: dict[str, Any] = {"enabled": od.enable, "vm": vm_state, "connections": open_,
                                 "idle_since": idle_since, "pause_at": None, "stop_at": None}
         if not od.enable:

@@ -57,9 +57,12 @@ def test_circusctl_restart_vm_keeps_guest(vm: Instance, command: list[str]) -> N
     assert stream.returncode == 0, err
     assert rest.decode().split() == [str(i) for i in range(2, 13)]
     restarted = command[0] == "restart"
-    st = vm.wait_bus(lambda s: "vm" in s and s["vm"].get("state") == "running"
-                     and s["vm"]["inc"].startswith(f"{old_worker}-") != restarted, 60,
-                     "the vm worker (a new one after a restart) with the VM running")["vm"]
+    try:
+        st = vm.wait_bus(lambda s: "vm" in s and s["vm"].get("state") == "running"
+                         and s["vm"]["inc"].startswith(f"{old_worker}-") != restarted, 60,
+                         "the vm worker (a new one after a restart) with the VM running")["vm"]
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nvm.log:\n{vm_log(vm)[-6000:]}") from None
     assert st["pid"] == qemu.pid and qemu.is_running()
     assert st["boots"] == 1
     log = vm_log(vm)

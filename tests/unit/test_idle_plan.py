@@ -48,14 +48,29 @@ def config() -> Iterator[Config]:
 
 
 def monitor(config: Config, vm_state: dict[str, Any] | None, *, open_: int = 0,
-            last: float | None = None) -> IdleMonitor:
+            last: float | None = None, forwarder: bool = True) -> IdleMonitor:
     node = bus.Node("idle", config)  # no sockets are opened until start()
     m = IdleMonitor(config, node)
     if vm_state is not None:
         peer = node.peers["vm"]
         peer.inc, peer.last_seen, peer.state = "1-1", time.monotonic(), vm_state
-    m.activity.observe(fwd_state("5-5", open_, last if last is not None else time.time()))
+    if forwarder:
+        m.activity.observe(fwd_state("5-5", open_, last if last is not None else time.time()))
     return m
+
+
+def test_restart_all_does_not_suspend_the_adopted_vm_at_once(config: Config) -> None:
+    """`circusctl restart`: the new vm worker adopts the running VM with woken_at 0, and the new
+    idle monitor hears it before any forwarder. It counts the idle time from its own start."""
+    m = monitor(config, {"state": "running", "woken_at": 0.0}, forwarder=False)
+    action, wait, info = m.plan()
+    assert action is None, info
+    assert info["idle_since"] == pytest.approx(time.time(), abs=1)
+    assert wait == pytest.approx(10, abs=1)  # pauseAfter from now, not from 1970
+    # once a forwarder reports, its own last activity counts
+    m.activity.observe(fwd_state("6-6", 0, time.time() - 100))
+    action, _, _ = m.plan()
+    assert action == "stop"
 
 
 def test_nothing_to_do_without_a_vm_worker(config: Config) -> None:
