@@ -27,12 +27,11 @@ from bench.common import (
     Context,
     Result,
     free_port,
+    stop_vm,
     summary,
     timed_ssh_true,
-    wait_pid_gone,
 )
 from tests.harness import Instance, qmp_execute
-from virby.supervisor import control
 from virby.supervisor.config import Config, from_dict
 from virby.supervisor.sshconfig import ssh_config_text
 from virby.workers.backends.disk import ensure_disk
@@ -146,13 +145,7 @@ def virby_cold_once(inst: Instance) -> dict[str, float]:
     assert inst.qemu() is None, "the VM is not stopped"
     seconds = timed_ssh_true(inst.ssh_config, timeout=BOOT_DEADLINE)
     st = inst.status()["vm"]
-    qemu = inst.qemu()
-    reply = control.request(inst.config, "stop", {"cold": True}, timeout=60)
-    if not reply.get("ok"):
-        raise RuntimeError(f"virby stop failed: {reply.get('error')}")
-    if qemu is not None and wait_pid_gone(qemu.pid, 30) is None:
-        raise RuntimeError("QEMU still there 30 s after the stop")
-    inst.wait_vm("stopped", timeout=30)
+    stop_vm(inst, cold=True)
     return {"seconds": seconds, "last_boot_seconds": float(st.get("last_boot_seconds") or 0.0)}
 
 
