@@ -65,6 +65,10 @@ class Config:
     hypervisor: str
     arch: str  # the guest's: "x86_64" or "aarch64"
     name: str = "virby-vm"  # the builder's ssh Host alias (one per builder when several run)
+    # QEMU only: "standard" (a serial console, the agent on a socket-backed virtio console, a
+    # fixed address) or "vfkit" (the devices vfkit gives the guest, so the Mac's contract runs
+    # under QEMU: console on hvc0, the agent on a pty-backed hvc1, DHCP, virtio-fs shares).
+    qemuDevices: str = "standard"
     source: str | None = field(default=None, compare=False)
 
     # Paths derived from the two directories; every process computes them the same way.
@@ -135,7 +139,12 @@ def host_arch() -> str:
     return {"arm64": "aarch64", "amd64": "x86_64"}.get(machine, machine)
 
 
-def default_cmdline(backend: str, arch: str) -> str:
+QEMU_DEVICE_LAYOUTS = ("standard", "vfkit")
+
+
+def default_cmdline(backend: str, arch: str, qemu_devices: str = "standard") -> str:
+    if backend == "qemu" and qemu_devices == "vfkit":
+        return DEFAULT_CMDLINES["vfkit"]
     if backend == "qemu" and arch == "aarch64":
         return QEMU_AARCH64_CMDLINE
     return DEFAULT_CMDLINES[backend]
@@ -143,7 +152,7 @@ def default_cmdline(backend: str, arch: str) -> str:
 _TOP_KEYS = {
     "backend", "port", "cores", "memory", "diskSize", "onDemand", "stateDir", "runtimeDir",
     "guest", "sshUser", "rosetta", "nestedVirtualization", "sharedDirectories", "debug",
-    "readyTimeout", "accel", "hypervisor", "arch", "name",
+    "readyTimeout", "accel", "hypervisor", "arch", "name", "qemuDevices",
 }
 _ON_DEMAND_KEYS = {"enable", "pauseAfter", "stopAfter"}
 _GUEST_KEYS = {"kernel", "initrd", "cmdline", "disk"}
@@ -245,12 +254,12 @@ def _on_demand(raw: Any) -> OnDemand:
     return OnDemand(enable=enable, pauseAfter=pause, stopAfter=stop)
 
 
-def _guest(raw: Any, base: str | None, backend: str, arch: str) -> Guest:
+def _guest(raw: Any, base: str | None, backend: str, arch: str, qemu_devices: str) -> Guest:
     data = _check_keys("guest", raw, _GUEST_KEYS)
     gdir = default_guest_dir(arch)
     kernel = _abs_path("guest.kernel", data.get("kernel", os.path.join(gdir, "vmlinuz")), base)
     initrd = _abs_path("guest.initrd", data.get("initrd", os.path.join(gdir, "initrd.img")), base)
-    cmdline = data.get("cmdline", default_cmdline(backend, arch))
+    cmdline = data.get("cmdline", default_cmdline(backend, arch, qemu_devices))
     if not isinstance(cmdline, str) or "\n" in cmdline or len(cmdline) > 2048:
         raise _fail("guest.cmdline", cmdline, "one line of kernel arguments (at most 2048 characters)")
     disk = data.get("disk")
@@ -311,6 +320,12 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
     name = data.get("name", "virby-vm")
     if not isinstance(name, str) or not _HOST_ALIAS_RE.match(name):
         raise _fail("name", name, 'an ssh Host alias of letters, digits, "." and "-", such as "virby-arm"')
+    qemu_devices = data.get("qemuDevices", "standard")
+    if qemu_devices not in QEMU_DEVICE_LAYOUTS:
+        raise _fail("qemuDevices", qemu_devices, '"standard" or "vfkit"')
+    if qemu_devices != "standard" and backend != "qemu":
+        raise _fail("qemuDevices", qemu_devices, '"standard" with the vfkit backend (it is QEMU\'s '
+                    "choice of devices; vfkit always gives its own)")
 
     return Config(
         backend=backend,
@@ -321,7 +336,7 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
         onDemand=_on_demand(data.get("onDemand", {})),
         stateDir=state_dir,
         runtimeDir=runtime_dir,
-        guest=_guest(data.get("guest", {}), base, backend, arch),
+        guest=_guest(data.get("guest", {}), base, backend, arch, qemu_devices),
         sshUser=ssh_user,
         rosetta=_bool("rosetta", data.get("rosetta", False)),
         nestedVirtualization=_bool("nestedVirtualization", data.get("nestedVirtualization", False)),
@@ -332,6 +347,7 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
         hypervisor=hypervisor,
         arch=arch,
         name=name,
+        qemuDevices=qemu_devices,
         source=source,
     )
 

@@ -26,11 +26,11 @@ class ArchSpec:
 ARCHES = {
     "x86_64": ArchSpec("amd64", "x86_64-linux-gnu", "linux-image-cloud-amd64", (
         "virtio_pci", "virtio_mmio", "virtio_net", "virtio-rng", "virtio_console", "evdev",
-        "button", "vmw_vsock_virtio_transport")),
+        "button", "vmw_vsock_virtio_transport", "virtio_balloon")),
     "aarch64": ArchSpec("arm64", "aarch64-linux-gnu", "linux-image-cloud-arm64", (
         # (the cloud kernel has no gpio_keys: the power button works where the VM has ACPI)
         "virtio_pci", "virtio_mmio", "virtio_net", "virtio-rng", "virtio_console", "evdev",
-        "button", "vmw_vsock_virtio_transport",
+        "button", "vmw_vsock_virtio_transport", "virtio_balloon",
         # Rosetta (etc/rc.d/rosetta.sh): vfkit's "rosetta" virtiofs share, binfmt_misc for it
         "virtiofs", "binfmt_misc")),
 }

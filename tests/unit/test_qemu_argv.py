@@ -42,7 +42,10 @@ def test_command_line(tmp_path: Path) -> None:
     assert arg_after(argv, "-netdev") == ["user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22"]
     assert arg_after(argv, "-qmp") == [f"unix:{tmp_path}/r/qmp.sock,server=on,wait=off"]
     assert f"socket,id=agent,path={tmp_path}/r/agent.sock,server=on,wait=off" in arg_after(argv, "-chardev")
-    assert arg_after(argv, "-serial") == ["chardev:console", "chardev:agent"]
+    # the console on the first serial port; the agent on an unnamed virtio console (hvc0)
+    assert arg_after(argv, "-serial") == ["chardev:console"]
+    assert arg_after(argv, "-device")[-2:] == ["virtio-serial-pci,id=vser0",
+                                               "virtconsole,chardev=agent,bus=vser0.0"]
     assert "-daemonize" not in argv  # QEMU stays our child
     assert "-cpu" not in argv
 
@@ -54,11 +57,36 @@ def test_aarch64_command_line(tmp_path: Path) -> None:
     assert arg_after(argv, "-accel") == ["tcg,tb-size=128"]
     assert arg_after(argv, "-cpu") == ["cortex-a72"]  # not max: its pointer auth is slow in TCG
     assert arg_after(argv, "-append") == ["console=ttyAMA0 quiet panic=-1"]
-    # virt has one PL011: the console; the agent is a named virtio-console port
+    # virt has one PL011: the console; the agent is an unnamed virtio console, as on q35
     assert arg_after(argv, "-serial") == ["chardev:console"]
     assert arg_after(argv, "-device") == ["virtio-net-pci,netdev=n0,romfile=", "virtio-rng-pci",
-                                          "virtio-serial-pci",
-                                          "virtserialport,chardev=agent,name=virby.agent"]
+                                          "virtio-serial-pci,id=vser0",
+                                          "virtconsole,chardev=agent,bus=vser0.0"]
+
+
+@pytest.mark.parametrize("arch", ["aarch64", "x86_64"])
+def test_vfkit_layout_gives_the_guest_what_vfkit_gives(tmp_path: Path, arch: str) -> None:
+    argv = backend(tmp_path, arch=arch, qemuDevices="vfkit").command()
+    # vfkit's default command line: console on the first virtio console, DHCP from the NAT
+    assert arg_after(argv, "-append") == ["console=hvc0 quiet panic=-1 virby.net=dhcp"]
+    assert "-serial" not in argv  # no serial port: the console and the agent are virtio consoles
+    assert arg_after(argv, "-chardev") == [
+        f"file,id=console,path={tmp_path}/s/logs/console.log,append=on",
+        "pty,id=agent"]  # vfkit's virtio-serial,pty: a host pty, no name in the guest
+    devices = arg_after(argv, "-device")
+    assert devices == ["virtio-net-pci,netdev=n0,romfile=", "virtio-rng-pci", "virtio-balloon-pci",
+                       "virtio-serial-pci,id=vser0", "virtconsole,chardev=console,bus=vser0.0",
+                       "virtconsole,chardev=agent,bus=vser0.0"]
+    assert not any("virtserialport" in d or "name=" in d for d in devices)  # vfkit can't name ports
+    assert not any("vmgenid" in d for d in devices)  # vfkit has none
+
+
+def test_vfkit_layout_is_qemus_choice_only(tmp_path: Path) -> None:
+    from virby.supervisor.config import ConfigError
+    with pytest.raises(ConfigError, match="config key 'qemuDevices'"):
+        backend(tmp_path, qemuDevices="vz")
+    with pytest.raises(ConfigError, match="config key 'qemuDevices'.*vfkit backend"):
+        from_dict({"backend": "vfkit", "qemuDevices": "vfkit"})
 
 
 @pytest.mark.parametrize(("host", "arch", "platform", "accel"), [
@@ -84,9 +112,19 @@ def test_auto_accel_only_for_the_hosts_own_arch(tmp_path: Path, monkeypatch: pyt
 def test_shared_directories_and_disk(tmp_path: Path) -> None:
     disk = tmp_path / "disk.raw"
     disk.write_bytes(b"")
-    argv = backend(tmp_path, sharedDirectories={"src": "/srv/src"},
-                   guest={"disk": str(disk)}).command()
-    assert arg_after(argv, "-virtfs") == ["local,path=/srv/src,mount_tag=src,security_model=none"]
+    b = backend(tmp_path, sharedDirectories={"src": "/srv/src"}, memory=768, guest={"disk": str(disk)})
+    argv = b.command()
+    # virtio-fs, as vfkit gives shares (the guest kernel has no 9p): virtiofsd on a socket,
+    # with the guest's memory shared with it
+    assert f"socket,id=fs0,path={tmp_path}/r/fs-src.sock" in arg_after(argv, "-chardev")
+    assert "vhost-user-fs-pci,chardev=fs0,tag=src" in arg_after(argv, "-device")
+    assert arg_after(argv, "-object") == ["memory-backend-memfd,id=mem,size=768M,share=on"]
+    assert arg_after(argv, "-machine") == ["memory-backend=mem"]
+    assert "-virtfs" not in argv
+    from virby.workers.backends.qemu import virtiofs
+    assert virtiofs.command("/usr/lib/qemu/virtiofsd", b.config, "src") == [
+        "/usr/lib/qemu/virtiofsd", f"--socket-path={tmp_path}/r/fs-src.sock",
+        "-o", "source=/srv/src", "-o", "cache=auto"]
     assert arg_after(argv, "-drive") == [
         f"file={tmp_path}/s/disk.raw,if=virtio,format=raw,cache=writeback",  # /dev/vda: the store
         f"file={disk},if=virtio,format=raw,cache=writeback"]

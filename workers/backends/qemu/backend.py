@@ -2,13 +2,14 @@
 
 Direct kernel boot; user-mode networking with the guest's port 22 forwarded to a loopback port
 QEMU picks (`hostfwd=tcp:127.0.0.1:0-:22`, read back with `info usernet`: no race for a free
-port); QMP on a unix socket through qemu.qmp; the guest agent on the second serial port (a unix
-socket chardev) announces sshd and sets the clock after a resume.
+port); QMP on a unix socket through qemu.qmp; the guest agent on a virtio console (a unix socket
+in the standard layout, a pty in vfkit's: workers/agent.py speaks to both) announces sshd, sets
+the clock after a resume and powers the guest off. Shared directories through virtiofsd.
 
 Resources: the QEMU process is our child (never `-daemonize`, reference/vm-lab.md §5) in its own
 session so a kill -9 of the worker leaves it running for the next worker to adopt. The backend
-owns the QMP connection and the agent connection; `close()` drops both, `kill()`/`shutdown()`
-also end the process and remove the pid file.
+owns the QMP connection, the agent channel and the virtiofsd processes; `close()` drops the
+connections, `kill()`/`shutdown()` also end the processes and remove the pid files.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import time
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from virby.workers import agent
 from virby.workers.backends import qmp_migration
 from virby.workers.backends.base import Backend, BackendError, Endpoint, require_binary, require_file
 from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.initrd import build_keyed_initrd
 from virby.workers.backends.process import HypervisorProcess
 from virby.workers.backends.qemu import machine as qemu_machine
+from virby.workers.backends.qemu import virtiofs
 from virby.workers.backends.qemu.accel import KVM_PROBE_TIMEOUT, AccelProbe
 from virby.workers.logtail import last_line
 
@@ -50,10 +53,9 @@ class QemuBackend(Backend):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.process = HypervisorProcess("qemu", self.pid_path)
         self._qmp: QMPClient | None = None
-        self._agent_reader: asyncio.StreamReader | None = None
-        self._agent_writer: asyncio.StreamWriter | None = None
-        self._agent_task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
+        self._agent: agent.AgentChannel | None = None
+        self._greeting: asyncio.Task[None] | None = None
+        self._shares = virtiofs.processes(self.config)
         self._port: int | None = None
         self.probe = AccelProbe(self.config)
 
@@ -106,24 +108,17 @@ class QemuBackend(Backend):
             "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
             "-device", "virtio-net-pci,netdev=n0,romfile=",
             "-device", "virtio-rng-pci",
-            # A new VM generation ID at every start, a restore included: the guest kernel
-            # (CONFIG_VMGENID) reseeds its RNG at once when it changes (issue 14). An ACPI
-            # device: q35 only (qemu-system-aarch64 has none).
-            *(["-device", "vmgenid,guid=auto"] if m.machine == "q35" else []),
-            "-chardev", f"file,id=console,path={self.console_log},append=on",
-            "-serial", "chardev:console",
-            "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
-            *qemu_machine.agent_args(m, "agent"),
+            *qemu_machine.layout_device_args(c.qemuDevices, m),
+            *qemu_machine.console_and_agent_args(c.qemuDevices, self.console_log, self.agent_path),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            *virtiofs.memory_args(c),
         ]
         argv += qemu_machine.cpu_args(m, accel)
         # the data disk first (/dev/vda: the guest's Nix store), then the optional image disk
         argv += ["-drive", f"file={c.state('disk.raw')},if=virtio,format=raw,cache=writeback"]
         if c.guest.disk:
             argv += ["-drive", f"file={c.guest.disk},if=virtio,format=raw,cache=writeback"]
-        for tag, path in sorted(c.sharedDirectories.items()):
-            argv += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none"]
-        return argv
+        return argv + virtiofs.device_args(c)
 
     def check(self) -> None:
         require_binary("hypervisor", self.config.hypervisor)
@@ -133,6 +128,11 @@ class QemuBackend(Backend):
             require_file("guest disk (guest.disk)", self.config.guest.disk)
         if self.accel() == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
             raise BackendError("accel is kvm but /dev/kvm is not accessible")
+        for tag, path in self.config.sharedDirectories.items():
+            if not os.path.isdir(path):
+                raise BackendError(f"shared directory {tag} is not a directory: {path}")
+        if self.config.sharedDirectories:
+            virtiofs.require_virtiofsd(self.config)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ class QemuBackend(Backend):
         if not (extra and os.path.exists(self.boot_initrd)):
             await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
                                     self.config.sshUser, self.boot_initrd)
-        self._ready.clear()
+        self._shares = await virtiofs.start(self.config, self.config.log_dir)
         await self.process.start(self.command() + list(extra), log_path=self.qemu_log)
         log.info("qemu started, pid %s, accel %s", self.process.pid, self.accel())
         try:
@@ -173,10 +173,15 @@ class QemuBackend(Backend):
             await self.kill()
             raise
 
+    @property
+    def _agent_on_socket(self) -> bool:
+        return self.config.qemuDevices != "vfkit"
+
     async def _connect_control(self, hello: bool = True) -> None:
         """QMP and the agent socket appear once QEMU has parsed its command line."""
         deadline = time.monotonic() + 10
-        while not (os.path.exists(self.qmp_path) and os.path.exists(self.agent_path)):
+        while not (os.path.exists(self.qmp_path)
+                   and (os.path.exists(self.agent_path) or not self._agent_on_socket)):
             if not self.process.alive():
                 raise BackendError(f"qemu exited at start: {last_line(self.qemu_log)}")
             if time.monotonic() > deadline:
@@ -186,7 +191,6 @@ class QemuBackend(Backend):
             qmp = QMPClient("virby-vm")
             try:
                 await asyncio.wait_for(qmp.connect(self.qmp_path), 5)
-                reader, writer = await asyncio.open_unix_connection(self.agent_path)
                 break
             except (QMPError, OSError, TimeoutError) as e:
                 with contextlib.suppress(Exception):
@@ -198,22 +202,26 @@ class QemuBackend(Backend):
                 raise BackendError(f"cannot connect to QMP and the agent at {self.qmp_path}: {e}") from e
         self._qmp = qmp
         self._port = await self._forwarded_port()
-        self._agent_reader, self._agent_writer = reader, writer
-        self._agent_task = asyncio.create_task(self._agent_loop(reader))
+        try:
+            if self._agent_on_socket:
+                self._agent = await agent.open_socket(self.agent_path)
+            else:
+                self._agent = await agent.open_pty(await self._agent_pty())
+        except OSError as e:
+            raise BackendError(f"cannot open the guest agent's port: {e}") from e
         if hello:  # not into a machine that is still loading its state: it would be garbled
-            writer.write(b"hello\n")  # an adopted guest answers virby-ready again
+            self._greeting = asyncio.create_task(self._agent.greet())  # an adopted guest answers too
 
-    async def _agent_loop(self, reader: asyncio.StreamReader) -> None:
-        # The agent's only message we act on is the announcement; errors are logged, the other
-        # replies (`virby-time-ok`, `virby-seed-ok`) dropped (never queued: nobody would read them).
-        while True:
-            line = await reader.readline()
-            if not line:
-                return
-            if line.strip() == b"virby-ready":
-                self._ready.set()
-            elif line.startswith(b"virby-error"):
-                log.warning("the guest agent answered %r", line.strip().decode("ascii", "replace"))
+    async def _agent_pty(self) -> str:
+        """The host pty QEMU made for the agent's console (`pty:/dev/pts/N` in query-chardev)."""
+        assert self._qmp is not None
+        chardevs = await self._qmp.execute("query-chardev")
+        for dev in chardevs if isinstance(chardevs, list) else []:
+            if isinstance(dev, dict) and dev.get("label") == "agent":
+                name = str(dev.get("filename", ""))
+                if name.startswith("pty:"):
+                    return name.removeprefix("pty:")
+        raise BackendError(f"qemu reports no pty for the agent: {chardevs!r}")
 
     async def _forwarded_port(self) -> int:
         assert self._qmp is not None
@@ -224,7 +232,9 @@ class QemuBackend(Backend):
         return int(m.group(1))
 
     async def wait_announced(self) -> None:
-        ready = asyncio.create_task(self._ready.wait())
+        if self._agent is None:
+            raise BackendError("no channel to the guest agent")
+        ready = asyncio.create_task(self._agent.ready.wait())
         exited = asyncio.create_task(self.wait_exit())
         try:
             done, _ = await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -255,13 +265,8 @@ class QemuBackend(Backend):
 
     async def sync_clock(self) -> None:
         """The guest clock stands still while paused (TCG has no catch-up): set it."""
-        await self._agent_send(_time_line())
-
-    async def _agent_send(self, *lines: str) -> None:
-        if self._agent_writer is None:
-            return
-        self._agent_writer.write("".join(f"{line}\n" for line in lines).encode())
-        await self._agent_writer.drain()
+        if self._agent is not None:
+            self._agent.send(agent.time_line())
 
     # -- suspend to disk --------------------------------------------------------------------------
 
@@ -291,8 +296,9 @@ class QemuBackend(Backend):
     async def sync_guest(self, seed: bytes) -> None:
         """The agent handles lines in order: the clock and the entropy are in place before its
         `virby-ready` answer to the hello."""
-        self._ready.clear()
-        await self._agent_send(_time_line(), f"seed {seed.hex()}", "hello")
+        if self._agent is None:
+            raise BackendError("no channel to the guest agent")
+        self._agent.sync(seed)
 
     async def status(self) -> str:
         if not self.process.alive():
@@ -331,14 +337,18 @@ class QemuBackend(Backend):
         await self.kill()
 
     async def _power_off(self) -> None:
-        if qemu_machine.machine_for(self.config.arch).power_button:
+        """The agent first (the guest syncs and unmounts its store, then powers off); the
+        power button where the machine has one and the agent is gone."""
+        if self._agent is not None and not self._agent.closed.is_set():
+            self._agent.send("poweroff")
+        elif qemu_machine.machine_for(self.config.arch).power_button:
             await self._execute("system_powerdown")
-        elif self._agent_writer is not None:
-            self._agent_writer.write(b"poweroff\n")  # the guest syncs, then powers off
-            await self._agent_writer.drain()
+        else:
+            raise BackendError("no channel to the guest agent and no power button")
 
     async def kill(self) -> None:
         await self.process.kill()
+        await virtiofs.stop(self._shares)
         await self._cleanup()
 
     async def _cleanup(self, keep_initrd: bool = False) -> None:
@@ -350,12 +360,12 @@ class QemuBackend(Backend):
                 os.unlink(path)
 
     async def close(self) -> None:
-        if self._agent_task is not None:
-            self._agent_task.cancel()
-            self._agent_task = None
-        if self._agent_writer is not None:
-            self._agent_writer.close()
-            self._agent_writer = None
+        if self._greeting is not None:
+            self._greeting.cancel()
+            self._greeting = None
+        if self._agent is not None:
+            await self._agent.close()
+            self._agent = None
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._qmp.disconnect(), 2)
@@ -372,7 +382,8 @@ class QemuBackend(Backend):
             await self._cleanup()
             return False
         pid = self.process.pid
-        self._ready.clear()
+        for share in self._shares:  # they end with QEMU; adopted so that a kill can end them
+            share.adopt()
         try:
             await self._connect_control()
         except (BackendError, OSError) as e:
@@ -385,8 +396,3 @@ class QemuBackend(Backend):
     def pid(self) -> int | None:
         return self.process.pid
 
-
-def _time_line() -> str:
-    """`time <epoch>` rounded to the nearest second: the guest agent drops the fraction, so
-    sending it would leave the guest up to a second behind."""
-    return f"time {round(time.time())}"

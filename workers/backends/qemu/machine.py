@@ -1,10 +1,16 @@
-"""What differs between an x86_64 and an aarch64 guest on QEMU's command line.
+"""What differs between guests on QEMU's command line: the arch (x86_64 q35, aarch64 virt) and
+the device layout (`qemuDevices`).
 
-The rest of the argv (memory, kernel, user networking, QMP, disk) is the same on both: the
+The rest of the argv (memory, kernel, user networking, QMP, disks) is the same everywhere: the
 devices are PCI on q35 and on `-M virt` alike, as vfkit's are, so one guest image serves both
-hypervisors. The console is each machine's first serial port (ttyS0 on q35, the PL011 ttyAMA0
-on virt); the agent is the second serial port on x86_64 and a virtio-console port named
-`virby.agent` on aarch64 (virt has one PL011 only; LOCK.md's guest contract).
+hypervisors. The guest agent always sits on an unnamed virtio console port (the guest takes the
+first virtio console that is not the kernel's console):
+
+* "standard": the console is each machine's first serial port (ttyS0 on q35, the PL011
+  ttyAMA0 on virt); the agent is a virtio console (hvc0) on a unix socket.
+* "vfkit": what vfkit gives the guest. The console is the first virtio console (hvc0, to a
+  file), the agent the second (hvc1) on a host pty; DHCP on the kernel command line; a balloon;
+  no serial port, no named port, no vmgenid.
 """
 
 from __future__ import annotations
@@ -12,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from virby.supervisor.config import host_arch
-
-AGENT_PORT_NAME = "virby.agent"
 
 
 @dataclass(frozen=True)
@@ -49,8 +53,25 @@ def cpu_args(m: Machine, accel: str) -> list[str]:
     return ["-cpu", m.tcg_cpu] if m.tcg_cpu else []
 
 
-def agent_args(m: Machine, chardev: str) -> list[str]:
-    if m.arch == "x86_64":
-        return ["-serial", f"chardev:{chardev}"]
-    return ["-device", "virtio-serial-pci",
-            "-device", f"virtserialport,chardev={chardev},name={AGENT_PORT_NAME}"]
+def console_and_agent_args(layout: str, console_log: str, agent_socket: str) -> list[str]:
+    """The console and the agent's port. In the vfkit layout the agent's chardev is a pty
+    (QMP `query-chardev` tells its path), as vfkit's `virtio-serial,pty` is."""
+    console = ["-chardev", f"file,id=console,path={console_log},append=on"]
+    if layout == "vfkit":
+        return [*console, "-chardev", "pty,id=agent",
+                "-device", "virtio-serial-pci,id=vser0",
+                "-device", "virtconsole,chardev=console,bus=vser0.0",
+                "-device", "virtconsole,chardev=agent,bus=vser0.0"]
+    return [*console, "-serial", "chardev:console",
+            "-chardev", f"socket,id=agent,path={agent_socket},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-device", "virtconsole,chardev=agent,bus=vser0.0"]
+
+
+def layout_device_args(layout: str, m: Machine) -> list[str]:
+    if layout == "vfkit":
+        return ["-device", "virtio-balloon-pci"]
+    # A new VM generation ID at every start, a restore included: the guest kernel
+    # (CONFIG_VMGENID) reseeds its RNG at once when it changes (issue 14). An ACPI device: q35
+    # only (qemu-system-aarch64 has none); vfkit has none either.
+    return ["-device", "vmgenid,guid=auto"] if m.machine == "q35" else []
