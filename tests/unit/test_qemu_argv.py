@@ -85,7 +85,7 @@ def test_vfkit_layout_is_qemus_choice_only(tmp_path: Path) -> None:
     from virby.supervisor.config import ConfigError
     with pytest.raises(ConfigError, match="config key 'qemuDevices'"):
         backend(tmp_path, qemuDevices="vz")
-    with pytest.raises(ConfigError, match="config key 'qemuDevices'.*vfkit backend"):
+    with pytest.raises(ConfigError, match=r"config key 'qemuDevices'.*vfkit backend"):
         from_dict({"backend": "vfkit", "qemuDevices": "vfkit"})
 
 
