@@ -30,6 +30,7 @@ log = logging.getLogger("virby.agent")
 
 HELLO_INTERVAL = 0.5  # resend "hello" until the agent answers: its port may open after ours
 _MAX_LINE = 512
+_WORDS = frozenset({"virby-ready", "virby-booting", "virby-time-ok", "virby-seed-ok", "virby-error"})
 
 
 def time_line() -> str:
@@ -76,8 +77,8 @@ class AgentChannel:
             self.closed.set()
 
     def _on_line(self, line: str) -> None:
-        if not line.startswith("virby-"):
-            return  # console noise on a shared port, or an echo
+        if line.partition(" ")[0] not in _WORDS:
+            return  # console noise on a shared port, or an echo of ours
         self.heard.set()
         ready, ip = parse_ready(line)
         if ready:
@@ -102,10 +103,12 @@ class AgentChannel:
     async def greet(self) -> None:
         """Send "hello" until the agent answers anything (runs until cancelled or answered):
         its port may open after ours, and QEMU drops what a pty carries before it sees us."""
+        self.send("hello")
         while not self.heard.is_set() and not self.closed.is_set():
-            self.send("hello")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.heard.wait(), HELLO_INTERVAL)
+            if not self.heard.is_set():
+                self.send("hello")
 
     def sync(self, seed: bytes | None = None) -> None:
         """After a resume or a restore: the clock, the entropy, then a hello whose answer

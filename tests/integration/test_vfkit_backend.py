@@ -3,9 +3,11 @@
 No macOS here, so `FAKE_VFKIT` plays vfkit's documented part: a REST server on the unix socket
 named by `--restful-uri` that answers like vfkit's handlers (GET /vm/state with the raw
 Virtualization.framework state names; 202 to an accepted POST, 400 to bad JSON, 500 when the
-framework refuses a transition; exit once the VM stops), and a guest that connects through the
-`listen` vsock socket to announce "virby-ready <ip>". Every request it gets goes to a JSON-lines
-log the tests read back.
+framework refuses a transition; GET /vm/inspect with the devices as vfkit's JSON, a
+`virtio-serial,pty` one carrying the `ptyName` of the pty it made; exit once the VM stops), and
+a guest agent on that pty's other side (vfkit keeps both ends open and sets the master raw, as
+here). Every request and every line the guest gets goes to a JSON-lines log the tests read back.
+The real agent runs under QEMU in vfkit's layout (tests/e2e/test_mac_layout.py).
 """
 
 from __future__ import annotations
@@ -42,16 +44,19 @@ FAKE_VFKIT = textwrap.dedent('''\
     MODE = set(filter(None, os.environ.get("FAKE_VFKIT_MODE", "").split(",")))
     LOG = os.environ["FAKE_VFKIT_LOG"]
     args = sys.argv[1:]
-    rest = announce = agent = None
+    rest = None
+    devices = []
+    master = None
     for i, a in enumerate(args):
         if a == "--restful-uri":
             rest = args[i + 1].removeprefix("unix://")
-        if a == "--device" and args[i + 1].startswith("virtio-vsock,"):
-            opts = dict(o.partition("=")[::2] for o in args[i + 1].split(",")[1:])
-            if "connect" in opts:
-                agent = opts["socketURL"]
-            else:
-                announce = opts["socketURL"]
+        if a == "--device" and args[i + 1] == "virtio-serial,pty" and "no-pty" not in MODE:
+            import pty, tty
+            master, slave = pty.openpty()
+            tty.setraw(master)
+            devices.append({"kind": "virtioserial", "usesPty": True, "ptyName": os.ttyname(slave)})
+        elif a == "--device" and args[i + 1].startswith("virtio-serial,logFilePath="):
+            devices.append({"kind": "virtioserial", "logFile": args[i + 1].partition("=")[2]})
 
     def record(**entry):
         with open(LOG, "a") as f:
@@ -91,7 +96,7 @@ FAKE_VFKIT = textwrap.dedent('''\
                 if "die-after-first-get" in MODE:
                     stopping.set()
             elif self.path == "/vm/inspect":
-                self.reply(200, {"cpus": 2, "memory": 1024, "devices": []})
+                self.reply(200, {"vcpus": 2, "memoryBytes": 1 << 30, "devices": devices})
             else:
                 data = b"404 page not found"
                 self.send_response(404)
@@ -137,38 +142,38 @@ FAKE_VFKIT = textwrap.dedent('''\
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print("listening", flush=True)
 
-    def guest():
-        lines = ["hello\\n"] if "bad-announce-first" in MODE else []
-        lines.append("virby-ready 192.168.64.7\\n")
-        for line in lines:
-            for _ in range(200):
-                try:
-                    c = socket.socket(socket.AF_UNIX)
-                    c.connect(announce)
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            c.sendall(line.encode())
-            record(announce_reply=c.makefile().readline())
-            c.close()
+    def say(text):
+        os.write(master, text.encode())
 
-    if announce and "no-announce" not in MODE:
-        threading.Thread(target=guest, daemon=True).start()
-
-    def qga():
-        srv = socket.socket(socket.AF_UNIX)
-        srv.bind(agent)
-        srv.listen(1)
+    def agent():
+        """The guest agent's half of the line protocol, on the pty's master side."""
+        if "noise-first" in MODE:  # the kernel's console lines, a garbled word: not the agent
+            say("[    0.52] hvc1: console noise\\nvirby-ready-ish\\n")
+        buf = b""
         while True:
-            c, _ = srv.accept()
-            f = c.makefile("rw")
-            record(agent=f.readline())
-            f.write("ok\\n")
-            f.flush()
-            c.close()
+            try:
+                data = os.read(master, 1024)
+            except OSError:
+                return
+            buf += data
+            while b"\\n" in buf:
+                line, _, buf = buf.partition(b"\\n")
+                line = line.decode()
+                record(agent=line)
+                if "silent-agent" in MODE:
+                    continue
+                if line == "hello":
+                    say("virby-booting\\n" if "booting-forever" in MODE else "virby-ready 192.168.64.7\\n")
+                elif line.startswith("time "):
+                    say("virby-time-ok\\n")
+                elif line == "poweroff" and "ignore-poweroff" not in MODE:
+                    state["s"] = "VirtualMachineStateStopped"
+                    stopping.set()
+                elif line != "poweroff":
+                    say("virby-error unknown\\n")
 
-    if agent and "agent" in MODE:
-        threading.Thread(target=qga, daemon=True).start()
+    if master is not None:
+        threading.Thread(target=agent, daemon=True).start()
 
     stopping.wait()
     time.sleep(0.05)  # let the reply that stopped us leave
@@ -199,6 +204,10 @@ def _log(short_dir: Path) -> list[dict]:
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.splitlines()]
+
+
+def _agent_lines(short_dir: Path) -> list[str]:
+    return [e["agent"] for e in _log(short_dir) if "agent" in e]
 
 
 def _requests(short_dir: Path) -> list[tuple[str, str, object]]:
@@ -332,8 +341,10 @@ def test_boot_announce_pause_resume_shutdown(make_backend, short_dir: Path) -> N
 
     assert asyncio.run(go()) == ["running", "paused", "running", "stopped"]
     posts = [r[2] for r in _requests(short_dir) if r[0] == "POST"]
-    assert posts == [{"state": "Pause"}, {"state": "Resume"}, {"state": "Stop"}]
-    assert {"announce_reply": "ok\n"} in _log(short_dir)
+    assert posts == [{"state": "Pause"}, {"state": "Resume"}]  # the stop went through the agent
+    said = _agent_lines(short_dir)
+    assert said[0] == "hello" and said[-1] == "poweroff"
+    assert ("GET", "/vm/inspect", None) in _requests(short_dir)  # where the agent's pty is
     assert not os.path.exists(b.pid_path)
     assert not os.path.exists(b.ip_path)
     assert not os.path.exists(b.boot_initrd)  # it holds the guest's private host key
@@ -351,7 +362,7 @@ def test_vfkit_failing_at_start_is_reported_with_its_message(make_backend, monke
 
 
 def test_vfkit_dying_before_the_announcement(make_backend, monkeypatch) -> None:
-    monkeypatch.setenv("FAKE_VFKIT_MODE", "no-announce,die-after-first-get")
+    monkeypatch.setenv("FAKE_VFKIT_MODE", "silent-agent,die-after-first-get")
     b = make_backend()
 
     async def go() -> None:
@@ -363,9 +374,9 @@ def test_vfkit_dying_before_the_announcement(make_backend, monkeypatch) -> None:
         asyncio.run(go())
 
 
-def test_malformed_announcement_is_refused_and_the_next_one_counts(
+def test_console_noise_before_the_announcement_is_not_an_announcement(
         make_backend, monkeypatch, short_dir: Path) -> None:
-    monkeypatch.setenv("FAKE_VFKIT_MODE", "bad-announce-first")
+    monkeypatch.setenv("FAKE_VFKIT_MODE", "noise-first")
     b = make_backend()
 
     async def go() -> Endpoint:
@@ -376,12 +387,12 @@ def test_malformed_announcement_is_refused_and_the_next_one_counts(
         return endpoint
 
     assert asyncio.run(go()) == Endpoint("192.168.64.7", 22)
-    replies = [e["announce_reply"] for e in _log(short_dir) if "announce_reply" in e]
-    assert replies == ["error expected 'virby-ready <ipv4>'\n", "ok\n"]
+    assert "hello" in _agent_lines(short_dir)  # it was the answer to a hello that counted
 
 
-def test_guest_ignoring_stop_is_hard_stopped(make_backend, monkeypatch, short_dir: Path) -> None:
-    monkeypatch.setenv("FAKE_VFKIT_MODE", "ignore-stop")
+def test_a_guest_ignoring_the_agents_poweroff_is_stopped_through_vfkit(
+        make_backend, monkeypatch, short_dir: Path) -> None:
+    monkeypatch.setenv("FAKE_VFKIT_MODE", "ignore-poweroff")
     b = make_backend()
 
     async def go() -> str:
@@ -390,6 +401,23 @@ def test_guest_ignoring_stop_is_hard_stopped(make_backend, monkeypatch, short_di
         return await b.status()
 
     assert asyncio.run(go()) == "stopped"
+    assert _agent_lines(short_dir)[-1] == "poweroff"
+    posts = [r[2] for r in _requests(short_dir) if r[0] == "POST"]
+    assert posts == [{"state": "Stop"}]
+
+
+def test_guest_ignoring_stop_is_hard_stopped(make_backend, monkeypatch, short_dir: Path) -> None:
+    monkeypatch.setenv("FAKE_VFKIT_MODE", "ignore-poweroff,ignore-stop")
+    monkeypatch.setattr(vfkit_mod, "REST_STOP_WAIT", 0.3)
+    b = make_backend()
+
+    async def go() -> str:
+        await b.boot()
+        await b.shutdown(0.3)
+        return await b.status()
+
+    assert asyncio.run(go()) == "stopped"
+    assert _agent_lines(short_dir)[-1] == "poweroff"
     posts = [r[2] for r in _requests(short_dir) if r[0] == "POST"]
     assert posts == [{"state": "Stop"}, {"state": "HardStop"}]
 
@@ -404,7 +432,8 @@ def test_shutdown_resumes_a_paused_guest_first(make_backend, short_dir: Path) ->
 
     asyncio.run(go())
     posts = [r[2] for r in _requests(short_dir) if r[0] == "POST"]
-    assert posts == [{"state": "Pause"}, {"state": "Resume"}, {"state": "Stop"}]
+    assert posts == [{"state": "Pause"}, {"state": "Resume"}]
+    assert _agent_lines(short_dir)[-1] == "poweroff"
 
 
 def test_a_new_worker_adopts_the_running_vm(make_backend) -> None:
@@ -488,45 +517,53 @@ def test_kill_is_immediate_and_idempotent(make_backend) -> None:
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
-def test_sync_clock_sets_the_guest_time_through_the_agent(make_backend, monkeypatch,
-                                                          short_dir: Path) -> None:
-    monkeypatch.setenv("FAKE_VFKIT_MODE", "agent")
+def test_sync_clock_sets_the_guest_time_through_the_agent(make_backend, short_dir: Path) -> None:
     b = make_backend()
 
-    async def go() -> None:
+    async def go() -> tuple[float, float]:
         await b.boot()
         await asyncio.wait_for(b.wait_announced(), 10)
-        # The stand-in binds the agent socket once it runs, as vfkit does after the VM starts.
-        while not os.path.exists(b.agent_socket):
-            await asyncio.sleep(0.01)
-        before = time.time_ns()
+        before = time.time()
         await b.sync_clock()
-        after = time.time_ns()
+        after = time.time()
+        while not any(line.startswith("time ") for line in _agent_lines(short_dir)):
+            await asyncio.sleep(0.01)  # the guest reads it from the pty a moment later
         await b.shutdown(5)
-        sent = [e["agent"] for e in _log(short_dir) if "agent" in e]
-        assert len(sent) == 1
-        word, ns = sent[0].split()
-        assert word == "settime"
-        assert before <= int(ns) <= after
+        return before, after
 
-    asyncio.run(go())
+    before, after = asyncio.run(go())
+    sent = [line for line in _agent_lines(short_dir) if line.startswith("time ")]
+    assert len(sent) == 1
+    assert round(before) <= int(sent[0].split()[1]) <= round(after)
 
 
-def test_sync_clock_without_an_agent_only_logs(make_backend, caplog) -> None:
+def test_sync_clock_without_an_agent_only_logs(make_backend, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("FAKE_VFKIT_MODE", "no-pty")  # a vfkit that reports no pty
     b = make_backend()
 
     async def go() -> None:
         await b.boot()
-        await b.sync_clock()  # nothing listens on the agent socket: a warning, no exception
+        await b.sync_clock()  # a warning, no exception
         await b.shutdown(5)
 
     asyncio.run(go())
-    assert "cannot reach the guest's clock agent" in caplog.text
+    assert "no channel to the guest agent" in caplog.text
 
 
-def test_lease_fallback_finds_a_silent_guest(make_backend, monkeypatch, short_dir: Path) -> None:
-    monkeypatch.setenv("FAKE_VFKIT_MODE", "no-announce")
-    monkeypatch.setattr(vfkit_mod, "ANNOUNCE_GRACE", 0.05)
+def lease_for(b: VfkitBackend, short_dir: Path) -> None:
+    """A DHCP lease for the backend's MAC at 127.0.0.1, in bootpd's spelling (no leading zeros)."""
+    octets = ":".join(format(int(x, 16), "x") for x in b.mac.split(":"))
+    b.leases_path = str(short_dir / "dhcpd_leases")
+    Path(b.leases_path).write_text(
+        "{\n\tname=virby-vm\n\tip_address=127.0.0.1\n"
+        f"\thw_address=1,{octets}\n\tidentifier=1,{octets}\n\tlease=0x7fffffff\n}}\n")
+
+
+@pytest.mark.parametrize("mode", ["silent-agent", "no-pty"])
+def test_lease_fallback_finds_a_silent_guest_at_once(make_backend, monkeypatch, short_dir: Path,
+                                                     mode: str) -> None:
+    """The fallback is no longer 15 s away: with a silent agent (or none) it starts at once."""
+    monkeypatch.setenv("FAKE_VFKIT_MODE", mode)
     b = make_backend()
 
     async def go() -> Endpoint:
@@ -534,27 +571,44 @@ def test_lease_fallback_finds_a_silent_guest(make_backend, monkeypatch, short_di
         sshd = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
         port = sshd.sockets[0].getsockname()[1]
         monkeypatch.setattr(vfkit_mod, "SSH_PORT", port)
-        # bootpd's spelling of the MAC: no leading zeros.
-        octets = ":".join(format(int(x, 16), "x") for x in b.mac.split(":"))
-        b.leases_path = str(short_dir / "dhcpd_leases")
-        Path(b.leases_path).write_text(
-            "{\n\tname=virby-vm\n\tip_address=127.0.0.1\n"
-            f"\thw_address=1,{octets}\n\tidentifier=1,{octets}\n\tlease=0x7fffffff\n}}\n")
+        lease_for(b, short_dir)
         async with sshd:
             await b.boot()
-            await asyncio.wait_for(b.wait_announced(), 10)
+            await asyncio.wait_for(b.wait_announced(), 5)
             endpoint = b.endpoint()
-            await b.shutdown(5)
+            await b.kill()
         return endpoint
 
     endpoint = asyncio.run(go())
     assert endpoint.host == "127.0.0.1"
 
 
+def test_an_agent_that_has_spoken_is_waited_for_not_bypassed_by_the_lease(
+        make_backend, monkeypatch, short_dir: Path) -> None:
+    """A guest whose agent says "booting" is not ready, whatever its port 22 and lease say:
+    readiness is the agent's event once it speaks."""
+    monkeypatch.setenv("FAKE_VFKIT_MODE", "booting-forever")
+    b = make_backend()
+
+    async def go() -> None:
+        sshd = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        monkeypatch.setattr(vfkit_mod, "SSH_PORT", sshd.sockets[0].getsockname()[1])
+        lease_for(b, short_dir)
+        async with sshd:
+            await b.boot()
+            try:
+                await asyncio.wait_for(b.wait_announced(), 3)
+            finally:
+                await b.kill()
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(go())
+    assert "hello" in _agent_lines(short_dir)
+
+
 def test_lease_fallback_gives_up_with_a_clear_reason(make_backend, monkeypatch,
                                                      short_dir: Path) -> None:
-    monkeypatch.setenv("FAKE_VFKIT_MODE", "no-announce")
-    monkeypatch.setattr(vfkit_mod, "ANNOUNCE_GRACE", 0.05)
+    monkeypatch.setenv("FAKE_VFKIT_MODE", "silent-agent")
     monkeypatch.setattr(vfkit_mod, "LEASE_BUDGET", 0.3)
     b = make_backend()
     b.leases_path = str(short_dir / "no_leases_here")
@@ -569,5 +623,5 @@ def test_lease_fallback_gives_up_with_a_clear_reason(make_backend, monkeypatch,
     with pytest.raises(BackendError) as err:
         asyncio.run(go())
     text = str(err.value)
-    assert "did not announce itself over vsock" in text
+    assert "the guest agent said nothing within 0.3s" in text
     assert "no_leases_here" in text and b.mac in text and "found no lease" in text

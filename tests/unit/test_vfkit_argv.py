@@ -73,10 +73,9 @@ def test_default_command_line(setup) -> None:
         'cmdline="console=hvc0 init=/nix/store/x-nixos/init loglevel=4"',
         "--device", f"virtio-blk,path={t}/state/disk.raw",
         "--device", f"virtio-net,nat,mac={mac}",
-        "--device", f"virtio-fs,sharedDir={t}/state/guest-keys,mountTag=virby-keys",
-        "--device", f"virtio-vsock,port=1024,socketURL={t}/run/vsock.sock,listen",
-        "--device", f"virtio-vsock,port=1025,socketURL={t}/run/vfkit.agent,connect",
+        # hvc0: the console; hvc1: the guest agent, on a pty vfkit reports in /vm/inspect
         "--device", f"virtio-serial,logFilePath={t}/state/logs/console.log",
+        "--device", "virtio-serial,pty",
         "--device", "virtio-rng",
         "--device", "virtio-balloon",
         "--restful-uri", f"unix://{t}/run/vfkit.rest",
@@ -129,10 +128,29 @@ def test_shared_directories_one_virtiofs_each_by_tag(setup, tmp_path: Path) -> N
     b = setup(sharedDirectories={"src": str(tmp_path / "src"), "cache": str(tmp_path / "cache")})
     fs = [d for d in devices(b.command()) if d.startswith("virtio-fs,")]
     assert fs == [
-        f"virtio-fs,sharedDir={tmp_path}/state/guest-keys,mountTag=virby-keys",
         f"virtio-fs,sharedDir={tmp_path}/cache,mountTag=cache",
         f"virtio-fs,sharedDir={tmp_path}/src,mountTag=src",
     ]
+
+
+def test_the_key_share_only_for_a_guest_that_reads_it(setup, tmp_path: Path) -> None:
+    """The Debian guest takes its keys from its initrd; the NixOS guest (a store image) from
+    the virby-keys share. No share nobody reads, and no keys in it."""
+    key_share = f"virtio-fs,sharedDir={tmp_path}/state/guest-keys,mountTag=virby-keys"
+    debian = setup()
+    debian.prepare()
+    assert key_share not in devices(debian.command())
+    assert not os.path.exists(debian.guest_keys_dir)
+    (tmp_path / "store.img").write_bytes(b"\0" * 512)
+    nixos = setup(guest={"disk": str(tmp_path / "store.img")})
+    assert key_share in devices(nixos.command())
+
+
+def test_no_vsock_and_no_named_port(setup) -> None:
+    """One transport for the agent, the one the guest looks for: an unnamed virtio console."""
+    dev = devices(setup().command())
+    assert not any(d.startswith("virtio-vsock") for d in dev)
+    assert [d for d in dev if d.startswith("virtio-serial")][1] == "virtio-serial,pty"
 
 
 def test_store_image_is_a_second_read_only_disk(setup, tmp_path: Path) -> None:
@@ -267,8 +285,9 @@ def test_disk_is_never_shrunk(tmp_path: Path) -> None:
 # -- prepare and check ---------------------------------------------------------------------------
 
 
-def test_prepare_fills_the_guest_key_share(setup) -> None:
-    b = setup(sshUser="nixbuilder")
+def test_prepare_fills_the_guest_key_share(setup, tmp_path: Path) -> None:
+    (tmp_path / "store.img").write_bytes(b"\0" * 512)
+    b = setup(sshUser="nixbuilder", guest={"disk": str(tmp_path / "store.img")})
     os.makedirs(b.config.runtimeDir)
     Path(b.rest_socket).write_text("stale")
     b.prepare()
@@ -289,13 +308,15 @@ def test_prepare_fills_the_guest_key_share(setup) -> None:
 def test_guest_settings_follow_the_config_without_an_image_change(setup, tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "cache").mkdir()
-    on = setup(rosetta=True, sharedDirectories={"src": str(tmp_path / "src"),
-                                                "cache": str(tmp_path / "cache")})
+    (tmp_path / "store.img").write_bytes(b"\0" * 512)
+    nixos = {"disk": str(tmp_path / "store.img")}
+    on = setup(rosetta=True, guest=nixos, sharedDirectories={"src": str(tmp_path / "src"),
+                                                             "cache": str(tmp_path / "cache")})
     on.prepare()
     share = Path(on.guest_keys_dir)
     assert (share / "shares").read_text() == "cache\nsrc\n"
     assert (share / "rosetta").exists()
-    off = setup()
+    off = setup(guest=nixos)
     off.prepare()
     assert (share / "shares").read_text() == ""
     assert not (share / "rosetta").exists()

@@ -11,30 +11,32 @@ this order:
 * `virtio-blk` guest.disk, read-only, when set (the opt-in NixOS guest): its store image.
 * `virtio-net,nat` with a locally administered MAC made once per install (<stateDir>/mac), so
   the guest keeps its DHCP lease across boots.
-* `virtio-fs` tag `virby-keys`: <stateDir>/guest-keys (host key, authorized_keys, user name,
-  the shares to mount, a rosetta flag); the guest copies them off and unmounts before sshd
-  starts.
-* `virtio-fs` per shared directory; `rosetta` when enabled.
-* `virtio-vsock` port 1024 in *listen* mode: vfkit accepts the guest's vsock connections and
-  dials our unix socket for each, so the guest can announce "virby-ready <ip>" to us.
-* `virtio-vsock` port 1025 in *connect* mode: vfkit listens on a unix socket and dials the
-  guest's clock agent for each connection; `sync_clock` sets the guest clock after a resume.
-* `virtio-serial` to <logDir>/console.log (the guest's hvc0), `virtio-rng`, `virtio-balloon`.
+* `virtio-fs` tag `virby-keys`, only for a guest that reads it (the opt-in NixOS guest, which
+  has a store image): <stateDir>/guest-keys (host key, authorized_keys, user name, the shares to
+  mount, a rosetta flag). The Debian guest gets its keys appended to its initrd instead.
+* `virtio-fs` per shared directory (the guest mounts each at /mnt/virtiofs/<tag>); `rosetta`
+  when enabled.
+* `virtio-serial` to <logDir>/console.log (the guest's hvc0, its console).
+* `virtio-serial,pty`: the guest agent's port (hvc1), a host pty whose path `GET /vm/inspect`
+  reports. The host speaks the agent's line protocol through it (workers/agent.py, the client
+  QEMU's backend uses too): the guest announces "virby-ready <ip>", the host sets the clock after
+  each resume and asks for "poweroff" (VZ's own stop request reaches an arm64 guest as a GPIO
+  power key, which the Debian cloud kernel does not build).
+* `virtio-rng`, `virtio-balloon` (the guest loads virtio_balloon).
 * REST API on a unix socket in the runtime dir (never TCP: no other user may pause or stop us).
 
 No `--pidfile`: our PidRecord (pid, create time, command line) identifies vfkit more strictly
 than vfkit's own pid file would, and one record is one source of truth. No `--timesync`: it acts
 only on host wake-ups (not on our pauses), holds its agent connection for good, and needs
-qemu-guest-agent, whose guest-set-time fails without /sbin/hwclock (absent on NixOS). The guest
-runs chrony for drift and host sleep, and a one-line clock agent (image/nixos/guest.nix).
+qemu-guest-agent. The agent sets the clock after our resumes; the guest follows its RTC (VZ keeps
+it at host time) for the host's own sleeps.
 
 No suspend to disk: vfkit has no save/restore endpoint (vfkit#449), so `can_suspend()` stays
 false (the base class default) and the vm worker's stop is a clean shutdown. How to turn it on:
 docs/operations.md, "Suspend to disk".
 
-Resource handling: the backend owns the vfkit process (started or adopted), the announcement
-listener (a unix server in the runtime dir) and the pid/ip files; `shutdown`/`kill` release all
-of them, `close` only the listener.
+Resource handling: the backend owns the vfkit process (started or adopted), the agent channel
+(the pty) and the pid/ip files; `shutdown`/`kill` release all of them, `close` only the channel.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import time
 from typing import Any
 
 from virby.supervisor.config import Config
+from virby.workers import agent
 from virby.workers.backends.base import (
     Backend,
     BackendError,
@@ -74,18 +77,15 @@ log = logging.getLogger(__name__)
 
 KEYS_TAG = "virby-keys"
 ROSETTA_TAG = "rosetta"
-ANNOUNCE_PORT = 1024  # guest -> host: "virby-ready <ip>"
-AGENT_PORT = 1025  # host -> guest: qemu-guest-agent
 SSH_PORT = 22
 ARM64_IMAGE_MAGIC = (56, b"ARM\x64")  # offset and magic of an arm64 Linux Image header
 
 REST_START_TIMEOUT = 15.0  # vfkit itself gives the VM 5 s to reach Running
-ANNOUNCE_GRACE = 15.0  # wait this long for the vsock announcement before reading leases
-LEASE_BUDGET = 30.0  # then poll the lease file and port 22 for at most this long
+AGENT_GRACE = 1.0  # the agent answers a hello within this once it runs: then it decides
+LEASE_BUDGET = 45.0  # while the agent is silent, poll the lease file and port 22 this long
+REST_STOP_WAIT = 10.0  # after the agent's poweroff: VZ's stop request, then a hard stop
 HARD_STOP_WAIT = 5.0
 STATE_SETTLE = 5.0  # a Pause/Resume the REST API accepted shows in /vm/state within this
-
-_ANNOUNCE_RE = re.compile(r"^virby-ready (\S+)$")
 
 
 @functools.cache
@@ -128,8 +128,8 @@ class VfkitBackend(Backend):
         self.leases_path = leases.LEASES_PATH
         self.process = HypervisorProcess("vfkit", self.pid_path)
         self._guest_ip: str | None = None
-        self._announcer: asyncio.Server | None = None
-        self._announced: asyncio.Future[str] | None = None
+        self._agent: agent.AgentChannel | None = None
+        self._greeting: asyncio.Task[None] | None = None
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -150,14 +150,6 @@ class VfkitBackend(Backend):
     @property
     def rest_socket(self) -> str:
         return self.config.runtime("vfkit.rest")
-
-    @property
-    def announce_socket(self) -> str:
-        return self.config.runtime("vsock.sock")
-
-    @property
-    def agent_socket(self) -> str:
-        return self.config.runtime("vfkit.agent")
 
     @property
     def pid_path(self) -> str:
@@ -215,6 +207,12 @@ class VfkitBackend(Backend):
             log.warning("nestedVirtualization is on, but %s cannot run nested VMs (M3 or later "
                         "and macOS 15 are needed); starting without it", cpu_brand())
 
+    @property
+    def reads_key_share(self) -> bool:
+        """The opt-in NixOS guest (a store image) reads its keys from a share; the Debian
+        guest from its initrd."""
+        return self.config.guest.disk is not None
+
     def command(self) -> list[str]:
         c, g = self.config, self.config.guest
         dev = []
@@ -222,14 +220,14 @@ class VfkitBackend(Backend):
         if g.disk is not None:
             dev.append(f"virtio-blk,path={g.disk},readonly")
         dev.append(f"virtio-net,nat,mac={self.mac}")
-        dev.append(f"virtio-fs,sharedDir={self.guest_keys_dir},mountTag={KEYS_TAG}")
+        if self.reads_key_share:
+            dev.append(f"virtio-fs,sharedDir={self.guest_keys_dir},mountTag={KEYS_TAG}")
         for tag, path in sorted(c.sharedDirectories.items()):
             dev.append(f"virtio-fs,sharedDir={path},mountTag={tag}")
         if c.rosetta:
             dev.append(f"rosetta,mountTag={ROSETTA_TAG}")
-        dev.append(f"virtio-vsock,port={ANNOUNCE_PORT},socketURL={self.announce_socket},listen")
-        dev.append(f"virtio-vsock,port={AGENT_PORT},socketURL={self.agent_socket},connect")
-        dev.append(f"virtio-serial,logFilePath={self.console_log}")
+        dev.append(f"virtio-serial,logFilePath={self.console_log}")  # hvc0: the console
+        dev.append("virtio-serial,pty")  # hvc1: the agent
         dev.append("virtio-rng")
         dev.append("virtio-balloon")
         argv = [
@@ -257,9 +255,10 @@ class VfkitBackend(Backend):
         os.makedirs(c.runtimeDir, mode=0o700, exist_ok=True)
         ensure_disk(self.disk_path, c.diskSize)
         ensure_mac(self.mac_path)
-        fill_guest_keys(self.guest_keys_dir, self.keys, c)
+        if self.reads_key_share:
+            fill_guest_keys(self.guest_keys_dir, self.keys, c)
         # vfkit refuses to bind a socket path that exists; any left here are stale.
-        for path in (self.rest_socket, self.agent_socket, self.ip_path):
+        for path in (self.rest_socket, self.ip_path):
             _unlink(path)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -270,12 +269,12 @@ class VfkitBackend(Backend):
         # Tens of MB copied and fsynced: off the event loop.
         await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
                                 self.config.sshUser, self.boot_initrd)
-        await self._listen_for_announcement()
         argv = self.command()
         log.info("starting vfkit: %s", " ".join(argv))
         # If it dies at once, _wait_rest reports why.
         await self.process.start(argv, log_path=self.vfkit_log, cwd=self.config.stateDir)
         await self._wait_rest()
+        await self._open_agent()
 
     async def _wait_rest(self) -> None:
         """Until the REST API answers (the VM exists), or vfkit exits, or a deadline passes."""
@@ -305,41 +304,29 @@ class VfkitBackend(Backend):
     def _vfkit_tail(self, lines: int = 5) -> str:
         return " | ".join(line.strip() for line in tail_lines(self.vfkit_log, lines) if line.strip())
 
-    async def _listen_for_announcement(self) -> None:
-        await self._stop_listening()
-        _unlink(self.announce_socket)
-        self._announced = asyncio.get_running_loop().create_future()
-        self._announcer = await asyncio.start_unix_server(self._on_guest, path=self.announce_socket)
-        os.chmod(self.announce_socket, 0o600)
-
-    async def _stop_listening(self) -> None:
-        if self._announcer is not None:
-            self._announcer.close()
-            await self._announcer.wait_closed()
-            self._announcer = None
-            _unlink(self.announce_socket)
-
-    async def _on_guest(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One guest connection (relayed by vfkit): one line in, "ok" or "error ..." out."""
+    async def _open_agent(self) -> None:
+        """The agent's pty, as vfkit reports it; hello until the agent answers. Without it the
+        boot still goes on: the lease fallback finds a guest whose agent is silent."""
+        await self._close_agent()
         try:
-            line = await asyncio.wait_for(reader.readline(), 5.0)
-            text = line[:200].decode("ascii", "replace").strip()
-            m = _ANNOUNCE_RE.match(text)
-            ip = _parse_ip(m.group(1)) if m else None
-            if ip is None:
-                log.warning("ignored a malformed guest announcement: %r", text)
-                writer.write(b"error expected 'virby-ready <ipv4>'\n")
-            else:
-                log.info("guest announced sshd on %s", ip)
-                self._set_guest_ip(ip)
-                if self._announced is not None and not self._announced.done():
-                    self._announced.set_result(ip)
-                writer.write(b"ok\n")
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
-            log.warning("guest announcement connection failed: %s", e)
-        finally:
-            writer.close()
+            path = await self.rest.agent_pty()
+            self._agent = await agent.open_pty(path)
+        except (BackendError, OSError) as e:
+            log.warning("no channel to the guest agent (%s): readiness from the DHCP lease, "
+                        "stops through vfkit only", e)
+            return
+        self._greeting = asyncio.create_task(self._agent.greet())
+
+    async def _close_agent(self) -> None:
+        if self._greeting is not None:
+            self._greeting.cancel()
+            self._greeting = None
+        if self._agent is not None:
+            await self._agent.close()
+            self._agent = None
+
+    def _agent_open(self) -> bool:
+        return self._agent is not None and not self._agent.closed.is_set()
 
     def _set_guest_ip(self, ip: str) -> None:
         self._guest_ip = ip
@@ -347,46 +334,61 @@ class VfkitBackend(Backend):
         write_atomic(self.ip_path, (ip + "\n").encode(), 0o600)
 
     async def wait_announced(self) -> None:
-        if self._announced is None or self.process.proc is None:
+        if self.process.proc is None:
             raise BackendError("vfkit is not running")
-        exited = asyncio.ensure_future(self.wait_exit())
+        waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(self.wait_exit())}
+        exited = next(iter(waiters))
+        ready = None
+        if self._agent is not None:
+            ready = asyncio.ensure_future(self._agent.ready.wait())
+            waiters.add(ready)
         fallback = asyncio.ensure_future(self._lease_fallback())
+        waiters.add(fallback)
         try:
-            waiters: set[asyncio.Future[Any]] = {self._announced, exited, fallback}
             done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            exited.cancel()
-            fallback.cancel()
-        if self._announced.done():
-            self._guest_ip = self._announced.result()
+            for w in waiters:
+                w.cancel()
+        if ready is not None and ready in done:
+            assert self._agent is not None
+            ip = self._agent.address or leases.lookup(self.mac, self.leases_path)
+            if ip is None:
+                raise BackendError("the guest agent announced sshd without an address, and "
+                                   f"{self.leases_path} has no lease for MAC {self.mac}")
+            self._set_guest_ip(ip)
             return
         if fallback in done:
             self._set_guest_ip(fallback.result())  # raises its BackendError if it gave up
             return
+        assert exited in done
         status = self.process.returncode
         raise BackendError(f"vfkit exited (status {status}) before the guest announced itself: "
                            f"{self._vfkit_tail() or '(no output)'}")
 
     async def _lease_fallback(self) -> str:
-        """Find the guest by its DHCP lease and an open port 22, for a guest that never
-        announces (an older image, or a broken vsock). Bounded; raises with the reason."""
-        await asyncio.sleep(ANNOUNCE_GRACE)
+        """Find the guest by its DHCP lease and an open port 22 while the agent is silent (an
+        older image, or no pty): from the first second, not after a long grace period. Once the
+        agent has spoken its announcement is the event, and this waits for it. Bounded; raises
+        with the reason."""
         mac = self.mac
-        log.warning("no vsock announcement from the guest after %gs; looking for MAC %s in %s",
-                    ANNOUNCE_GRACE, mac, self.leases_path)
+        if self._agent is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._agent.heard.wait(), AGENT_GRACE)
         deadline = time.monotonic() + LEASE_BUDGET
         ip = None
         while time.monotonic() < deadline:
+            if self._agent is not None and self._agent.heard.is_set():
+                await asyncio.Future()  # the agent's word decides
             ip = leases.lookup(mac, self.leases_path)
             if ip is not None and await _port_open(ip, SSH_PORT):
-                log.warning("found the guest at %s through its DHCP lease (fallback)", ip)
+                log.warning("the guest agent is silent; found the guest at %s through its DHCP "
+                            "lease in %s", ip, self.leases_path)
                 return ip
             await asyncio.sleep(0.5)
         found = f"a lease for {ip} but nothing listening on port {SSH_PORT}" if ip else "no lease"
         raise BackendError(
-            f"the guest did not announce itself over vsock within {ANNOUNCE_GRACE:g}s, and "
-            f"{LEASE_BUDGET:g}s of polling {self.leases_path} for MAC {mac} found {found}; "
-            f"see {self.console_log}")
+            f"the guest agent said nothing within {LEASE_BUDGET:g}s, and polling "
+            f"{self.leases_path} for MAC {mac} found {found}; see {self.console_log}")
 
     def endpoint(self) -> Endpoint:
         if self._guest_ip is None:
@@ -413,12 +415,24 @@ class VfkitBackend(Backend):
             await asyncio.sleep(0.05)
 
     async def shutdown(self, timeout: float) -> None:
+        """The agent's poweroff first (the guest syncs and unmounts its store); then VZ's stop
+        request, which an arm64 Debian guest cannot hear; then a hard stop; then a kill."""
         if not self.process.alive():
             await self._forget()
             return
-        try:
+        with contextlib.suppress(BackendError):
             if (await self.rest.state()).state == "paused":
-                await self.rest.change_state("Resume")  # a paused guest cannot hear the request
+                await self.rest.change_state("Resume")  # a paused guest cannot hear anything
+        if self._agent_open():
+            assert self._agent is not None
+            self._agent.send("poweroff")
+            if await self.process.exits_within(timeout):
+                await self._forget()
+                return
+            log.warning("the guest did not power off within %gs of the agent's poweroff; asking "
+                        "vfkit to stop it", timeout)
+            timeout = REST_STOP_WAIT
+        try:
             await self.rest.change_state("Stop")
         except BackendError as e:
             # vfkit's own SIGTERM handler asks the guest to stop, then forces it after 5 s.
@@ -427,7 +441,8 @@ class VfkitBackend(Backend):
         if await self.process.exits_within(timeout):
             await self._forget()
             return
-        log.warning("the guest did not power off within %gs; stopping it hard", timeout)
+        log.warning("the guest did not power off within %gs of vfkit's stop request; stopping "
+                    "it hard", timeout)
         with contextlib.suppress(BackendError):
             await self.rest.change_state("HardStop")
         if await self.process.exits_within(HARD_STOP_WAIT):
@@ -440,13 +455,12 @@ class VfkitBackend(Backend):
         await self._forget()
 
     async def _forget(self) -> None:
-        """The process is gone: drop every file and socket that described it."""
-        await self._stop_listening()
+        """The process is gone: drop every file and channel that described it."""
+        await self._close_agent()
         self.process.forget()
-        for path in (self.ip_path, self.rest_socket, self.agent_socket, self.boot_initrd):
+        for path in (self.ip_path, self.rest_socket, self.boot_initrd):
             _unlink(path)
         self._guest_ip = None
-        self._announced = None
 
     async def status(self) -> str:
         if not self.process.alive():
@@ -458,7 +472,7 @@ class VfkitBackend(Backend):
 
     async def adopt(self) -> bool:
         if not self.process.adopt():
-            for path in (self.ip_path, self.rest_socket, self.agent_socket, self.announce_socket):
+            for path in (self.ip_path, self.rest_socket):
                 _unlink(path)
             return False
         pid = self.process.pid
@@ -471,42 +485,29 @@ class VfkitBackend(Backend):
                         "killing it", pid, e)
             await self.kill()
             return False
-        # Listen again: a guest still booting announces to whoever listens on the socket now.
-        await self._listen_for_announcement()
+        # The agent's pty again: a running guest answers the hello with its address, a guest
+        # still booting announces when sshd listens. The address a previous worker learnt
+        # stands meanwhile.
         try:
             with open(self.ip_path) as f:
-                ip = _parse_ip(f.read().strip())
+                self._guest_ip = _parse_ip(f.read().strip())
         except OSError:
-            ip = None
-        if ip is not None and self._announced is not None:
-            self._guest_ip = ip
-            self._announced.set_result(ip)
-        log.info("adopted vfkit pid %s (guest %s)", pid, ip or "not announced yet")
+            self._guest_ip = None
+        await self._open_agent()
+        log.info("adopted vfkit pid %s (guest %s)", pid, self._guest_ip or "not announced yet")
         return True
 
     async def sync_clock(self) -> None:
-        """Set the guest clock to ours (after a resume: a paused guest's clock stood still).
-        One line over the agent port, which vfkit relays from our agent socket: "settime <ns>",
-        answered "ok". A failure is logged, not raised: chrony corrects the clock later."""
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.agent_socket), 3.0)
-        except (OSError, TimeoutError) as e:
-            log.warning("cannot reach the guest's clock agent: %s", e)
+        """Set the guest clock to ours (after a resume: a paused guest's clock stood still),
+        through the agent. Without it the guest's RTC-follower corrects the clock later."""
+        if not self._agent_open():
+            log.warning("no channel to the guest agent: the clock is left to the guest's RTC")
             return
-        try:
-            writer.write(f"settime {time.time_ns()}\n".encode())
-            await writer.drain()
-            reply = (await asyncio.wait_for(reader.readline(), 3.0)).decode("ascii", "replace")
-            if reply.strip() != "ok":
-                log.warning("the guest's clock agent did not set the clock: %r", reply.strip())
-        except (OSError, TimeoutError) as e:
-            log.warning("setting the guest clock failed: %s", e)
-        finally:
-            writer.close()
+        assert self._agent is not None
+        self._agent.send(agent.time_line())
 
     async def close(self) -> None:
-        await self._stop_listening()
+        await self._close_agent()
 
     def pid(self) -> int | None:
         return self.process.pid

@@ -1,9 +1,11 @@
 """A client for vfkit's REST API on a unix socket (`--restful-uri unix://PATH`).
 
 vfkit serves `GET /vm/state` and `POST /vm/state {"state": X}` with X one of Pause, Resume,
-Stop (asks the guest) and HardStop. Its handler answers 202 to a POST although its docs say 200,
-so both count as success. One short HTTP/1.1 exchange per call with `Connection: close`: the
-socket is local and calls are rare, so there is no connection to keep, reuse or leak.
+Stop (asks the guest) and HardStop, and `GET /vm/inspect`: the VM's configuration as vfkit's
+JSON, where a `virtio-serial,pty` device carries the host pty vfkit made for it (`ptyName`).
+Its handler answers 202 to a POST although its docs say 200, so both count as success. One
+short HTTP/1.1 exchange per call with `Connection: close`: the socket is local and calls are
+rare, so there is no connection to keep, reuse or leak.
 
 HTTP itself is the stdlib's `http.client` (status line, headers, chunked bodies) over a unix
 socket; the exchange is blocking, so it runs in a worker thread with a socket timeout and an
@@ -75,6 +77,20 @@ class VfkitRest:
             )
         except (ValueError, KeyError, TypeError) as e:
             raise BackendError(f"vfkit REST: unreadable /vm/state reply {body[:200]!r}") from e
+
+    async def agent_pty(self) -> str:
+        """The host pty of the VM's `virtio-serial,pty` device (the guest agent's port)."""
+        body = await self.request("GET", "/vm/inspect")
+        try:
+            devices = json.loads(body).get("devices") or []
+            ptys = [str(d["ptyName"]) for d in devices
+                    if d.get("kind") == "virtioserial" and d.get("usesPty") and d.get("ptyName")]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BackendError(f"vfkit REST: unreadable /vm/inspect reply {body[:200]!r}") from e
+        if len(ptys) != 1:
+            raise BackendError(f"vfkit REST: /vm/inspect names {len(ptys)} virtio-serial ptys, "
+                               f"expected the agent's one: {body[:300]!r}")
+        return ptys[0]
 
     async def change_state(self, action: str) -> None:
         """POST one of ACTIONS. vfkit acts on it asynchronously: poll `state()` to see it."""
