@@ -56,8 +56,8 @@ def test_ready_without_a_usable_address(line: bytes) -> None:
 
 def test_console_noise_and_echoes_are_not_words_of_the_agent() -> None:
     """A port shared with kernel messages, or a pty still echoing what we wrote."""
-    ch, _ = asyncio.run(fed(b"[    1.2] virtio_net virtio0: eth0\n", b"hello\n", b"time 5\n", b"virby-ready-ish\n",
-                            b"\x00\xff garbage\r\n", b"x" * 5000 + b"\n"))
+    ch, _ = asyncio.run(fed(b"[    1.2] virtio_net virtio0: eth0\n", b"hello\n", b"time 5\n",
+                            b"virby-ready-ish\n", b"\x00\xff garbage\r\n", b"x" * 5000 + b"\n"))
     assert not ch.heard.is_set() and not ch.ready.is_set()
 
 
