@@ -12,12 +12,15 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from virby.supervisor import nixreg
 from virby.supervisor.config import Config
+from virby.workers import machost
 from virby.workers.protocol import WATCHERS
 
 MAX_SKEW = 3.0  # seconds; `date +%s` has 1 s resolution and the round trip adds a little
@@ -49,6 +52,13 @@ class Context:
     running: bool = False  # circusd answers
     vm_state: str | None = None
     ssh_config_path: str | None = None
+    # The host, as the checks see it (tests give another one: no check asks the machine itself).
+    platform: str = sys.platform
+    machine: str = field(default_factory=machost.host_machine)
+    macos: machost.MacVersion | None = field(default_factory=machost.host_macos_version)
+    cpu: Callable[[], str | None] = machost.cpu_brand  # asked only when nesting is on
+    root: str = "/"  # where the Mac's files are looked for (Rosetta)
+    nix_conf_dir: str = nixreg.DEFAULT_CONF_DIR
 
 
 def check_hypervisor(ctx: Context) -> Check:
@@ -168,6 +178,83 @@ def check_guest_files(ctx: Context) -> Check:
     return Check(True, "guest files", ", ".join(os.path.basename(p) for _, p in files))
 
 
+def check_rosetta(ctx: Context) -> Check:
+    title = "Rosetta"
+    c = ctx.config
+    if not c.rosetta:
+        return Check(None, title, "not asked for (`rosetta` is off)")
+    if c.backend != "vfkit" or ctx.platform != "darwin":
+        return Check(None, title, "only the vfkit backend on a Mac attaches Rosetta")
+    problem = machost.rosetta_problem(ctx.machine, ctx.macos, ctx.root)
+    if problem:
+        return Check(False, title, problem.detail, problem.fix)
+    return Check(True, title, f"installed ({machost.show_version(ctx.macos)}); x86_64-linux builds "
+                              "run through it")
+
+
+def check_nested(ctx: Context) -> Check:
+    title = "nested virtualization"
+    c = ctx.config
+    if not c.nestedVirtualization:
+        return Check(None, title, "not asked for (`nestedVirtualization` is off)")
+    if c.backend != "vfkit" or ctx.platform != "darwin":
+        return Check(None, title, "checked for the vfkit backend on a Mac only")
+    cpu = ctx.cpu()
+    problem = machost.nested_problem(cpu, ctx.macos)
+    if problem:
+        # The builder still starts (without --nested), but its machines line offers kvm and
+        # nixos-test: Nix would send it VM tests that fail with "failed to initialize kvm".
+        return Check(False, title, f"{problem.detail}: the VM starts without it, but Nix is told "
+                     "this builder has kvm and nixos-test", problem.fix)
+    return Check(True, title, f"{cpu or 'an unknown CPU'} on {machost.show_version(ctx.macos)}")
+
+
+def _nix_registration_fix(reg: nixreg.Registration) -> str:
+    if reg.determinate:
+        return ("Determinate Nix ignores nix.buildMachines: set services.virby.supportDeterminateNix "
+                "= true, then `darwin-rebuild switch`")
+    return ("enable services.virby in nix-darwin and `darwin-rebuild switch` (it lists the builder in "
+            "/etc/nix/machines); by hand: add the line `virby nix-machines` prints")
+
+
+def check_nix_registration(ctx: Context) -> Check:
+    alias = ctx.config.name
+    title = "Nix builder registration"
+    on_mac = ctx.platform == "darwin"
+    if not os.path.isdir(ctx.nix_conf_dir):
+        return Check(False if on_mac else None, title,
+                     f"no {ctx.nix_conf_dir}: no system-wide Nix configuration registers a builder",
+                     "install Nix (the daemon reads /etc/nix), then rebuild with nix-darwin")
+    reg = nixreg.find(alias, ctx.nix_conf_dir)
+    how = (f"builders = {reg.builders or '(empty)'} in {reg.set_in}" if reg.set_in
+           else f"Nix's default builders = {reg.builders}")
+    if reg.line is not None:
+        uri = reg.line.split()[0]
+        systems = nixreg.line_systems(reg.line)
+        want = f"{ctx.config.arch}-linux"
+        if want not in systems:
+            return Check(False, title, f"{uri} in {reg.found_in} offers {','.join(systems) or 'no system'}, "
+                         f"not {want}: Nix sends it no {want} build",
+                         "rebuild with nix-darwin, or fix the systems field of that line")
+        return Check(True, title, f"{uri} ({','.join(systems)}) in {reg.found_in} ({how})")
+    if not reg.builders.strip():
+        detail = f"`builders` is empty in {reg.set_in}: Nix uses no remote machine"
+    else:
+        looked = [f for f in reg.machine_files if f not in reg.absent]
+        detail = f"no line for {alias}"
+        if looked or not reg.machine_files:
+            detail += f" in {', '.join(looked) or 'the inline builders'}"
+        if reg.absent:
+            detail += f"{';' if looked else ':'} {', '.join(reg.absent)} does not exist"
+        detail += f" ({how})"
+    if reg.unreadable:
+        detail += f"; could not read {', '.join(reg.unreadable)}"
+    if on_mac:
+        return Check(False, title, detail, _nix_registration_fix(reg))
+    return Check(None, title, detail + "; to use it here, pass `--builders \"$(virby nix-machines)\"` "
+                 "to nix, or add that line to /etc/nix/machines")
+
+
 def check_arbiter(ctx: Context) -> Check:
     from virby.supervisor import control
 
@@ -277,8 +364,8 @@ def check_clock(ctx: Context) -> Check:
 
 
 CHECKS: list[Callable[[Context], Check]] = [
-    check_hypervisor, check_guest_files, check_runtime_dir, check_keys, check_arbiter, check_port,
-    check_ssh_alias, check_host_key, check_clock,
+    check_hypervisor, check_guest_files, check_rosetta, check_nested, check_runtime_dir, check_keys,
+    check_arbiter, check_port, check_ssh_alias, check_nix_registration, check_host_key, check_clock,
 ]
 
 

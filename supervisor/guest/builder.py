@@ -20,11 +20,11 @@ from pathlib import Path
 from virby.supervisor.guest import assemble, deb, fetch, mirrors
 from virby.supervisor.guest.lock import ArchLock, Lock, LockError, Package, load
 from virby.supervisor.guest.report import Report
-from virby.supervisor.guest.spec import ARCHES, DEFAULT_LOCK, REPO_IMAGE, VARIANTS
+from virby.supervisor.guest.spec import ARCHES, DEFAULT_LOCK, GUEST_DIR, GUEST_REQUIRED, VARIANTS
 from virby.workers.cpio import newc_archive
 from virby.workers.files import write_atomic
 
-GUEST_SCRIPTS = REPO_IMAGE / "guest"
+GUEST_SCRIPTS = GUEST_DIR
 ARM64_MAGIC = b"ARM\x64"  # at offset 0x38 of an uncompressed arm64 Image
 
 
@@ -43,6 +43,23 @@ def default_out(arch: str, variant: str) -> Path:
 
 def default_cache() -> Path:
     return cache_home() / "virby" / "debs"
+
+
+def check_guest_dir(guest_dir: Path, variant: str) -> None:
+    """Refuse to build without the guest's own files (image/guest/): the packages alone make an
+    initramfs with no init scripts, which boots to nothing."""
+    if not guest_dir.is_dir():
+        problem = f"no directory {guest_dir}"
+    else:
+        missing = [r for r in GUEST_REQUIRED if not (guest_dir / r).is_file()]
+        if variant != "base" and not (guest_dir / variant).is_dir():
+            missing.append(f"{variant}/")
+        if not missing:
+            return
+        problem = f"{guest_dir} has no {', '.join(missing)}"
+    raise BuildError(f"the guest's files (init, rc, agent: image/guest/ of Virby's source) are "
+                     f"missing: {problem}. Reinstall Virby (its package carries them in "
+                     f"virby/image/guest/), or run `virby guest build` from a checkout")
 
 
 def inputs_digest(lock: Lock, arch: str, variant: str, guest_dir: Path) -> str:
@@ -164,10 +181,12 @@ def assemble_guest(lock: Lock, arch: str, variant: str, debs: dict[str, Path],
 
 def build(arch: str, variant: str, out: Path | None = None, *, cache: Path | None = None,
           mirror: str | None = None, offline: bool = False, progress: Report | None = None,
-          lock_path: Path = DEFAULT_LOCK, guest_dir: Path = GUEST_SCRIPTS) -> Path:
+          lock_path: Path = DEFAULT_LOCK, guest_dir: Path | None = None) -> Path:
     """Build (or find up to date) the guest; return its directory. Raises BuildError."""
     if arch not in ARCHES or variant not in VARIANTS:
         raise BuildError(f"unknown arch/variant {arch}/{variant}")
+    guest_dir = GUEST_SCRIPTS if guest_dir is None else guest_dir
+    check_guest_dir(guest_dir, variant)
     report = progress or Report()
     try:
         lock = load(lock_path)

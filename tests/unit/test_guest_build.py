@@ -196,6 +196,57 @@ def test_the_cli_prints_one_line_and_exits_1(tmp_path: Path, archive: Archive,
     assert last.startswith("virby: guest build failed: libc6 1.0: HTTP 404") and "libc6_1.0_amd64.deb" in last
 
 
+# -- the guest's own files -----------------------------------------------------------------------
+
+
+def test_no_guest_files_no_build(tmp_path: Path, archive: Archive, mirror: tuple[str, set[str]]) -> None:
+    """A pip install without image/guest once made an initrd with no init scripts, silently."""
+    missing = tmp_path / "site" / "virby" / "image" / "guest"
+    with pytest.raises(BuildError) as e:
+        run(tmp_path, archive, mirror[0], guest_dir=missing)
+    assert f"missing: no directory {missing}" in str(e.value)
+    assert list((tmp_path / "cache").glob("*")) == []  # refused before downloading anything
+    assert not (tmp_path / "out" / "initrd.img").exists()
+
+
+def test_incomplete_guest_files_name_what_is_missing(tmp_path: Path, archive: Archive,
+                                                     mirror: tuple[str, set[str]]) -> None:
+    partial = tmp_path / "guest"
+    shutil.copytree(GUEST_SCRIPTS, partial)
+    (partial / "common" / "etc" / "rc").unlink()
+    shutil.rmtree(partial / "nix")
+    with pytest.raises(BuildError) as e:
+        run(tmp_path, archive, mirror[0], guest_dir=partial)
+    assert f"{partial} has no common/etc/rc. Reinstall" in str(e.value)
+    (partial / "common" / "etc" / "rc").write_text("#!/bin/sh\n")
+    run(tmp_path, archive, mirror[0], guest_dir=partial)  # the base variant needs no nix/
+    lock = archive.write_lock(tmp_path / "lock.json")
+    with pytest.raises(BuildError) as e:
+        build("x86_64", "nix", tmp_path / "out-nix", cache=tmp_path / "cache",
+              mirror=f"{mirror[0]}/debian", progress=quiet(), lock_path=lock, guest_dir=partial)
+    assert f"{partial} has no nix/. Reinstall" in str(e.value)
+
+
+def test_the_cli_refuses_without_guest_files(tmp_path: Path, archive: Archive,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from virby.supervisor.cli import cli
+
+    missing = tmp_path / "nowhere" / "guest"
+    monkeypatch.setattr(guest_build, "GUEST_SCRIPTS", missing)
+    lock = archive.write_lock(tmp_path / "lock.json")
+    with contextlib.chdir(tmp_path):
+        result = CliRunner().invoke(cli, ["guest", "build", "--arch", "x86_64", "--variant", "base",
+                                          "--out", "out", "--cache", "cache", "--lock", str(lock),
+                                          "--offline"])
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("virby: guest build failed: the guest's files")
+    assert f"no directory {missing}" in last and "Reinstall Virby" in last
+    assert not (tmp_path / "out" / "initrd.img").exists()
+
+
 # -- the locker ----------------------------------------------------------------------------------
 
 

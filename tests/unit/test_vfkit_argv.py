@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from virby.supervisor.config import from_dict
-from virby.workers import cpio
+from virby.workers import cpio, machost
 from virby.workers.backends.base import BackendError
 from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.vfkit import backend as vfkit_mod
@@ -27,8 +27,9 @@ REAL_CPU_BRAND = vfkit_mod.cpu_brand  # before any test replaces it
 
 @pytest.fixture(autouse=True)
 def not_a_mac(monkeypatch):
-    """Tests choose the CPU; nothing asks the real machine."""
+    """Tests choose the CPU and the macOS version; nothing asks the real machine."""
     monkeypatch.setattr(vfkit_mod, "cpu_brand", lambda: None)
+    monkeypatch.setattr(vfkit_mod, "macos_version", lambda: None)
 
 
 @pytest.fixture
@@ -194,12 +195,63 @@ def test_nested_supported_reads_brand_names() -> None:
     assert nested_supported("Apple M10")  # not M1
 
 
+@pytest.mark.parametrize(("macos", "flag"), [
+    (None, True),  # not known: leave it to vfkit
+    ((14, 7), False),  # vfkit: "nested virtualization is not supported"
+    ((15, 0), True),
+    ((26, 1), True),
+])
+def test_nested_flag_needs_macos_15(setup, monkeypatch, macos, flag) -> None:
+    monkeypatch.setattr(vfkit_mod, "cpu_brand", lambda: "Apple M4 Pro")
+    monkeypatch.setattr(vfkit_mod, "macos_version", lambda: macos)
+    assert ("--nested" in setup(nestedVirtualization=True).command()) is flag
+    assert nested_supported("Apple M4 Pro", macos) is flag
+
+
+def test_nested_on_macos_14_warns_at_check(setup, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(vfkit_mod, "cpu_brand", lambda: "Apple M3")
+    monkeypatch.setattr(vfkit_mod, "macos_version", lambda: (14, 6))
+    with caplog.at_level(logging.WARNING):
+        setup(nestedVirtualization=True).check()
+    assert ("nestedVirtualization is on, but nested virtualization needs macOS 15 or later "
+            "(this Mac runs macOS 14.6); starting without it") in caplog.text
+
+
+@pytest.fixture
+def a_mac(monkeypatch, tmp_path: Path) -> Path:
+    """An Apple silicon Mac on macOS 15 whose filesystem root is a temp dir (no Rosetta yet)."""
+    root = tmp_path / "mac-root"
+    root.mkdir()
+    monkeypatch.setattr(machost.sys, "platform", "darwin")
+    monkeypatch.setattr(machost, "host_machine", lambda: "arm64")
+    monkeypatch.setattr(machost, "host_macos_version", lambda: (15, 2))
+    monkeypatch.setattr(machost, "ROOT", str(root))
+    return root
+
+
+def test_check_refuses_rosetta_when_it_is_not_installed(setup, a_mac: Path) -> None:
+    b = setup(rosetta=True)
+    with pytest.raises(BackendError) as e:
+        b.check()
+    assert "Rosetta is not installed on this Mac" in str(e.value)
+    assert "softwareupdate --install-rosetta --agree-to-license" in str(e.value)
+    runtime = a_mac / machost.ROSETTA_RUNTIME
+    runtime.parent.mkdir(parents=True)
+    runtime.write_bytes(b"\xcf\xfa\xed\xfe")
+    b.check()  # installed: nothing to say
+    setup(rosetta=False).check()
+
+
+def test_check_ignores_missing_rosetta_when_rosetta_is_off(setup, a_mac: Path) -> None:
+    setup().check()
+
+
 def test_cpu_brand_asks_nothing_off_macos(monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("sysctl must not run off macOS")
 
     monkeypatch.setattr(subprocess, "run", boom)
-    monkeypatch.setattr(vfkit_mod.sys, "platform", "linux")
+    monkeypatch.setattr(machost.sys, "platform", "linux")
     REAL_CPU_BRAND.cache_clear()
     try:
         assert REAL_CPU_BRAND() is None
@@ -215,7 +267,7 @@ def test_cpu_brand_reads_sysctl_on_macos(monkeypatch) -> None:
         return subprocess.CompletedProcess(argv, 0, stdout="Apple M2 Pro\n", stderr="")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    monkeypatch.setattr(vfkit_mod.sys, "platform", "darwin")
+    monkeypatch.setattr(machost.sys, "platform", "darwin")
     REAL_CPU_BRAND.cache_clear()
     try:
         assert REAL_CPU_BRAND() == "Apple M2 Pro"

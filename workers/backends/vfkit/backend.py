@@ -43,19 +43,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import logging
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
 from virby.supervisor.config import Config
-from virby.workers import agent
+from virby.workers import agent, machost
 from virby.workers.backends.base import (
     Backend,
     BackendError,
@@ -72,6 +68,8 @@ from virby.workers.backends.vfkit.rest import VfkitRest
 from virby.workers.files import write_atomic
 from virby.workers.keys import KeyPaths
 from virby.workers.logtail import tail_lines
+from virby.workers.machost import cpu_brand
+from virby.workers.machost import host_macos_version as macos_version
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +86,9 @@ HARD_STOP_WAIT = 5.0
 STATE_SETTLE = 5.0  # a Pause/Resume the REST API accepted shows in /vm/state within this
 
 
-@functools.cache
-def cpu_brand() -> str | None:
-    """The host CPU's name ("Apple M2 Pro"), only asked of macOS."""
-    if sys.platform != "darwin":
-        return None
-    try:
-        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
-                             text=True, timeout=5, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.strip() or None
-
-
-def nested_supported(brand: str | None) -> bool:
-    """Virtualization.framework offers nested virtualization from M3 on (macOS 15)."""
-    return brand is None or re.search(r"\bM[12]\b", brand) is None
+def nested_supported(brand: str | None, macos: machost.MacVersion | None = None) -> bool:
+    """Virtualization.framework offers nested virtualization from M3 on, and macOS 15."""
+    return machost.nested_problem(brand, macos) is None
 
 
 def _unlink(path: str) -> None:
@@ -201,11 +186,10 @@ class VfkitBackend(Backend):
         for what, path in [("SSH host key", self.keys.host_key),
                            ("SSH client public key", self.keys.client_pub)]:
             require_file(what, path)
-        if c.rosetta and sys.platform == "darwin" and os.uname().machine != "arm64":
-            raise BackendError("rosetta needs an Apple silicon Mac")
-        if c.nestedVirtualization and not nested_supported(cpu_brand()):
-            log.warning("nestedVirtualization is on, but %s cannot run nested VMs (M3 or later "
-                        "and macOS 15 are needed); starting without it", cpu_brand())
+        if c.rosetta and (rosetta := machost.host_rosetta_problem()):
+            raise BackendError(str(rosetta))
+        if c.nestedVirtualization and (nested := machost.nested_problem(cpu_brand(), macos_version())):
+            log.warning("nestedVirtualization is on, but %s; starting without it", nested.detail)
 
     @property
     def reads_key_share(self) -> bool:
@@ -241,7 +225,7 @@ class VfkitBackend(Backend):
         for d in dev:
             argv += ["--device", d]
         argv += ["--restful-uri", f"unix://{self.rest_socket}"]
-        if c.nestedVirtualization and nested_supported(cpu_brand()):
+        if c.nestedVirtualization and nested_supported(cpu_brand(), macos_version()):
             argv.append("--nested")
         if c.debug:
             argv += ["--log-level", "debug"]
