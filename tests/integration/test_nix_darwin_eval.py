@@ -282,10 +282,10 @@ def test_enable_alone_passes_the_first_switch(system: str, tmp_path: Path, nix: 
         assert [{k: m[k] for k in virby_vm} for m in out["buildMachines"]] == [virby_vm]
         assert out["distributedBuilds"] is True and out["buildersUseSubstitutes"] is True
     elif nix == "unmanaged":  # nix-darwin writes no nix/machines: the module does
-        assert out["nixEnable"] is False and out["buildMachines"] == []
+        assert out["nixEnable"] is False and out["buildMachines"] is None
         assert out["determinateNix"] is None
     else:  # detected, with no setting: Determinate's module writes nix/machines from its list
-        assert out["nixEnable"] is False and out["buildMachines"] == []
+        assert out["nixEnable"] is False and out["buildMachines"] is None
         assert out["determinateNix"] == {"enable": True, "distributedBuilds": True,
                                          "buildMachines": [virby_vm],
                                          "buildersUseSubstitutes": True}

@@ -137,6 +137,10 @@ let
       opt = type: default: mkOption { inherit type default; };
       req = type: mkOption { inherit type; };
       nullable = t: opt (types.nullOr t) null;
+      managed = name: default: if config.nix.enable then default else throw ''
+        ${name}: accessed when `nix.enable` is off; this is a bug in
+        nix-darwin or a third‐party module
+      '';
       launchdJob = { ... }: {
         Label = req types.str;
         ProgramArguments = nullable (types.listOf types.str);
@@ -183,10 +187,11 @@ let
         launchd.daemons = opt (types.attrsOf (types.submodule (_: {
           serviceConfig = opt (types.submodule launchdJob) { };
         }))) { };
-        # nix-darwin manages Nix (nix.conf, nix/machines) only with nix.enable.
+        # nix-darwin manages Nix (nix.conf, nix/machines) only with nix.enable; reading one of
+        # its unset nix.* options without it throws (its `managedDefault`).
         nix.enable = opt types.bool true;
-        nix.settings = opt (types.attrsOf types.anything) { };
-        nix.distributedBuilds = opt types.bool false;
+        nix.settings = opt (types.attrsOf types.anything) (managed "nix.settings" { });
+        nix.distributedBuilds = opt types.bool (managed "nix.distributedBuilds" false);
         nix.buildMachines = opt (types.listOf (types.submodule (_: {
           hostName = req types.str;
           protocol = opt (types.enum [ null "ssh" "ssh-ng" ]) "ssh";
@@ -199,7 +204,7 @@ let
           sshUser = nullable types.str;
           sshKey = nullable types.str;
           publicHostKey = nullable types.str;
-        }))) [ ];
+        }))) (managed "nix.buildMachines" [ ]);
         system.activationScripts = opt (types.attrsOf (types.submodule (_: {
           text = opt types.lines "";
         }))) { };

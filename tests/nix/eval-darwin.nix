@@ -83,8 +83,8 @@ else
   launchd = on.launchd.daemons.virby.serviceConfig;
   plist = if real then on.environment.launchDaemons."org.nixos.virby.plist".text else null;
   nixEnable = on.nix.enable;
-  buildMachines = on.nix.buildMachines;
   # nix-darwin throws on reading its unset nix.* defaults when it does not manage Nix.
+  buildMachines = if on.nix.enable then on.nix.buildMachines else null;
   distributedBuilds = if on.nix.enable then on.nix.distributedBuilds else null;
   buildersUseSubstitutes = if on.nix.enable then on.nix.settings.builders-use-substitutes or null else null;
   determinateNix = if on ? determinateNix then {
