@@ -20,25 +20,20 @@ import json
 import os
 import plistlib
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.require import require, unavailable
 from virby.supervisor import launchd
 from virby.supervisor.config import from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "tests" / "nix" / "eval-darwin.nix"
 LOCK = REPO / "tests" / "nix" / "guest.lock.sample.json"
-_found = shutil.which("nix-instantiate")
-if _found is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("nix-instantiate is missing: install Debian's nix-bin for these tests")
-    pytest.skip("nix-instantiate not installed (apt-get install nix-bin)", allow_module_level=True)
-NIX: str = _found or ""
+NIX = require("nix-instantiate", "apt-get install nix-bin", module=True)
 
 REAL_LOCK = REPO / "image" / "guest.lock.json"
 REAL = {"nixDarwin": os.environ.get("VIRBY_NIX_DARWIN"),
@@ -74,7 +69,7 @@ def darwin_eval(tmp: Path, system: str, settings: dict[str, Any] | None = None,
                  "--arg", "nixpkgsLib", str(REAL["nixpkgsLib"])]
         if nix == "determinate":
             if not DETERMINATE:
-                pytest.skip("set VIRBY_DETERMINATE to a DeterminateSystems/determinate checkout "
+                unavailable("set VIRBY_DETERMINATE to a DeterminateSystems/determinate checkout "
                             "to evaluate with its real nix-darwin module")
             args += ["--arg", "determinate", DETERMINATE]
     env = {**os.environ, "NIX_CONFIG": "build-users-group =\nsubstituters =\n", "HOME": str(tmp)}
