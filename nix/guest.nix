@@ -38,8 +38,12 @@ let
 
   snapshot =
     if snapshotBase != null then snapshotBase
-    else if vmTools != null && vmTools ? debDistros then debian.snapshotBase vmTools.debDistros
-    else null;
+    else
+      # Read-only use of vmTools (its Linux VM parts are never forced); should some nixpkgs
+      # fail to evaluate it on a Mac, the module warns and asks for debianSnapshot instead.
+      let found = builtins.tryEval
+        (if vmTools != null && vmTools ? debDistros then debian.snapshotBase vmTools.debDistros else null);
+      in if found.success then found.value else null;
   urlsOf = debian.urls { inherit securityMirror; snapshotBase = snapshot; };
 
   # The store name is the package's (Debian file names may hold '~', which a store path may not).
