@@ -58,8 +58,8 @@
         // lib.mapAttrs' (n: v: lib.nameValuePair "lib-rejects-${n}" v) bad
         // { package = self.packages.${pkgs.stdenv.hostPlatform.system}.virby; }
         // lib.optionalAttrs pkgs.stdenv.hostPlatform.isDarwin {
-          # Evaluates the module in nix-darwin and writes what it produced, without building
-          # the guest (no download: the security mirror below is a placeholder, ".invalid").
+          # Evaluates the module in nix-darwin with `enable = true` alone (a first switch) and
+          # writes what it produced, without building the guest (nothing is downloaded).
           module =
             let
               sys = nix-darwin.lib.darwinSystem {
@@ -69,7 +69,6 @@
                     nixpkgs.hostPlatform = pkgs.stdenv.hostPlatform.system;
                     system.stateVersion = 6;
                     services.virby.enable = true;
-                    services.virby.debianSecurityMirror = "http://security.invalid/debian-security";
                   }
                 ];
               };

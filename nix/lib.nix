@@ -9,6 +9,9 @@
 #   virby.sshConfig     # /etc/ssh/ssh_config.d/100-virby-vm.conf
 #   virby.launchdJob    # the launchd job; must equal supervisor/launchd.py's render_plist
 #   virby.defaults      # option defaults, shared with module.nix
+#   virby.machinesText  # /etc/nix/machines for the builder, as nix-darwin writes it
+#   virby.nestedCheck   # activation lines warning when this Mac cannot nest virtualization
+#   virby.debian.*      # where the guest's Debian packages are fetched from (see below)
 #
 # Option names follow services.virby.*; the few values only the module knows (store paths of
 # the guest, vfkit and virby) come in as plain strings.
@@ -26,7 +29,7 @@ let
     memory = 6144; # MiB, or a string such as "6GiB"
     diskSize = "100GiB";
     onDemand = {
-      enable = false;
+      enable = true; # idle memory goes back to macOS; off = always on
       ttl = 180; # minutes (Virby's option): becomes stopAfter when stopAfter is not given
       pauseAfter = 60; # seconds idle before the vCPUs stop; null disables
       # stopAfter: seconds idle before the VM powers off; null disables; absent = ttl * 60
@@ -161,6 +164,34 @@ let
     mandatoryFeatures = [ ];
   };
 
+  # The line Nix reads from /etc/nix/machines, in nix-darwin's (and Determinate's) format: URI,
+  # systems, key, maxJobs, speedFactor, supported features, mandatory features, host key. For
+  # when nix-darwin does not manage Nix (nix.enable = false) and so writes no machines file.
+  machinesText =
+    let
+      m = buildMachine;
+      dash = xs: if xs == [ ] then "-" else concatStringsSep "," xs;
+    in
+    concatStringsSep " " [
+      "${m.protocol}://${m.hostName}" (concatStringsSep "," m.systems) "-"
+      (toString m.maxJobs) (toString m.speedFactor)
+      (dash (m.supportedFeatures ++ m.mandatoryFeatures)) (dash m.mandatoryFeatures) "-"
+    ] + "\n";
+
+  # Nested virtualization needs an M3 or later and macOS 15. Evaluation cannot see the hardware,
+  # so kvm/nixos-test are advertised only when the option asks for them, and activation warns
+  # on a Mac that cannot give them (vfkit then refuses --nested or the guest has no /dev/kvm,
+  # and Nix would route VM tests to a builder that fails them). nix-darwin's activation PATH
+  # has neither /usr/sbin nor /usr/bin: absolute paths.
+  nestedCheck = { sysctl ? "/usr/sbin/sysctl", swVers ? "/usr/bin/sw_vers" }: ''
+    virby_chip=$(${sysctl} -n machdep.cpu.brand_string 2>/dev/null || true)
+    virby_macos=$(${swVers} -productVersion 2>/dev/null || true)
+    virby_gen=$(printf '%s\n' "$virby_chip" | sed -n 's/^Apple M\([0-9][0-9]*\).*/\1/p')
+    if [ -z "$virby_gen" ] || [ "$virby_gen" -lt 3 ] || [ "''${virby_macos%%.*}" -lt 15 ] 2>/dev/null || [ -z "$virby_macos" ]; then
+      echo "warning: services.virby.nestedVirtualization: this Mac ($virby_chip, macOS $virby_macos) cannot nest virtualization (needs an Apple M3 or later and macOS 15); the builder advertises kvm and nixos-test, so Nix will send it VM tests that fail. Set nestedVirtualization = false." >&2
+    fi
+  '';
+
   clientKey = "${stateDir}/ssh_user_ed25519_key";
   # The copy for members of the `virby` group: owned by the daemon's user, mode 0640. OpenSSH
   # accepts a group-readable key only when the reader does not own it, which holds for them and
@@ -210,10 +241,55 @@ let
     SoftResourceLimits = { NumberOfFiles = 4096; };
   } // optionalAttrs (o.user != null) { UserName = o.user; };
 
+  # Where each Debian package of the guest is fetched from, with no host written here. A lock
+  # entry names its archive in its URLs: mirror://debian/<pool path> (nixpkgs' fetchurl knows
+  # that mirror list), or mirror://debian-security/pool/updates/<...> (no list in nixpkgs), and
+  # always snapshot://<archive>/<timestamp>/<pool path>, which Debian's snapshot service keeps
+  # after the pool drops a superseded version. That service's base URL is taken from nixpkgs
+  # too: vmTools.debDistros' urlPrefix is "<base>/archive/debian/<timestamp>".
+  debian = rec {
+    # debDistros (pkgs.vmTools.debDistros) -> "<base>" or null when no entry has that layout.
+    snapshotBase = debDistros:
+      let
+        prefixes = filter isString
+          (map (d: if isAttrs d then d.urlPrefix or null else null) (builtins.attrValues debDistros));
+        bases = filter (m: m != null)
+          (map (p: match "(https?://[^/]+(/[^/]+)*)/archive/debian/[0-9]{8}T[0-9]{6}Z/?" p) prefixes);
+      in
+      if bases == [ ] then null else builtins.head (builtins.head bases);
+
+    # One lock package -> its URLs, most direct first; fetchurl tries them in order.
+    #  - security archive: the override if given; then the main archive's pool, where a
+    #    security update lands unchanged at the next point release (pool/updates/main/... in
+    #    debian-security is pool/main/... in debian); then the snapshot.
+    #  - main archive: mirror://debian/ (nixpkgs' list), then the snapshot.
+    urls = { securityMirror ? null, snapshotBase ? null }: p:
+      let
+        strip = s: if builtins.substring (builtins.stringLength s - 1) 1 s == "/"
+          then builtins.substring 0 (builtins.stringLength s - 1) s else s;
+        one = u:
+          let
+            mainM = match "mirror://debian/(.+)" u;
+            secM = match "mirror://debian-security/(.+)" u;
+            snapM = match "snapshot://([a-z-]+)/(.+)" u;
+            pointRelease = if secM == null then null else match "pool/updates/(.+)" (builtins.head secM);
+          in
+          if mainM != null then [ u ]
+          else if secM != null then
+            optional (securityMirror != null) "${strip securityMirror}/${builtins.head secM}"
+            ++ optional (pointRelease != null) "mirror://debian/pool/${builtins.head pointRelease}"
+          else if snapM != null then
+            optional (snapshotBase != null)
+              "${strip snapshotBase}/archive/${builtins.head snapM}/${elemAt snapM 1}"
+          else [ u ];
+      in
+      concatLists (map one p.urls);
+  };
+
 in
 {
   inherit defaults errors config buildMachine sshConfig launchdJob stateDir runtimeDir
-    clientKey sharedKey;
+    clientKey sharedKey machinesText nestedCheck debian;
   memoryMiB = memoryMiB;
   diskBytes = diskBytes;
 }

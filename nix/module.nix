@@ -3,6 +3,12 @@
 # Writes /etc/virby/config.json (read by `virby run`), the launchd daemon that runs it, the
 # ssh_config alias `virby-vm`, and the Nix build machine that points at it. Everything computed
 # from the options lives in ./lib.nix (builtins only, tested without nixpkgs); this file wires.
+#
+# The build machine goes where the Nix in charge reads it, found without a setting:
+#   - Determinate's nix-darwin module (determinateNix.enable): determinateNix.buildMachines;
+#   - nix-darwin managing Nix (nix.enable, the default): nix.buildMachines;
+#   - neither (nix.enable = false, e.g. Determinate Nix without its module): nix-darwin writes
+#     no /etc/nix/machines then, so this module writes it (Nix's default `builders` reads it).
 { config, lib, options, pkgs, ... }:
 
 let
@@ -22,6 +28,7 @@ let
     virby = cfg.package;
     lockFile = cfg.guestLock;
     securityMirror = cfg.debianSecurityMirror;
+    snapshotBase = cfg.debianSnapshot;
   };
   # The NixOS guest (opt-in): an aarch64-linux build, so it needs a Linux builder, which the
   # Debian guest is once the first switch is done. Only extraConfig changes it.
@@ -53,10 +60,9 @@ let
   };
   inherit (virby) stateDir runtimeDir;
 
-  buildMachines = {
-    buildMachines = [ virby.buildMachine ];
-    distributedBuilds = true;
-  };
+  # Which Nix configuration registers the builder (see the top of this file).
+  determinateDetected = options ? determinateNix && config.determinateNix.enable;
+  nixManaged = config.nix.enable or true; # nix-darwin before nix.enable always managed Nix
 in
 {
   options.services.virby = {
@@ -112,8 +118,10 @@ in
         type = types.bool;
         default = defaults.onDemand.enable;
         description = ''
-          Start the VM on the first SSH connection and pause/stop it when idle. Off: the VM
-          boots with the daemon and is restarted if it dies.
+          Start the VM on the first SSH connection, pause it when idle and stop it later, so
+          its memory goes back to macOS. The cost is the next start: vfkit cannot save a VM yet
+          (vfkit#449), so after a stop the next build waits for a cold boot; QEMU restores
+          from a snapshot. Off: the VM boots with the daemon and is restarted if it dies.
         '';
       };
       ttl = mkOption {
@@ -144,8 +152,9 @@ in
       type = types.bool;
       default = defaults.nestedVirtualization;
       description = ''
-        Give the guest /dev/kvm (M3 or later, macOS 15). Also advertises the kvm and nixos-test
-        features; on M1/M2 the VM starts without it and logs a warning.
+        Give the guest /dev/kvm and advertise the kvm and nixos-test features. Needs an Apple
+        M3 or later and macOS 15: evaluation cannot see the hardware, so activation warns on a
+        Mac that lacks either (Nix would then send VM tests to a builder that fails them).
       '';
     };
 
@@ -171,9 +180,21 @@ in
       default = null;
       example = "http://<a Debian security mirror>/debian-security";
       description = ''
-        Base URL of Debian's security archive. Needed when the lock takes packages from it
-        (their URLs start with mirror://debian-security/, often the kernel): nixpkgs' fetchurl
-        resolves mirror://debian/ itself but has no mirror list for the security archive.
+        Optional: a Debian security archive mirror, tried first for the lock's packages from
+        that archive (mirror://debian-security/, often the kernel). Without it they come from
+        the main archive's pool (once a point release has them) and from Debian's snapshot
+        service, both known to nixpkgs.
+      '';
+    };
+
+    debianSnapshot = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "http://<a snapshot service>";
+      description = ''
+        Base URL of Debian's snapshot service (serving archive/<archive>/<timestamp>/...), the
+        fallback for every guest package (the pool drops superseded versions). null: the base
+        nixpkgs' vmTools.debDistros use.
       '';
     };
 
@@ -216,8 +237,12 @@ in
 
     supportDeterminateNix = mkOption {
       type = types.bool;
-      default = false;
-      description = "Register the builder in determinateNix.buildMachines instead of nix.buildMachines.";
+      default = determinateDetected;
+      defaultText = literalExpression "options ? determinateNix && config.determinateNix.enable";
+      description = ''
+        Register the builder in determinateNix.buildMachines (Determinate's nix-darwin module)
+        instead of nix.buildMachines. Detected: true when that module is imported and enabled.
+      '';
     };
   };
 
@@ -231,18 +256,14 @@ in
             message = "services.virby needs an Apple silicon Mac (aarch64-darwin).";
           }
           {
-            assertion = cfg.nixosGuest.enable || cfg.debianSecurityMirror != null
-              || debianGuest.securityPackages == [ ];
-            message = "services.virby.debianSecurityMirror: the guest lock takes "
-              + lib.concatStringsSep ", " debianGuest.securityPackages
-              + " from Debian's security archive (mirror://debian-security/), which nixpkgs' fetchurl cannot resolve: set this option to that archive's base URL.";
-          }
-          {
             assertion = !cfg.supportDeterminateNix
               || (options ? determinateNix && config.determinateNix.enable);
             message = "services.virby.supportDeterminateNix needs determinateNix.enable (the Determinate nix-darwin module).";
           }
         ];
+
+      warnings = lib.optional (!cfg.nixosGuest.enable && debianGuest.snapshotBase == null)
+        "services.virby: nixpkgs' vmTools.debDistros give no Debian snapshot base here, so the guest's packages have no fallback once Debian's pool drops their versions: set services.virby.debianSnapshot.";
 
       users.groups.${group} = { gid = id; description = "Virby"; };
       users.users.${user} = {
@@ -275,7 +296,7 @@ in
 
       # The keys are made by `virby run` itself (one owner for them) at the daemon's first
       # start, so the group copy for allowUserSsh can only follow at an activation after that.
-      system.activationScripts.postActivation.text = lib.mkAfter (if cfg.allowUserSsh then ''
+      system.activationScripts.postActivation.text = lib.mkAfter ((if cfg.allowUserSsh then ''
         if [ -e ${virby.clientKey} ]; then
           install -m 0640 -o ${user} -g ${group} ${virby.clientKey} ${virby.sharedKey}
         else
@@ -283,13 +304,27 @@ in
         fi
       '' else ''
         rm -f ${virby.sharedKey}
-      '');
+      '') + lib.optionalString cfg.nestedVirtualization (virby.nestedCheck { }));
 
       system.build.virbyGuest = guest.bundle;
     }
-    (mkIf (!cfg.supportDeterminateNix) { nix = buildMachines; })
+    # Determinate's module writes /etc/nix/machines from determinateNix.buildMachines and
+    # customSettings into /etc/nix/nix.custom.conf.
     (optionalAttrs (options ? determinateNix) {
-      determinateNix = mkIf cfg.supportDeterminateNix buildMachines;
+      determinateNix = mkIf cfg.supportDeterminateNix {
+        buildMachines = [ virby.buildMachine ];
+        distributedBuilds = true;
+        customSettings.builders-use-substitutes = lib.mkDefault true;
+      };
+    })
+    (mkIf (!cfg.supportDeterminateNix && nixManaged) {
+      nix.buildMachines = [ virby.buildMachine ];
+      nix.distributedBuilds = true;
+      # The guest fetches its inputs from the binary cache itself instead of through the Mac.
+      nix.settings.builders-use-substitutes = lib.mkDefault true;
+    })
+    (mkIf (!cfg.supportDeterminateNix && !nixManaged) {
+      environment.etc."nix/machines".text = virby.machinesText;
     })
   ]);
 }

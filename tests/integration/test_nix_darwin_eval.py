@@ -7,6 +7,11 @@ Two systems run the same harness (tests/nix/eval-darwin.nix):
   interface. Always runs (CI included): it needs only Debian's nix-instantiate.
 * "nix-darwin": the real nix-darwin and nixpkgs.lib, when VIRBY_NIX_DARWIN and VIRBY_NIXPKGS_LIB
   name extracted checkouts (CI cannot fetch them; docs/macos.md records the commits evaluated).
+  With VIRBY_DETERMINATE (a DeterminateSystems/determinate checkout) its real nix-darwin module
+  too; else the Determinate cases run on the stand-in only (tests/nix/determinate-standin.nix).
+
+And three Nixes a Mac may run (harness argument `nix`): nix-darwin managing Nix (its default),
+Nix left unmanaged (`nix.enable = false`), and Determinate's nix-darwin module.
 """
 
 from __future__ import annotations
@@ -14,28 +19,30 @@ from __future__ import annotations
 import json
 import os
 import plistlib
-import shutil
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.require import require, unavailable
 from virby.supervisor import launchd
 from virby.supervisor.config import from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "tests" / "nix" / "eval-darwin.nix"
 LOCK = REPO / "tests" / "nix" / "guest.lock.sample.json"
-_found = shutil.which("nix-instantiate")
-if _found is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("nix-instantiate is missing: install Debian's nix-bin for these tests")
-    pytest.skip("nix-instantiate not installed (apt-get install nix-bin)", allow_module_level=True)
-NIX: str = _found or ""
+NIX = require("nix-instantiate", "apt-get install nix-bin", module=True)
 
+REAL_LOCK = REPO / "image" / "guest.lock.json"
 REAL = {"nixDarwin": os.environ.get("VIRBY_NIX_DARWIN"),
         "nixpkgsLib": os.environ.get("VIRBY_NIXPKGS_LIB")}
+DETERMINATE = os.environ.get("VIRBY_DETERMINATE")
+# What tests/nix/stub-pkgs.nix models: nixpkgs' vmTools.debDistros urlPrefix is
+# "<snapshot service>/archive/debian/<ts>", so the module must find this base in it.
+STUB_SNAPSHOT = "https://snapshot.invalid"
+NIXES = ["nix-darwin", "unmanaged", "determinate"]
 HAVE_REAL = all(REAL.values())
 SYSTEMS: list[Any] = ["stand-in"]
 if HAVE_REAL:
@@ -51,11 +58,20 @@ class NixError(Exception):
 
 
 def darwin_eval(tmp: Path, system: str, settings: dict[str, Any] | None = None,
-                what: str = "all") -> dict[str, Any]:
-    args = ["--argstr", "settings", json.dumps(settings or {}), "--argstr", "what", what]
+                what: str = "all", *, nix: str = "nix-darwin", alone: bool = False,
+                extra_module: Path | None = None) -> dict[str, Any]:
+    args = ["--argstr", "settings", json.dumps(settings or {}), "--argstr", "what", what,
+            "--argstr", "nix", nix, "--arg", "alone", "true" if alone else "false"]
+    if extra_module is not None:
+        args += ["--arg", "extraModule", str(extra_module)]
     if system == "nix-darwin":
         args += ["--arg", "nixDarwin", str(REAL["nixDarwin"]),
                  "--arg", "nixpkgsLib", str(REAL["nixpkgsLib"])]
+        if nix == "determinate":
+            if not DETERMINATE:
+                unavailable("set VIRBY_DETERMINATE to a DeterminateSystems/determinate checkout "
+                            "to evaluate with its real nix-darwin module")
+            args += ["--arg", "determinate", DETERMINATE]
     env = {**os.environ, "NIX_CONFIG": "build-users-group =\nsubstituters =\n", "HOME": str(tmp)}
     proc = subprocess.run([NIX, "--eval", "--strict", "--json", str(HARNESS), *args],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -96,35 +112,59 @@ def test_config_json_is_the_locks_aarch64_guest_and_loads_in_config_py(default) 
     assert default["etc"]["virby/config.json"]["source"].endswith("-etc-config.json")
 
 
+def snapshot_url(base: str, lock_url: str) -> str:
+    """A lock's snapshot://<archive>/<ts>/<path> on the snapshot service at `base`."""
+    archive, rest = re.fullmatch(r"snapshot://([a-z-]+)/(.+)", lock_url).groups()  # type: ignore[union-attr]
+    return f"{base}/archive/{archive}/{rest}"
+
+
+def lock_packages(lock: Path) -> list[dict[str, Any]]:
+    doc = json.loads(lock.read_text())
+    return [p for p in doc["arches"]["aarch64"]["packages"] if "nix" in p["variants"]]
+
+
 def test_guest_packages_are_fixed_output_downloads_named_by_the_lock(default) -> None:
-    lock = json.loads(LOCK.read_text())
-    wanted = [p for p in lock["arches"]["aarch64"]["packages"] if "nix" in p["variants"]]
+    wanted = lock_packages(LOCK)
     debs = default["guestDebs"]
     assert [d["path"].split("-", 1)[1] for d in debs] == [f"{p['name']}_arm64.deb" for p in wanted]
     assert [d["outputHash"] for d in debs] == [p["sha256"] for p in wanted]
-    # The main archive through nixpkgs' own mirror list; the security archive (the sample's
-    # kernel) through the configured base URL. No host is written in the repository.
-    assert [d["urls"] for d in debs] == [
-        [f"http://security.invalid/debian-security/{p['path']}"] if "security" in p["urls"][0]
-        else [f"mirror://debian/{p['path']}"] for p in wanted]
+    # No host is written in the repository: the main archive through nixpkgs' own mirror list,
+    # the snapshot service through the base nixpkgs' vmTools.debDistros use, and a security
+    # update (the sample's kernel) also from the main pool, where a point release puts it.
+    assert default["snapshotBase"] == STUB_SNAPSHOT
+    want = []
+    for p in wanted:
+        main, snap = p["urls"]
+        if main.startswith("mirror://debian-security/pool/updates/"):
+            main = "mirror://debian/pool/" + main.removeprefix("mirror://debian-security/pool/updates/")
+        want.append([main, snapshot_url(STUB_SNAPSHOT, snap)])
+    assert [d["urls"] for d in debs] == want
 
 
-def test_a_lock_with_security_packages_needs_the_security_mirror(system: str, tmp_path: Path) -> None:
-    out = darwin_eval(tmp_path, system, {"debianSecurityMirror": None}, what="assertions")
-    [message] = out["failedAssertions"]
-    assert message.startswith("services.virby.debianSecurityMirror: the guest lock takes "
-                              "linux-image-6.12.57+deb13-cloud-arm64 from Debian's security archive")
+def test_a_security_mirror_override_comes_first(system: str, tmp_path: Path) -> None:
+    out = darwin_eval(tmp_path, system, {"debianSecurityMirror": "http://security.invalid/ds/",
+                                         "debianSnapshot": "http://snap.invalid/"})
+    kernel = next(d for d in out["guestDebs"] if "linux-image" in d["path"])
+    path = "pool/updates/main/l/linux-signed-arm64/linux-image-6.12.57+deb13-cloud-arm64_6.12.57-1_arm64.deb"
+    assert kernel["urls"] == [
+        f"http://security.invalid/ds/{path}",
+        "mirror://debian/" + path.replace("pool/updates/", "pool/", 1),
+        f"http://snap.invalid/archive/debian-security/20261201T000000Z/{path}"]
+    busybox = out["guestDebs"][0]
+    assert busybox["urls"][1].startswith("http://snap.invalid/archive/debian/20261201T000000Z/")
+    assert out["failedAssertions"] == [] and out["warnings"] == []
 
 
-def test_every_etc_file_the_module_writes(default, system: str) -> None:
-    ours = {"virby/config.json", "ssh/ssh_config.d/100-virby-vm.conf"}
-    # Real nix-darwin also writes nix/machines from nix.buildMachines.
-    assert set(default["etc"]) == (ours | {"nix/machines"} if system == "nix-darwin" else ours)
+MACHINES = "ssh-ng://virby-vm aarch64-linux - 8 1 benchmark,big-parallel - -\n"
+
+
+def test_every_etc_file_the_module_writes(default) -> None:
+    # nix/machines is nix-darwin's, from nix.buildMachines (the stand-in writes it as it does).
+    assert set(default["etc"]) == {"virby/config.json", "ssh/ssh_config.d/100-virby-vm.conf",
+                                   "nix/machines"}
     ssh = default["etc"]["ssh/ssh_config.d/100-virby-vm.conf"]["text"]
     assert ssh.startswith("Host virby-vm\n  HostName 127.0.0.1\n  Port 31222\n")
-    if system == "nix-darwin":
-        assert default["etc"]["nix/machines"]["text"] == (
-            "ssh-ng://virby-vm aarch64-linux - 8 1 benchmark,big-parallel - -\n")
+    assert default["etc"]["nix/machines"]["text"] == MACHINES
 
 
 def test_launchd_daemon_is_render_plist(default, system: str) -> None:
@@ -176,6 +216,13 @@ def test_options_reach_every_output(system: str, tmp_path: Path) -> None:
     assert "IdentityFile /var/lib/virby/ssh_user_ed25519_key.shared" in \
         out["etc"]["ssh/ssh_config.d/100-virby-vm.conf"]["text"]
     assert "install -m 0640 -o _virby -g virby" in out["activation"]
+    # kvm is advertised because the option asks; activation warns on a Mac that cannot nest.
+    assert "machdep.cpu.brand_string" in out["activation"] and "/usr/bin/sw_vers" in out["activation"]
+
+
+def test_no_nested_check_without_nested_virtualization(default) -> None:
+    assert "machdep.cpu.brand_string" not in default["activation"]
+    assert "kvm" not in default["buildMachines"][0]["supportedFeatures"]
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -199,7 +246,83 @@ if len(SYSTEMS) > 1:
     def test_stand_in_agrees_with_real_nix_darwin(tmp_path: Path, system: str) -> None:
         real = darwin_eval(tmp_path, system, {"rosetta": True, "allowUserSsh": True})
         standin = darwin_eval(tmp_path, "stand-in", {"rosetta": True, "allowUserSsh": True})
-        for key in ("buildMachines", "guest", "guestDebs", "activation", "failedAssertions"):
+        for key in ("buildMachines", "guest", "guestDebs", "activation", "failedAssertions",
+                    "machines", "buildersUseSubstitutes", "distributedBuilds"):
             assert real[key] == standin[key], key
-        assert {k: v for k, v in real["etc"].items() if k != "nix/machines"} == standin["etc"]
+        assert real["etc"] == standin["etc"]
         assert non_null(real["launchd"]) == non_null(standin["launchd"])
+
+    @pytest.mark.parametrize("system", [s for s in SYSTEMS if s != "stand-in"])
+    @pytest.mark.parametrize("nix", NIXES)
+    def test_stand_in_agrees_on_a_first_day(tmp_path: Path, system: str, nix: str) -> None:
+        real = darwin_eval(tmp_path, system, nix=nix, alone=True)
+        standin = darwin_eval(tmp_path, "stand-in", nix=nix, alone=True)
+        for key in ("machines", "guestDebs", "failedAssertions", "nixEnable", "determinateNix",
+                    "buildersUseSubstitutes", "distributedBuilds"):
+            assert real[key] == standin[key], key
+
+
+# -- A Mac's first day: `services.virby.enable = true;` alone, whatever Nix the Mac runs ---------
+
+@pytest.mark.parametrize("nix", NIXES)
+def test_enable_alone_passes_the_first_switch(system: str, tmp_path: Path, nix: str) -> None:
+    out = darwin_eval(tmp_path, system, nix=nix, alone=True)
+    assert out["failedAssertions"] == [] and out["warnings"] == []
+    # The builder is registered where that Nix reads it: /etc/nix/machines, whoever writes it.
+    assert out["machines"] == MACHINES
+    virby_vm = {"hostName": "virby-vm", "protocol": "ssh-ng", "systems": ["aarch64-linux"],
+                "maxJobs": 8, "supportedFeatures": ["benchmark", "big-parallel"]}
+    if nix == "nix-darwin":
+        assert out["nixEnable"] is True and out["determinateNix"] is None
+        assert [{k: m[k] for k in virby_vm} for m in out["buildMachines"]] == [virby_vm]
+        assert out["distributedBuilds"] is True and out["buildersUseSubstitutes"] is True
+    elif nix == "unmanaged":  # nix-darwin writes no nix/machines: the module does
+        assert out["nixEnable"] is False and out["buildMachines"] is None
+        assert out["determinateNix"] is None
+    else:  # detected, with no setting: Determinate's module writes nix/machines from its list
+        assert out["nixEnable"] is False and out["buildMachines"] is None
+        assert out["determinateNix"] == {"enable": True, "distributedBuilds": True,
+                                         "buildMachines": [virby_vm],
+                                         "buildersUseSubstitutes": True}
+        assert "builders-use-substitutes = true" in out["nixCustomConf"].splitlines()
+
+
+@pytest.mark.parametrize("nix", NIXES)
+def test_every_guest_package_has_a_fallback_url(system: str, tmp_path: Path, nix: str) -> None:
+    """The repository's own lock: each package resolves (as nixpkgs' fetchurl resolves
+    mirror://) to more than one URL, one of them the lock's snapshot URL on the snapshot service
+    nixpkgs knows, so neither the pool dropping a version nor the security archive (which
+    nixpkgs has no mirror list for) stops the first switch."""
+    out = darwin_eval(tmp_path, system, nix=nix, alone=True)
+    assert out["snapshotBase"] == STUB_SNAPSHOT
+    wanted = lock_packages(REAL_LOCK)
+    debs = out["guestDebs"]
+    assert [d["outputHash"] for d in debs] == [p["sha256"] for p in wanted]
+    for p, d in zip(wanted, debs, strict=True):
+        [snap] = [u for u in p["urls"] if u.startswith("snapshot://")]
+        assert len(d["urls"]) > 1 and len(d["resolved"]) > 1, p["name"]
+        assert snapshot_url(STUB_SNAPSHOT, snap) in d["resolved"], p["name"]
+        assert not any(u.startswith(("mirror://", "snapshot://")) for u in d["resolved"]), p["name"]
+    security = [p["name"] for p in wanted if p["urls"][0].startswith("mirror://debian-security/")]
+    assert "libzstd1" in security and any(n.startswith("linux-image-") for n in security)
+
+
+def example_module(doc: Path) -> str:
+    """The nix-darwin module the install example gives after virby.darwinModules.default."""
+    text = doc.read_text()
+    [block] = [b for b in re.findall(r"```nix\n(.*?)```", text, re.S) if "darwinSystem" in b][:1]
+    m = re.search(r"virby\.darwinModules\.default\n( *)(\{\n.*?\n\1\})", block, re.S)
+    assert m, f"{doc.name}: no module after virby.darwinModules.default"
+    flake_inputs = set(re.findall(r"^    ([a-z-]+)(?:\.url)? = ", (REPO / "flake.nix").read_text(), re.M))
+    for follows in re.findall(r"virby\.inputs\.([a-z-]+)\.follows", block):
+        assert follows in flake_inputs, f"{doc.name}: virby has no input {follows}"
+    assert re.search(r'virby\.url = "(path|git\+file|github):', block)
+    return m.group(2)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/macos.md"])
+def test_the_install_example_evaluates(system: str, tmp_path: Path, doc: str) -> None:
+    module = tmp_path / "example.nix"
+    module.write_text(example_module(REPO / doc))
+    out = darwin_eval(tmp_path, system, alone=True, extra_module=module)
+    assert out["failedAssertions"] == [] and out["machines"] == MACHINES

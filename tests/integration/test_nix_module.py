@@ -46,6 +46,14 @@ def nix_eval(env: dict[str, str], opts: dict[str, Any], attr: str) -> Any:
     return json.loads(proc.stdout)
 
 
+def nix_eval_expr(env: dict[str, str], expr: str) -> Any:
+    proc = subprocess.run([NIX, "--eval", "--strict", "--json", "-E", expr],
+                          capture_output=True, text=True, env=env, timeout=60)
+    if proc.returncode != 0:
+        raise NixError(proc.stderr)
+    return json.loads(proc.stdout)
+
+
 class NixError(Exception):
     pass
 
@@ -73,7 +81,8 @@ GiB = 1 << 30
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "defaults": ({}, {
         "backend": "vfkit", "port": 31222, "cores": 8, "memory": 6144, "diskSize": 100 * GiB,
-        "on_demand": (False, 60.0, 180 * 60.0), "rosetta": False, "nested": False,
+        # on demand by default: idle memory goes back to macOS
+        "on_demand": (True, 60.0, 180 * 60.0), "rosetta": False, "nested": False,
         "stateDir": "/var/lib/virby", "runtimeDir": "/var/lib/virby/run", "shared": {},
     }),
     "rosetta": ({"rosetta": True, "guest": GUEST, "hypervisor": VFKIT}, {
@@ -135,6 +144,82 @@ def test_build_machine_follows_rosetta_nested_cores_and_speed(nix_env) -> None:
     assert m["supportedFeatures"] == ["benchmark", "big-parallel", "kvm", "nixos-test"]
     assert (m["maxJobs"], m["speedFactor"]) == (6, 3)
     assert "kvm" not in nix_eval(nix_env, {"rosetta": True}, "buildMachine")["supportedFeatures"]
+
+
+def test_machines_text_is_nix_darwins_format(nix_env) -> None:
+    assert nix_eval(nix_env, {}, "machinesText") == (
+        "ssh-ng://virby-vm aarch64-linux - 8 1 benchmark,big-parallel - -\n")
+    assert nix_eval(nix_env, {"rosetta": True, "nestedVirtualization": True, "cores": 4,
+                              "speedFactor": 2}, "machinesText") == (
+        "ssh-ng://virby-vm aarch64-linux,x86_64-linux - 4 2 "
+        "benchmark,big-parallel,kvm,nixos-test - -\n")
+
+
+SNAP = "https://snapshot.invalid/archive/debian/20260105T082626Z"
+
+
+@pytest.mark.parametrize(("distros", "base"), [
+    # nixpkgs' vmTools.debDistros: Debian's urlPrefix is "<base>/archive/debian/<timestamp>".
+    ({"debian13x86_64": {"name": "debian-13.2-trixie-amd64", "urlPrefix": SNAP}},
+     "https://snapshot.invalid"),
+    # Another layout sorting first is passed over; a trailing slash is fine.
+    ({"aaUbuntu": {"urlPrefix": "https://u.invalid/ubuntu/20260101T000000Z"},
+      "debian12x86_64": {"urlPrefix": "https://s.invalid/deb/archive/debian/20260105T082626Z/"}},
+     "https://s.invalid/deb"),
+    # Old nixpkgs (urlPrefix = mirror://debian) or none at all: no snapshot base.
+    ({"debian40x86_64": {"urlPrefix": "mirror://debian"}}, None),
+    ({}, None),
+])
+def test_snapshot_base_from_vmtools_deb_distros(nix_env, distros, base) -> None:
+    expr = f"(import {LIB} {{ }}).debian.snapshotBase (builtins.fromJSON ''{json.dumps(distros)}'')"
+    assert nix_eval_expr(nix_env, expr) == base
+
+
+def test_debian_urls_for_main_and_security_packages(nix_env) -> None:
+    ts = "20261201T231802Z"
+    main = {"urls": ["mirror://debian/pool/main/b/busybox/b.deb",
+                     f"snapshot://debian/{ts}/pool/main/b/busybox/b.deb"]}
+    sec = {"urls": ["mirror://debian-security/pool/updates/main/k/krb5/k.deb",
+                    f"snapshot://debian-security/{ts}/pool/updates/main/k/krb5/k.deb"]}
+
+    def urls(pkg, **kw) -> list[str]:
+        args = "{ " + " ".join(f'{k} = "{v}";' for k, v in kw.items()) + " }"
+        return nix_eval_expr(nix_env, f"(import {LIB} {{ }}).debian.urls {args} "
+                                      f"(builtins.fromJSON ''{json.dumps(pkg)}'')")
+
+    assert urls(main, snapshotBase="https://s.invalid/") == [
+        main["urls"][0], f"https://s.invalid/archive/debian/{ts}/pool/main/b/busybox/b.deb"]
+    assert urls(sec, snapshotBase="https://s.invalid") == [
+        "mirror://debian/pool/main/k/krb5/k.deb",  # where the next point release puts it
+        f"https://s.invalid/archive/debian-security/{ts}/pool/updates/main/k/krb5/k.deb"]
+    assert urls(sec, securityMirror="http://m.invalid/ds/", snapshotBase="https://s.invalid")[0] == (
+        "http://m.invalid/ds/pool/updates/main/k/krb5/k.deb")
+    assert urls(main) == [main["urls"][0]]  # no snapshot base: the main archive only
+
+
+@pytest.mark.parametrize(("chip", "macos", "warns"), [
+    ("Apple M1", "15.1", True),
+    ("Apple M2 Max", "15.0", True),
+    ("Apple M3 Pro", "14.6.1", True),
+    ("Apple M3", "15.0", False),
+    ("Apple M4 Max", "26.0", False),
+    ("", "", True),  # sysctl or sw_vers failed: say so rather than stay silent
+])
+def test_nested_virtualization_check_at_activation(nix_env, tmp_path: Path, chip: str, macos: str,
+                                                    warns: bool) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, out in (("sysctl", chip), ("sw_vers", macos)):
+        (bin_dir / name).write_text(f"#!/bin/sh\n[ -n '{out}' ] || exit 1\necho '{out}'\n")
+        (bin_dir / name).chmod(0o755)
+    script = nix_eval_expr(nix_env, f'(import {LIB} {{ }}).nestedCheck '
+                                    f'{{ sysctl = "{bin_dir}/sysctl"; swVers = "{bin_dir}/sw_vers"; }}')
+    proc = subprocess.run(["sh", "-euc", script], capture_output=True, text=True, timeout=30,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert ("cannot nest virtualization" in proc.stderr) == warns, proc.stderr
+    if warns and chip:
+        assert f"({chip}, macOS {macos})" in proc.stderr
 
 
 def test_ssh_config_text(nix_env) -> None:

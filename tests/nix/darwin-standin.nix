@@ -25,6 +25,7 @@ let
     literalExpression = text: { _type = "literalExpression"; inherit text; };
     optionalAttrs = cond: as: if cond then as else { };
     optional = cond: x: if cond then [ x ] else [ ];
+    optionalString = cond: s: if cond then s else "";
     concatMapStrings = f: xs: concatStringsSep "" (map f xs);
     genAttrs = names: f: listToAttrs (map (n: { name = n; value = f n; }) names);
     hasPrefix = p: s: substring 0 (stringLength p) s == p;
@@ -57,9 +58,16 @@ let
       lines = mk "lines" isString (ctx: vs: concatStringsSep "\n" vs);
       deferredModule = mk "module" (v: true) (ctx: vs: vs);
       listOf = t: mk "list of ${t.name}" isList (ctx: vs: checkAll ctx t (concatLists vs));
+      # A name whose every definition sits under a false mkIf is no attribute at all.
       attrsOf = t: mk "attribute set of ${t.name}" isAttrs (ctx: vs:
-        mapAttrs (n: _: evalOption { loc = "${ctx.loc}.${n}"; name = n; } { type = t; } (valuesAt n vs))
-          (foldl' (a: v: a // v) { } (concatLists (map pushDown vs))));
+        let
+          names = attrNames (foldl' (a: v: a // v) { } (concatLists (map pushDown vs)));
+          kept = filter (n: concatLists (map resolve (valuesAt n vs)) != [ ]) names;
+        in
+        listToAttrs (map (n: {
+          name = n;
+          value = evalOption { loc = "${ctx.loc}.${n}"; name = n; } { type = t; } (valuesAt n vs);
+        }) kept));
       # decls: { name, config } -> option declarations (config = this submodule's own values)
       submodule = decls: mk "submodule" isAttrs (ctx: vs:
         let self = evalTree ctx.loc (decls { inherit (ctx) name; config = self; }) vs; in self);
@@ -123,12 +131,16 @@ let
     if a ? ${n} && !(isOption v) && !(isOption a.${n}) then mergeDecls a.${n} v else v) b;
 
   # -- the nix-darwin options nix/module.nix sets, typed as nix-darwin types them -------------
-  darwin = { lib, pkgs, ... }:
+  darwin = { config, lib, pkgs, ... }:
     let
       inherit (lib) mkOption types;
       opt = type: default: mkOption { inherit type default; };
       req = type: mkOption { inherit type; };
       nullable = t: opt (types.nullOr t) null;
+      managed = name: default: if config.nix.enable then default else throw ''
+        ${name}: accessed when `nix.enable` is off; this is a bug in
+        nix-darwin or a third‐party module
+      '';
       launchdJob = { ... }: {
         Label = req types.str;
         ProgramArguments = nullable (types.listOf types.str);
@@ -175,7 +187,11 @@ let
         launchd.daemons = opt (types.attrsOf (types.submodule (_: {
           serviceConfig = opt (types.submodule launchdJob) { };
         }))) { };
-        nix.distributedBuilds = opt types.bool false;
+        # nix-darwin manages Nix (nix.conf, nix/machines) only with nix.enable; reading one of
+        # its unset nix.* options without it throws (its `managedDefault`).
+        nix.enable = opt types.bool true;
+        nix.settings = opt (types.attrsOf types.anything) (managed "nix.settings" { });
+        nix.distributedBuilds = opt types.bool (managed "nix.distributedBuilds" false);
         nix.buildMachines = opt (types.listOf (types.submodule (_: {
           hostName = req types.str;
           protocol = opt (types.enum [ null "ssh" "ssh-ng" ]) "ssh";
@@ -188,13 +204,37 @@ let
           sshUser = nullable types.str;
           sshKey = nullable types.str;
           publicHostKey = nullable types.str;
-        }))) [ ];
+        }))) (managed "nix.buildMachines" [ ]);
         system.activationScripts = opt (types.attrsOf (types.submodule (_: {
           text = opt types.lines "";
         }))) { };
         system.build = opt (types.attrsOf types.anything) { };
+        # What a configuration sets beside modules (the install example does).
+        system.stateVersion = nullable types.int;
+        nixpkgs.hostPlatform = nullable types.str;
       };
+      # What nix-darwin's modules/nix/default.nix does with build machines: /etc/nix/machines,
+      # written only when it manages Nix, in the same format.
+      config.environment.etc."nix/machines" =
+        lib.mkIf (config.nix.enable && config.nix.buildMachines != [ ]) {
+          text = machinesText config.nix.buildMachines;
+        };
     };
+
+  # nix-darwin's (and Determinate's) /etc/nix/machines lines.
+  machinesText = concatMapLines (m:
+    let dash = xs: if xs == [ ] then "-" else concatStringsSep "," xs; in
+    concatStringsSep " " [
+      "${if m.protocol != null then "${m.protocol}://" else ""}${if m.sshUser != null then "${m.sshUser}@" else ""}${m.hostName}"
+      (if m.system != null then m.system else if m.systems != [ ] then concatStringsSep "," m.systems else "-")
+      (if m.sshKey != null then m.sshKey else "-")
+      (toString m.maxJobs)
+      (toString m.speedFactor)
+      (dash (m.supportedFeatures ++ m.mandatoryFeatures))
+      (dash m.mandatoryFeatures)
+      (if m.publicHostKey != null then m.publicHostKey else "-")
+    ]);
+  concatMapLines = f: xs: concatStringsSep "" (map (x: f x + "\n") xs);
 
   eval = { lib, pkgs, modules }:
     let
@@ -211,4 +251,4 @@ let
     in
     config;
 in
-{ inherit lib eval; }
+{ inherit lib eval machinesText; }

@@ -5,12 +5,21 @@
 #
 #   nix-instantiate --eval --strict --json tests/nix/eval-darwin.nix \
 #     --arg nixDarwin /path/to/nix-darwin --arg nixpkgsLib /path/to/nixpkgs.lib \
-#     --argstr settings '{"rosetta": true}'
+#     --argstr settings '{"rosetta": true}' --argstr nix determinate --arg determinate /path/to/it
 #
 # Without nixDarwin/nixpkgsLib it runs on ./darwin-standin.nix: a hand-written stand-in of the
 # module system and of the nix-darwin options the module sets (what CI can run offline).
 { nixDarwin ? null, nixpkgsLib ? null, settings ? "{}"
 , what ? "all" # or "assertions": only the failed assertions (what darwin-rebuild shows first)
+  # Which Nix the Mac runs: "nix-darwin" (nix-darwin manages it, its default), "unmanaged"
+  # (nix.enable = false: Determinate Nix without its module, or any Nix nix-darwin leaves
+  # alone), "determinate" (Determinate's nix-darwin module imported).
+, nix ? "nix-darwin"
+, determinate ? null # a checkout of DeterminateSystems/determinate; else ./determinate-standin.nix
+, extraModule ? null # a file holding one more module (the README's example)
+  # true: services.virby.enable = true and nothing else (with the package the flake's
+  # darwinModules.default gives, and the repository's own guest lock): a first switch.
+, alone ? false
 }:
 
 let
@@ -19,20 +28,29 @@ let
   lib = if nixpkgsLib != null then import (nixpkgsLib + "/lib") else standin.lib;
   pkgs = import ./stub-pkgs.nix { inherit lib; };
 
-  virbySettings = enable: {
-    inherit enable;
-    package = pkgs.virby;
-    guestLock = ./guest.lock.sample.json;
-    # The sample lock's kernel comes from the security archive; ".invalid" names no real host.
-    debianSecurityMirror = "http://security.invalid/debian-security/";
-  } // builtins.fromJSON settings;
+  virbySettings = enable:
+    if alone then { inherit enable; package = lib.mkDefault pkgs.virby; }
+    else {
+      inherit enable;
+      package = pkgs.virby;
+      guestLock = ./guest.lock.sample.json;
+    } // builtins.fromJSON settings;
+
+  nixModules = {
+    nix-darwin = [ ];
+    unmanaged = [{ nix.enable = false; }];
+    determinate = [
+      (if determinate != null then determinate + "/modules/nix-darwin/default.nix"
+       else ./determinate-standin.nix)
+    ];
+  }.${nix};
 
   system = enable:
     let
       modules = [
         ../../nix/module.nix
         { services.virby = virbySettings enable; }
-      ];
+      ] ++ nixModules ++ (if extraModule != null && enable then [ extraModule ] else [ ]);
     in
     if real then
       (import (nixDarwin + "/eval-config.nix") {
@@ -64,8 +82,20 @@ else
   etc = lib.genAttrs etcNames etcFile;
   launchd = on.launchd.daemons.virby.serviceConfig;
   plist = if real then on.environment.launchDaemons."org.nixos.virby.plist".text else null;
-  buildMachines = on.nix.buildMachines;
-  distributedBuilds = on.nix.distributedBuilds;
+  nixEnable = on.nix.enable;
+  # nix-darwin throws on reading its unset nix.* defaults when it does not manage Nix.
+  buildMachines = if on.nix.enable then on.nix.buildMachines else null;
+  distributedBuilds = if on.nix.enable then on.nix.distributedBuilds else null;
+  buildersUseSubstitutes = if on.nix.enable then on.nix.settings.builders-use-substitutes or null else null;
+  determinateNix = if on ? determinateNix then {
+    inherit (on.determinateNix) enable distributedBuilds;
+    buildMachines = map (m: { inherit (m) hostName protocol systems maxJobs supportedFeatures; })
+      on.determinateNix.buildMachines;
+    buildersUseSubstitutes = on.determinateNix.customSettings.builders-use-substitutes or null;
+  } else null;
+  # What Nix reads: /etc/nix/machines, whoever wrote it.
+  machines = on.environment.etc."nix/machines".text or null;
+  nixCustomConf = on.environment.etc."nix/nix.custom.conf".text or null;
   users = {
     user = on.users.users._virby;
     group = on.users.groups.virby;
@@ -73,7 +103,13 @@ else
   };
   activation = on.system.activationScripts.postActivation.text;
   guest = "${on.system.build.virbyGuest}";
-  guestDebs = map (d: { path = "${d}"; inherit (d) urls outputHash; }) on.system.build.virbyGuest.debs;
+  guestDebs = map (d: {
+    path = "${d}";
+    inherit (d) urls outputHash;
+    # Every URL fetchurl would try, mirror:// resolved as nixpkgs' fetchurl resolves it.
+    resolved = builtins.concatMap pkgs.fetchurl.resolveUrl d.urls;
+  }) on.system.build.virbyGuest.debs;
+  snapshotBase = on.system.build.virbyGuest.snapshotBase;
   failedAssertions = map (a: a.message) failed;
   # nix-darwin runs its activation phases in a fixed order (modules/system/activation-scripts.nix):
   # groups, users, ..., etc, ..., launchd (loads the daemons), ..., postActivation.
