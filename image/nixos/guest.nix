@@ -6,8 +6,10 @@
 #   /dev/vdb                     this system's store image (squashfs, read-only)
 #   virtiofs "virby-keys"        host key, authorized_keys, user name, shares list, rosetta flag
 #   virtiofs <tag>               each shared directory; "rosetta" when enabled
-#   vsock port 1024 on the host  where we say "virby-ready <ip>" once sshd listens
-#   vsock port 1025 here         the host sets our clock through it after a resume
+#   hvc1                         the guest agent's port (vfkit's virtio-serial,pty): the same
+#                                agent as the Debian guest's (../guest/common/usr/sbin/virby-agent)
+#                                announces "virby-ready <ip>", takes the host's clock after a
+#                                resume and powers off on the host's word
 #
 # Shares, Rosetta and debug are read at boot, not built in: changing those options never
 # needs a new image (and so never a Linux builder on the Mac). Only extraConfig does.
@@ -67,36 +69,6 @@ let
       fi
     fi
     exit $status
-  '';
-
-  announce = pkgs.writeShellScript "virby-announce" ''
-    set -uo pipefail
-    # sshd's unit is "started" before it listens: wait for the socket itself.
-    until ss -Hltn 'sport = :22' | grep -q .; do sleep 0.1; done
-    until ip=$(ip -4 -o route get 1.1.1.1 2>/dev/null | grep -o 'src [0-9.]*' | cut -d' ' -f2) \
-          && [ -n "$ip" ]; do
-      sleep 0.2
-    done
-    # CID 2 is the host. The host answers "ok"; retry while it is not listening yet (a worker
-    # restarting), for at most two minutes.
-    for _ in $(seq 600); do
-      reply=$(echo "virby-ready $ip" | socat -t 5 - VSOCK-CONNECT:2:1024 2>/dev/null || true)
-      if [ "$reply" = ok ]; then echo "announced $ip to the host"; exit 0; fi
-      sleep 0.2
-    done
-    echo "virby: the host never acknowledged our announcement" >&2
-    exit 1
-  '';
-
-  # One connection, one line: "settime <nanoseconds since the epoch>" -> "ok".
-  clockAgent = pkgs.writeShellScript "virby-clock-agent" ''
-    read -r cmd ns || exit 0
-    case "$cmd $ns" in
-      settime\ [0-9]*[0-9]) ;;
-      *) echo "error expected 'settime <ns>'"; exit 0 ;;
-    esac
-    sec=''${ns%?????????}
-    if date -u -s "@$sec.''${ns#"$sec"}" >/dev/null; then echo ok; else echo "error date failed"; fi
   '';
 in
 {
@@ -228,35 +200,31 @@ in
     description = "Mount the host's shared directories and register Rosetta";
     after = [ "virby-install-keys.service" ];
     requires = [ "virby-install-keys.service" ];
-    before = [ "nix-daemon.service" "virby-announce.service" ];
+    before = [ "nix-daemon.service" "virby-agent.service" ];
     wantedBy = [ "multi-user.target" ];
     path = [ pkgs.util-linux pkgs.coreutils ];
     serviceConfig = { Type = "oneshot"; RemainAfterExit = true; ExecStart = mountShares; };
   };
 
-  systemd.services.virby-announce = {
-    description = "Tell the host that sshd is listening";
-    after = [ "sshd.service" "network-online.target" "virby-shares.service" ];
-    wants = [ "network-online.target" ];
-    requires = [ "sshd.service" ];
+  # The one guest agent (line protocol in its header), on the first virtio console that is not
+  # the kernel's: hvc1 here. It announces sshd with its address once sshd listens, so no unit
+  # ordering is needed; busybox gives it the tools it was written with.
+  systemd.services.virby-agent = {
+    description = "Virby's guest agent on hvc1: readiness, clock, power-off";
+    after = [ "virby-shares.service" ];
     wantedBy = [ "multi-user.target" ];
-    path = [ pkgs.iproute2 pkgs.socat pkgs.gnugrep pkgs.coreutils ];
-    serviceConfig = { Type = "oneshot"; RemainAfterExit = true; ExecStart = announce; };
-  };
-
-  # -- time ------------------------------------------------------------------------------------
-  # A paused VM's clock stands still. The host sets it right after each resume through this
-  # agent (workers/backends/vfkit/backend.py sync_clock); chrony steps it after a host sleep (no
-  # pause) or any other jump larger than a second, at its next poll.
-  systemd.services.virby-clock-agent = {
-    description = "Let the host set the guest clock (vsock port 1025)";
-    wantedBy = [ "multi-user.target" ];
-    path = [ pkgs.coreutils ];
+    path = [ pkgs.busybox ];
+    environment.VIRBY_POWEROFF = "${pkgs.systemd}/bin/systemctl poweroff";
     serviceConfig = {
-      ExecStart = "${pkgs.socat}/bin/socat VSOCK-LISTEN:1025,reuseaddr,fork EXEC:${clockAgent}";
+      ExecStart = "${pkgs.busybox}/bin/sh ${../guest/common/usr/sbin/virby-agent}";
       Restart = "always";
     };
   };
+
+  # -- time ------------------------------------------------------------------------------------
+  # A paused VM's clock stands still. The host sets it right after each resume through the
+  # agent; chrony steps it after a host sleep (no pause) or any other jump larger than a
+  # second, at its next poll.
   services.chrony = {
     enable = true;
     extraConfig = ''
