@@ -8,6 +8,8 @@ cd "$(dirname "$0")"
 PACKAGES=(
   qemu-system-x86 qemu-utils   # the hypervisor (TCG or KVM)
   qemu-system-arm              # boots the aarch64 guest (-M virt) on this host too
+  qemu-system-common           # /usr/lib/qemu/virtiofsd: shared directories (virtio-fs)
+  e2fsprogs                    # e2fsck: tests check the guest's store disk after a stop
   cpio openssh-client          # tests list archives with GNU cpio; ssh to the builder
   dropbear-bin busybox-static  # tests check the guest's key format with dropbearkey
   nix-bin                      # Nix builds through the builder (issue: remote builds)

@@ -65,7 +65,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def wait_announced(self) -> None:
-        """Return when the guest says its sshd is listening (serial line or vsock message).
+        """Return when the guest says its sshd is listening (its agent, workers/agent.py).
         Raise BackendError if the hypervisor exits first. The caller applies the deadline."""
 
     @abc.abstractmethod
