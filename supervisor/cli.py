@@ -365,8 +365,10 @@ def events(config_path: str | None, follow: bool, as_json: bool) -> None:
 def doctor(config_path: str | None) -> None:
     """Check what users trip over, one line each with the fix: the hypervisor runs, the port
     is free or ours, the runtime dir path fits the 104-byte socket limit, key and known_hosts
-    permissions, guest files, circusd reachable, the ssh_config alias, and (when the VM runs)
-    the guest's host key against the pinned one and the guest clock. Exits 1 if any check fails.
+    permissions, guest files, circusd reachable, the ssh_config alias, how Nix finds the builder
+    (/etc/nix/machines, nix.conf's builders, Determinate's nix.custom.conf), on a Mac Rosetta and
+    nested virtualization when asked for, and (when the VM runs) the guest's host key against
+    the pinned one and the guest clock. Exits 1 if any check fails.
 
     \b
     Example:
