@@ -128,7 +128,7 @@ def read_until(sock: socket.socket, line: bytes, deadline: float) -> None:
     buf = b""
     while True:
         *lines, buf = buf.split(b"\n")
-        if any(got.strip() == line for got in lines):
+        if any(got.strip().split(b" ")[0] == line for got in lines):  # "virby-ready <ip>"
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:

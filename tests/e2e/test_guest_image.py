@@ -72,6 +72,11 @@ class Keys:
         ])
 
 
+# The agent's announcement carries the guest's address (the host dials it there under vfkit):
+# QEMU's user network gives the static 10.0.2.15.
+READY = "virby-ready 10.0.2.15"
+
+
 class Agent:
     """The host end of the guest agent's line protocol (a QEMU socket chardev)."""
 
@@ -154,7 +159,7 @@ class Vm:
 
     def wait_ready(self) -> float:
         """Wait for the agent's announcement; return seconds since QEMU started."""
-        self.agent.expect("virby-ready", READY_TIMEOUT)
+        self.agent.expect(READY, READY_TIMEOUT)
         return time.monotonic() - self.started
 
 
@@ -295,15 +300,15 @@ def test_the_appended_archive_overrides_the_image(guest: Vm, keys: Keys) -> None
 
 
 def test_hello_answers_ready_once_sshd_listens(guest: Vm) -> None:
-    assert guest.agent.ask("hello") == "virby-ready"
-    assert guest.agent.ask("hello") == "virby-ready"
+    assert guest.agent.ask("hello") == READY
+    assert guest.agent.ask("hello") == READY
 
 
 def test_unknown_agent_commands_get_an_error(guest: Vm) -> None:
     assert guest.agent.ask("reboot please") == "virby-error unknown"
     assert guest.agent.ask("") == "virby-error unknown"
     assert guest.agent.ask("time soon") == "virby-error time"
-    assert guest.agent.ask("hello") == "virby-ready"  # still in step
+    assert guest.agent.ask("hello") == READY  # still in step
 
 
 def test_time_sets_the_guest_clock(guest: Vm, keys: Keys) -> None:
@@ -322,7 +327,7 @@ def test_seed_takes_host_entropy_as_hex(guest: Vm) -> None:
     assert guest.agent.ask(f"seed {secrets.token_hex(32)}") == "virby-seed-ok"
     assert guest.agent.ask("seed not-hex") == "virby-error seed"
     assert guest.agent.ask("seed ") == "virby-error seed"
-    assert guest.agent.ask("hello") == "virby-ready"  # still in step
+    assert guest.agent.ask("hello") == READY  # still in step
 
 
 def test_password_logins_are_refused(guest: Vm) -> None:
@@ -358,7 +363,7 @@ def test_noready_guest_boots_but_never_announces(guest_dir: Path, keys: Keys) ->
     with booted(guest_dir, keys, append="virby.noready") as vm:
         vm.wait_console("virby-guest: up in ", READY_TIMEOUT)
         # a normal guest announces well under a second after "up in"; give it 15 s
-        assert "virby-ready" not in vm.agent.lines_for(15)
+        assert not [line for line in vm.agent.lines_for(15) if line.startswith("virby-ready")]
         assert vm.agent.ask("hello") == "virby-booting"
         with socket.create_connection(("127.0.0.1", vm.port), timeout=10) as sock:
             sock.settimeout(5)
