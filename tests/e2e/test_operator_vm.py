@@ -75,7 +75,11 @@ def test_operator_commands_on_a_real_vm(guest_dir: Path) -> None:
         assert doc.returncode == 0, doc.stdout
         marks = _marks(doc.stdout)
         assert marks["guest host key"] == "✓" and marks["guest clock"] == "✓", doc.stdout
-        assert set(marks.values()) == {"✓"}
+        # skipped, with why: the Mac-only checks (off in this config), and the Nix registration
+        # check on a host whose Nix has no system-wide configuration (Debian's nix-bin here)
+        skipped = {name for name, mark in marks.items() if mark == "·"}
+        assert skipped <= {"Rosetta", "nested virtualization", "Nix builder registration"}, doc.stdout
+        assert set(marks.values()) <= {"✓", "·"}, doc.stdout
 
         # 4. forward to a service in the guest; while open the VM counts as in use
         setup = inst.ssh("mkdir -p /tmp/www && echo hello-from-guest > /tmp/www/index.html && "
