@@ -65,6 +65,11 @@ def test_the_agent_is_on_the_second_virtio_console_and_the_balloon_is_loaded(mac
     active, *rest = out.stdout.split()
     assert active == "hvc0"
     assert rest[-1] == "1", "virtio_balloon is not loaded"
+    # what keeps the guest right over weeks: udhcpc stays to renew its lease, and the clock
+    # follower runs (both respawned or daemonised at boot)
+    ps = mac.ssh("ps -o args")
+    assert any(line.startswith("udhcpc ") for line in ps.stdout.splitlines()), ps.stdout
+    assert any("virby-clock" in line for line in ps.stdout.splitlines()), ps.stdout
     # two unnamed console ports (vport*p0/p1 have no name file content): console and agent
     named = mac.ssh("cat /sys/class/virtio-ports/*/name 2>/dev/null | grep -c . || true")
     assert named.stdout.strip() == "0", f"named virtio ports: {named.stdout}"
