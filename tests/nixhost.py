@@ -80,11 +80,14 @@ class Nix:
     """nix-build with the host configured through the environment only; remembers what it
     built so the test can delete it from /nix/store afterwards."""
 
-    def __init__(self, workdir: Path, ssh_config: Path) -> None:
+    def __init__(self, workdir: Path, ssh_config: Path, *, share_connections: bool = False) -> None:
+        """`share_connections`: keep the ssh_config's ControlMaster (what users get); off, each
+        build opens its own connection and none outlives it (tests that stop or count)."""
         assert ssh_config.is_absolute(), "Nix runs ssh from another directory: -F needs an absolute path"
         self.expr = workdir / "where.nix"
         self.expr.write_text(WHERE_NIX)
-        self.env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, "NIX_SSHOPTS": f"-F {ssh_config}"}
+        sshopts = f"-F {ssh_config}" + ("" if share_connections else " -o ControlPath=none")
+        self.env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, "NIX_SSHOPTS": sshopts}
         for var in ("NIX_REMOTE", "NIX_BUILDERS"):
             self.env.pop(var, None)
         self.paths: list[str] = []
