@@ -10,7 +10,6 @@ boot is asked for and reports a missing one as a failed VM state.
 from __future__ import annotations
 
 import base64
-
 import json
 import os
 import platform
