@@ -157,8 +157,11 @@ def rootfs(tree: Tree, arch: str, variant: str, modules_dir: str, guest_dir: Pat
         # dropbear runs the sftp subsystem (scp, sftp) from its compiled-in path
         img.link("usr/lib/sftp-server", "openssh/sftp-server")
         for name in NIX_LINKS:
-            img.link(f"usr/bin/{name}", "nix")
+            # the variant's own files may stand in front of one (usr/bin/nix-daemon)
+            if not any((r / "usr/bin" / name).is_file() for r in roots):
+                img.link(f"usr/bin/{name}", "nix")
         img.link("usr/libexec/nix/build-remote", "../../bin/nix")
+        img.link("usr/libexec/nix/nix-daemon", "../../bin/nix")  # Nix's own, by its name
         img.link("usr/sbin/mkfs.ext4", "mke2fs")
 
     busybox = tree[elfdeps.resolve_link(tree, "usr/bin/busybox") or ""].data

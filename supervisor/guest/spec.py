@@ -48,14 +48,16 @@ VARIANT_MODULES = {"base": (), "nix": ("virtio_blk", "ext4", "crc32c_generic")}
 ROOT_PACKAGES = {
     "base": ("busybox-static", "dropbear-bin"),
     "nix": ("busybox-static", "dropbear-bin", "nix-bin", "e2fsprogs", "openssh-sftp-server",
-            "ca-certificates"),
+            "ca-certificates", "netcat-openbsd"),
 }
 
 # Files copied from the packages (tree paths; a symlink brings its target too).
 SHIP = {
     "base": ("usr/bin/busybox", "usr/sbin/dropbear"),
     "nix": ("usr/bin/busybox", "usr/sbin/dropbear", "usr/bin/nix", "usr/sbin/mke2fs",
-            "usr/sbin/resize2fs", "etc/mke2fs.conf", "usr/lib/openssh/sftp-server"),
+            "usr/sbin/resize2fs", "etc/mke2fs.conf", "usr/lib/openssh/sftp-server",
+            # a login's `nix-daemon --stdio` joins the running daemon through it (usr/bin/nix-daemon)
+            "usr/bin/nc.openbsd"),
 }
 
 # The CA bundle (substituters and fetches over https): what update-ca-certificates would write

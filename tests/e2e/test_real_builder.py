@@ -72,7 +72,7 @@ class Lab:
     def url(self, path: str) -> str:
         return f"http://{GUEST_GATEWAY}:{self.server.server_address[1]}/{path}"
 
-    def nix_build(self, expr: Path, *args: str, jobs: int = 2) -> subprocess.CompletedProcess[str]:
+    def nix_build(self, expr: Path, *args: str, jobs: int = 8) -> subprocess.CompletedProcess[str]:
         """The host's nix-build, everything sent to virby-vm (`--max-jobs 0`)."""
         proc = subprocess.run(
             ["nix-build", str(expr), "--no-out-link", "--max-jobs", "0",
@@ -322,7 +322,7 @@ def test_a_20_derivation_dag_equals_the_same_built_in_the_guest(lab: Lab, tmp_pa
                              capture_output=True, text=True, check=True).stdout.split()
     assert len([p for p in closure if p.endswith(".drv")]) == 20
 
-    through_virby = lab.nix_build(expr, *args, "--argstr", "tag", "host", jobs=2)
+    through_virby = lab.nix_build(expr, *args, "--argstr", "tag", "host", jobs=8)
     assert through_virby.returncode == 0, through_virby.stderr
     assert through_virby.stderr.count("on 'ssh-ng://virby-vm'") == 20, through_virby.stderr
     host_out = Path(through_virby.stdout.strip())
