@@ -170,8 +170,9 @@ def rootfs(tree: Tree, arch: str, variant: str, modules_dir: str, guest_dir: Pat
             img.link(f"usr/bin/{name}", "busybox")
 
     overlay(img, roots)
-    if CA_SOURCE[variant]:
-        img.file(CA_BUNDLE, ca_bundle(tree, CA_SOURCE[variant]))
+    ca_source = CA_SOURCE[variant]
+    if ca_source:
+        img.file(CA_BUNDLE, ca_bundle(tree, ca_source))
 
     try:
         mods = modules.select(tree, modules_dir, spec.modules + VARIANT_MODULES[variant])
