@@ -273,8 +273,9 @@ def test_an_unsigned_cache_is_refused(lab: Lab, tmp_path: Path) -> None:
 
 # -- a small real workload ------------------------------------------------------------------------
 
-# 20 derivations: a fetched 20 MiB file, 18 that compress or checksum it in parallel, one that
-# combines them (names without store hashes, so the result depends on content only).
+# 20 derivations: a fetched 20 MiB file, 18 that compress or checksum it (or parts of it) in
+# parallel, one that combines them (names without store hashes: the result is content only).
+# pipefail: a tool missing from the sandbox fails the build instead of checksumming nothing.
 DAG_NIX = """\
 { url, sha256, tag }:
 let
@@ -282,7 +283,7 @@ let
   step = name: script: derivation {
     inherit name system tag;
     builder = "/bin/sh";
-    args = [ "-c" script ];
+    args = [ "-c" "set -eo pipefail; ${script}" ];
   };
   blob = derivation {
     name = "blob";
@@ -293,13 +294,13 @@ let
     outputHashAlgo = "sha256";
     outputHash = sha256;
   };
-  gz = l: step "gzip-${toString l}" "gzip -${toString l} < ${blob} > $out";
+  pack = name: command: step name "${command} < ${blob} > $out";
   sum = tool: step tool "${tool} < ${blob} | cut -d' ' -f1 > $out";
   part = i: step "part-${toString i}"
-    "dd if=${blob} bs=1M skip=${toString (i * 7)} count=7 | sha256sum | cut -d' ' -f1 > $out";
-  leaves = map gz [ 1 2 3 4 5 6 7 8 9 ]
-    ++ map sum [ "sha256sum" "sha1sum" "md5sum" "sha512sum" "cksum" ]
-    ++ map part [ 0 1 2 ]
+    "dd if=${blob} bs=1M skip=${toString (i * 2)} count=3 | sha256sum | cut -d' ' -f1 > $out";
+  leaves = [ (pack "gzip-1" "gzip -1") (pack "gzip-6" "gzip -6") (pack "lzop" "lzop -c") ]
+    ++ map sum [ "sha256sum" "sha1sum" "md5sum" "sha512sum" "sha3sum" ]
+    ++ map part [ 0 1 2 3 4 5 6 7 8 ]
     ++ [ (step "size" "wc -c < ${blob} > $out") ];
 in
 step "combined" ''
@@ -342,6 +343,7 @@ def test_a_20_derivation_dag_equals_the_same_built_in_the_guest(lab: Lab, tmp_pa
     leaf = {line.split()[0]: line.split()[1:] for line in lines}
     assert leaf["sha256sum"] == ["65", hashlib.sha256(f"{sha}\n".encode()).hexdigest()]
     assert leaf["size"][0] == str(len(f"{20 * MiB}\n"))
+    assert int(leaf["gzip-1"][0]) > 20 * MiB  # random bytes do not compress: all of them went in
 
 
 def test_scp_to_the_builder_and_back_keeps_every_byte(lab: Lab, tmp_path: Path) -> None:
@@ -365,9 +367,11 @@ derivation {
   system = "x86_64-linux";
   builder = "/bin/sh";
   inherit nonce;
-  args = [ "-c" (if where == "tmp"
-    then "dd if=/dev/zero of=big bs=1M count=${toString mb} && rm big && echo ok > $out"
-    else "dd if=/dev/zero of=$out bs=1M count=${toString mb}") ];
+  args = [ "-c" ({
+    tmp = "dd if=/dev/zero of=big bs=1M count=${toString mb} && rm big && echo ok > $out";
+    out = "dd if=/dev/zero of=$out bs=1M count=${toString mb}";
+    fill = "fallocate -l ${toString mb}M $out";  # the space, without writing it
+  }.${where}) ];
 }
 """
 
@@ -403,7 +407,7 @@ def test_past_min_free_the_store_collects_itself_and_the_next_build_succeeds(
     fill_mb = (avail - min_free // 2) // MiB
     filler = lab.guest_ok(f"echo '{SIZED_NIX}' > /tmp/sized.nix && nix-build /tmp/sized.nix "
                           f"--no-out-link --argstr nonce {uuid.uuid4().hex} --arg mb {fill_mb} "
-                          "--argstr where out").strip()
+                          "--argstr where fill").strip()
     assert lab.avail() < min_free
     # `virby status` shows the guest's own view of the store's disk
     store = json.loads(lab.vm.cli("status", "--json").stdout)["store"]
