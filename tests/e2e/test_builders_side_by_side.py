@@ -40,7 +40,7 @@ let
       read -r h < /proc/sys/kernel/hostname
       read -r k < /proc/sys/kernel/osrelease
       read -r b < /proc/sys/kernel/random/boot_id
-      echo "$h $k $b $(/bin/uname -m)" > "$out"
+      echo "$h $k $b $(uname -m)" > "$out"
     '' ];
   };
 in [ (where "aarch64-linux") (where "x86_64-linux") ]
