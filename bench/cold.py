@@ -61,8 +61,7 @@ class DirectGuest:
         ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # in the argv, as for the vm worker
         self.backend = QemuBackend(self.config, keys)
         # The same keys initrd the vm worker builds at each boot, built once, before timing.
-        build_keyed_initrd(self.config.guest.initrd, self.backend.keys, self.config.sshUser,
-                           self.backend.boot_initrd)
+        build_keyed_initrd(self.config, self.backend.keys, self.backend.boot_initrd)
         self.argv = self.backend.command()
         self.ssh_config = self.dir / "ssh_config"
         self.ssh_config.write_text(ssh_config_text(self.config))

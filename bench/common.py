@@ -226,8 +226,9 @@ def stop_vm(inst: Instance, cold: bool) -> dict[str, object]:
 
 def ssh_argv(ssh_config: Path, *, port: int | None = None, connect_timeout: float | None = None) -> list[str]:
     """`ssh true` against the `virby-vm` alias of a Virby ssh_config (pinned host key, client
-    key, batch mode); `port` overrides the port (the guest's own forward), as does the timeout."""
-    argv = ["ssh", "-F", str(ssh_config)]
+    key, batch mode); `port` overrides the port (the guest's own forward), as does the timeout.
+    One connection each: the config's shared connection (ControlMaster) is off."""
+    argv = ["ssh", "-F", str(ssh_config), "-o", "ControlPath=none"]
     if port is not None:
         argv += ["-o", f"Port={port}"]
     if connect_timeout is not None:

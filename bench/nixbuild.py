@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.common import Context, Result, stop_vm, summary
 from tests.harness import Instance, build_guest
-from tests.nixhost import Nix, Where, alias_builders
+from tests.nixhost import GUEST_HOSTNAMES, Nix, Where, alias_builders
 
 NAME = "nixbuild"
 MODES = ("running", "suspended", "cold")
@@ -44,7 +44,7 @@ def build_once(inst: Instance, nix: Nix, mode: str) -> dict[str, Any]:
         raise RuntimeError(f"nix-build from {mode} exited {build.proc.returncode}: "
                            f"{build.proc.stderr.strip()[-400:]}")
     where = Where.read(build.out)
-    if where.hostname != "virby-vm":
+    if where.hostname not in GUEST_HOSTNAMES:
         raise RuntimeError(f"the build from {mode} ran on {where.hostname!r}, not in the VM")
     vm = inst.status()["vm"]
     woke = {"boots": vm["boots"] - before["boots"], "restores": vm["restores"] - before["restores"]}

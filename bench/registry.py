@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 from bench.common import Context, Result
 
-NAMES = ("footprint", "status", "throughput", "warm", "resume", "cold", "restore", "nixbuild", "storm",
+NAMES = ("footprint", "status", "throughput", "warm", "resume", "cold", "restore", "nixbuild", "manydrv",
+         "storm",
          "release", "warm_aarch64", "cold_aarch64")
 # Benchmarks that use the shared running instance (closed after the last of them).
 USES_RUNNING = ("warm", "resume")

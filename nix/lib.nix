@@ -37,6 +37,10 @@ let
     rosetta = false;
     nestedVirtualization = false;
     sharedDirectories = { };
+    # The guest's Nix substitutes from these itself (the module sets builders-use-substitutes),
+    # so Linux inputs need not pass through the Mac's store. The names nixpkgs/nix-darwin use.
+    substituters = [ "https://cache.nixos.org" ];
+    trustedPublicKeys = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
     debug = false;
     speedFactor = 1;
     allowUserSsh = false;
@@ -62,6 +66,7 @@ let
   optional = cond: x: if cond then [ x ] else [ ];
   optionals = cond: xs: if cond then xs else [ ];
   optionalAttrs = cond: as: if cond then as else { };
+  optionalString = cond: str: if cond then str else "";
   show = v: if isString v then "\"${v}\"" else toJSON v;
 
   MiB = 1024 * 1024;
@@ -93,6 +98,15 @@ let
   pauseAfter = od.pauseAfter;
 
   tagOk = tag: match "[A-Za-z0-9][A-Za-z0-9_.-]{0,35}" tag != null;
+  # the same checks as supervisor/config.py
+  substituterOk = u: isString u && match "(https?|file|s3|ssh|ssh-ng)://[^ \t\n\"']+" u != null;
+  publicKeyOk = k: isString k && match "[A-Za-z0-9][A-Za-z0-9._-]*:[A-Za-z0-9+/]{43}=" k != null;
+  listErrors = name: ok: what: xs:
+    if !(builtins.isList xs) then [ "services.virby.${name}: got ${show xs}, expected a list" ]
+    else concatLists (builtins.genList (i:
+      let x = elemAt xs i; in
+      optional (!(ok x)) "services.virby.${name}: got ${show x}, expected ${what}")
+      (builtins.length xs));
 
   errors =
     optional (!(isInt o.port) || o.port < 1024 || o.port > 65535)
@@ -131,14 +145,17 @@ let
             (attrNames o.sharedDirectories)));
 
   concatLists = builtins.concatLists;
+  errors' = errors
+    ++ listErrors "substituters" substituterOk "a binary cache URL (http://, https://, file://, s3://, ssh:// or ssh-ng://)" o.substituters
+    ++ listErrors "trustedPublicKeys" publicKeyOk "a Nix signing key NAME:BASE64 (ed25519)" o.trustedPublicKeys;
 
   failIfInvalid = v:
-    if errors == [ ] then v else throw ("virby: invalid options:\n" + concatStringsSep "\n" errors);
+    if errors' == [ ] then v else throw ("virby: invalid options:\n" + concatStringsSep "\n" errors');
 
   # The document supervisor/config.py reads: only keys it knows (it rejects unknown ones).
   config = failIfInvalid ({
     inherit (o) backend port cores rosetta nestedVirtualization sharedDirectories debug
-      readyTimeout sshUser;
+      readyTimeout sshUser substituters trustedPublicKeys;
     memory = memoryMiB;
     diskSize = diskBytes;
     onDemand = { inherit (od) enable; inherit pauseAfter stopAfter; };
@@ -214,7 +231,21 @@ let
       StrictHostKeyChecking yes
       ConnectTimeout ${toString (o.readyTimeout + 15)}
       BatchMode yes
+  '' + optionalString muxFits ''
+    Match originalhost virby-vm localuser ${concatStringsSep "," muxUsers}
+      ControlMaster auto
+      ControlPath ${runtimeDir}/ssh-%C
+      ControlPersist ${toString controlPersist}
   '';
+
+  # One SSH connection for many derivations (supervisor/sshconfig.py says why): shared by the
+  # Nix daemon's user (root) and the daemon's own user, who may create sockets in the runtime
+  # dir; ssh binds <ControlPath>.<16 characters>, %C is 40: it must fit in 104 bytes.
+  muxUsers = [ "root" ] ++ optional (o.user != null && o.user != "root") o.user;
+  muxFits = builtins.stringLength runtimeDir + 5 + 40 + 17 < 104;
+  idleFor = if pauseAfter != null then pauseAfter else stopAfter;
+  controlPersist = if idleFor == null then 30
+    else let half = idleFor / 2; in if half < 1 then 1 else if half > 30 then 30 else half;
 
   isAbsolute = p: isString p && builtins.substring 0 1 p == "/";
   dedup = foldl' (acc: x: if elem x acc then acc else acc ++ [ x ]) [ ];
@@ -288,7 +319,8 @@ let
 
 in
 {
-  inherit defaults errors config buildMachine sshConfig launchdJob stateDir runtimeDir
+  errors = errors';
+  inherit defaults config buildMachine sshConfig launchdJob stateDir runtimeDir
     clientKey sharedKey machinesText nestedCheck debian;
   memoryMiB = memoryMiB;
   diskBytes = diskBytes;

@@ -49,7 +49,7 @@ let
   virby = virbyLib {
     inherit (cfg)
       backend port cores memory diskSize rosetta nestedVirtualization sharedDirectories debug
-      speedFactor allowUserSsh;
+      speedFactor allowUserSsh substituters trustedPublicKeys;
     onDemand = { inherit (cfg.onDemand) enable ttl pauseAfter stopAfter; };
     guest = { inherit (guest) kernel initrd cmdline disk; };
     hypervisor =
@@ -140,6 +140,23 @@ in
         defaultText = literalExpression "config.services.virby.onDemand.ttl * 60";
         description = "Seconds without a connection before the VM powers off (memory returned); null never stops.";
       };
+    };
+
+    substituters = mkOption {
+      type = types.listOf types.str;
+      default = defaults.substituters;
+      example = [ "https://cache.nixos.org" "https://nix-community.cachix.org" ];
+      description = ''
+        Binary caches the guest's Nix substitutes from itself (written into its nix.conf at
+        every boot). With builders-use-substitutes, which this module sets, a build's Linux
+        inputs come from these straight into the builder instead of through the Mac's store.
+      '';
+    };
+
+    trustedPublicKeys = mkOption {
+      type = types.listOf types.str;
+      default = defaults.trustedPublicKeys;
+      description = "Keys the guest's Nix accepts signatures from (NAME:BASE64), for substituters.";
     };
 
     rosetta = mkOption {

@@ -120,10 +120,12 @@ def status(config_path: str | None, as_json: bool) -> None:
     """
     from virby.supervisor import control
     from virby.supervisor.statusview import format_status
+    from virby.supervisor.storeuse import store_use
 
     configs = _load_builders(config_path)
     if len(configs) == 1:
         st = _control_call(lambda: control.status(configs[0]))
+        st["store"] = store_use(configs[0], st.get("vm") or {})
         click.echo(control.dumps(st) if as_json else format_status(st))
         return
     from virby.supervisor.sshconfig import guest_systems
@@ -134,6 +136,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     for config in configs:
         try:
             report[config.name] = control.status(config)
+            report[config.name]["store"] = store_use(config, report[config.name].get("vm") or {})
         except control.NotRunning as e:
             report[config.name] = {"error": str(e)}
             down = True

@@ -9,6 +9,7 @@ boot is asked for and reports a missing one as a failed VM state.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import platform
@@ -69,6 +70,13 @@ class Config:
     # fixed address) or "vfkit" (the devices vfkit gives the guest, so the Mac's contract runs
     # under QEMU: console on hvc0, the agent on a pty-backed hvc1, DHCP, virtio-fs shares).
     qemuDevices: str = "standard"
+    # The guest's Nix: binary caches it substitutes from, and the keys it trusts (written into
+    # its nix.conf at every boot: workers/guestconf.py). No cache unless one is named.
+    substituters: tuple[str, ...] = ()
+    trustedPublicKeys: tuple[str, ...] = ()
+    # "nat": the guest reaches the network (substitutes, fixed-output fetches); "none": nothing
+    # but Virby's ssh forward reaches it and it reaches nothing (QEMU's restrict=on).
+    guestNetwork: str = "nat"
     source: str | None = field(default=None, compare=False)
 
     # Paths derived from the two directories; every process computes them the same way.
@@ -152,7 +160,8 @@ def default_cmdline(backend: str, arch: str, qemu_devices: str = "standard") -> 
 _TOP_KEYS = {
     "backend", "port", "cores", "memory", "diskSize", "onDemand", "stateDir", "runtimeDir",
     "guest", "sshUser", "rosetta", "nestedVirtualization", "sharedDirectories", "debug",
-    "readyTimeout", "accel", "hypervisor", "arch", "name", "qemuDevices",
+    "readyTimeout", "accel", "hypervisor", "arch", "name", "qemuDevices", "substituters",
+    "trustedPublicKeys", "guestNetwork",
 }
 _ON_DEMAND_KEYS = {"enable", "pauseAfter", "stopAfter"}
 _GUEST_KEYS = {"kernel", "initrd", "cmdline", "disk"}
@@ -279,6 +288,31 @@ def _shared_dirs(raw: Any, base: str | None) -> dict[str, str]:
     return out
 
 
+_SUBSTITUTER_RE = re.compile(r"^(https?|file|s3|ssh|ssh-ng)://[^\s\"']+$")
+_PUBLIC_KEY_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*(-[0-9]+)?):([A-Za-z0-9+/]{43}=)$")
+
+
+def _substituters(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise _fail("substituters", raw, 'a list of binary cache URLs such as ["https://cache.example.org"]')
+    for i, url in enumerate(raw):
+        if not isinstance(url, str) or not _SUBSTITUTER_RE.match(url):
+            raise _fail(f"substituters[{i}]", url, "a binary cache URL (http://, https://, file://, "
+                        "s3://, ssh:// or ssh-ng://, no spaces or quotes)")
+    return tuple(raw)
+
+
+def _public_keys(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise _fail("trustedPublicKeys", raw, 'a list of keys such as ["cache.example.org-1:<base64>"]')
+    for i, key in enumerate(raw):
+        m = _PUBLIC_KEY_RE.match(key) if isinstance(key, str) else None
+        if m is None or len(base64.b64decode(m.group(3))) != 32:
+            raise _fail(f"trustedPublicKeys[{i}]", key, "a Nix signing key NAME:BASE64 (an ed25519 "
+                        "public key, as nix-store --generate-binary-cache-key writes it)")
+    return tuple(raw)
+
+
 def from_dict(data: Any, *, source: str | None = None) -> Config:
     """Validate a parsed document. Relative paths are resolved against the file's folder."""
     data = _check_keys("", data, _TOP_KEYS)
@@ -326,6 +360,12 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
     if qemu_devices != "standard" and backend != "qemu":
         raise _fail("qemuDevices", qemu_devices, '"standard" with the vfkit backend (it is QEMU\'s '
                     "choice of devices; vfkit always gives its own)")
+    guest_network = data.get("guestNetwork", "nat")
+    if guest_network not in ("nat", "none"):
+        raise _fail("guestNetwork", guest_network, '"nat" or "none"')
+    if guest_network == "none" and backend != "qemu":
+        raise _fail("guestNetwork", guest_network, '"nat" with the vfkit backend (its NAT cannot be '
+                    "restricted)")
 
     return Config(
         backend=backend,
@@ -348,6 +388,9 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
         arch=arch,
         name=name,
         qemuDevices=qemu_devices,
+        substituters=_substituters(data.get("substituters", [])),
+        trustedPublicKeys=_public_keys(data.get("trustedPublicKeys", [])),
+        guestNetwork=guest_network,
         source=source,
     )
 

@@ -4,17 +4,37 @@
 from __future__ import annotations
 
 import base64
+import getpass
+import os
 
 from virby.supervisor.config import Config
 from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
 
 
-def ssh_config_text(config: Config, host: str = "virby-vm") -> str:
+def control_persist(config: Config) -> int:
+    """Seconds an idle shared connection stays open: it counts as an open connection, so it
+    must end well before the idle monitor's pause (or stop, without a pause) for the policy to
+    hold; at most 30 s, which covers the gaps between a build's derivations."""
+    idle = config.onDemand.pauseAfter or config.onDemand.stopAfter
+    return 30 if idle is None else max(1, min(30, int(idle // 2)))
+
+
+def control_users(owner: str | None = None) -> tuple[str, ...]:
+    """Who shares connections: those who may create the control socket in the runtime dir (its
+    owner, and root: the Nix daemon's user). Anyone else connecting through the same ssh_config
+    gets plain connections (a socket that cannot be created would end ssh)."""
+    me = owner or os.environ.get("USER") or getpass.getuser()
+    return ("root",) if me == "root" else ("root", me)
+
+
+def ssh_config_text(config: Config, host: str = "virby-vm", *,
+                    mux_users: tuple[str, ...] | None = None) -> str:
     """The ssh_config block for the builder (also what nix/lib.nix writes on a Mac)."""
     keys = KeyPaths.in_dir(config.stateDir)
     # The forwarder accepts at once but the banner comes only when the guest is up: the
     # timeout must cover a cold boot.
     connect_timeout = int(config.readyTimeout) + 15
+    users = mux_users if mux_users is not None else control_users()
     return "\n".join([
         f"Host {host}",
         "  HostName 127.0.0.1",
@@ -30,8 +50,29 @@ def ssh_config_text(config: Config, host: str = "virby-vm") -> str:
         "  StrictHostKeyChecking yes",
         f"  ConnectTimeout {connect_timeout}",
         "  BatchMode yes",
+        *(mux_lines(config, host, users) if mux_fits(config) else []),
         "",
     ])
+
+
+# ssh binds the control socket as <ControlPath>.<16 random characters>, then renames it; %C is
+# 40 hex digits. A unix socket's path is at most 103 bytes on macOS.
+_MUX_NAME_MAX = len("/ssh-") + 40 + 17
+
+
+def mux_fits(config: Config) -> bool:
+    return len(config.runtimeDir) + _MUX_NAME_MAX < 104
+
+
+def mux_lines(config: Config, host: str, users: tuple[str, ...]) -> list[str]:
+    # One SSH connection for many derivations: each new one costs the guest a handshake.
+    # The socket sits in the private runtime dir (%C: a hash of host, port and user).
+    return [
+        f"Match originalhost {host} localuser {','.join(users)}",
+        "  ControlMaster auto",
+        f"  ControlPath {config.runtime('ssh-%C')}",
+        f"  ControlPersist {control_persist(config)}",
+    ]
 
 
 def guest_systems(config: Config) -> list[str]:

@@ -46,6 +46,17 @@ def _short_inc(inc: Any) -> str:
     return str(inc) if inc else "-"
 
 
+def store_line(store: dict[str, Any]) -> str:
+    g = store.get("guest")
+    if isinstance(g, dict) and g.get("size"):
+        return (f"{size(g['used'])} used of {size(g['size'])} ({100 * g['used'] // g['size']}%), "
+                f"{size(g['avail'])} free (Nix collects below min-free)")
+    host = f"disk {size(store.get('disk_size'))}, {size(store.get('allocated'))} written on the host"
+    why = f"; the guest did not answer: {store['error']}" if store.get("error") else \
+        " (the guest's use shows while the VM runs)"
+    return host + why
+
+
 def format_status(st: dict[str, Any], now: float | None = None) -> str:
     now = now if now is not None else float(st.get("time") or time.time())
     vm = st.get("vm") or {}
@@ -92,6 +103,9 @@ def format_status(st: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"{'idle':<12}{idle.get('decision', '-')}" + (f" ({', '.join(steps)})" if steps else ""))
     else:
         lines.append(f"{'idle':<12}(the idle monitor does not answer)")
+    store = st.get("store")
+    if isinstance(store, dict):
+        lines.append(f"{'store':<12}{store_line(store)}")
     hv = st.get("hypervisor")
     if hv:
         lines.append(f"{'hypervisor':<12}pid {hv['pid']}    RSS {size(hv.get('rss'))}    "

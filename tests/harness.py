@@ -197,12 +197,18 @@ class Instance:
             path.write_text(self.cli("ssh-config").stdout)
         return path
 
+    def ssh_argv(self, *command: str) -> list[str]:
+        """ssh through the forwarder, one connection per command: tests count connections, so
+        the ssh_config's shared connection (ControlMaster) is off here."""
+        return ["ssh", "-F", str(self.ssh_config), "-o", "ControlPath=none", self.config.name,
+                "--", *command]
+
     def ssh(self, *command: str, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ssh", "-F", str(self.ssh_config), self.config.name, "--", *command],
+        return subprocess.run(self.ssh_argv(*command),
                               capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
     def ssh_popen(self, *command: str, **kw: Any) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["ssh", "-F", str(self.ssh_config), self.config.name, "--", *command], **kw)
+        return subprocess.Popen(self.ssh_argv(*command), **kw)
 
     # -- waiting on the bus ---------------------------------------------------------------------
 

@@ -37,6 +37,11 @@ derivation {
 }
 """
 
+# Where a build in the guest says it ran: the guest's name, or inside Nix's sandbox (a UTS
+# namespace) "localhost", the name Nix gives every sandboxed build. The kernel and the boot id
+# are what prove it was this guest.
+GUEST_HOSTNAMES = ("virby-vm", "localhost")
+
 BUILD_TIMEOUT = 180.0  # a cold build is about 5 s alone; 2 cores shared with other VM tests
 
 
@@ -69,7 +74,7 @@ def host_boot_id() -> str:
 
 def assert_built_in_guest(where: Where, guest_boot_id: str) -> None:
     """The output came from this Virby's VM, not from the host or another machine."""
-    assert where.hostname == "virby-vm", f"built on {where.hostname!r}, not in the guest"
+    assert where.hostname in GUEST_HOSTNAMES, f"built on {where.hostname!r}, not in the guest"
     assert where.kernel != os.uname().release, f"built under the host's kernel {where.kernel}"
     assert where.kernel.endswith("-cloud-amd64"), f"not the guest's cloud kernel: {where.kernel}"
     assert where.boot_id != host_boot_id(), "built under the host's kernel (same boot id)"
@@ -80,11 +85,14 @@ class Nix:
     """nix-build with the host configured through the environment only; remembers what it
     built so the test can delete it from /nix/store afterwards."""
 
-    def __init__(self, workdir: Path, ssh_config: Path) -> None:
+    def __init__(self, workdir: Path, ssh_config: Path, *, share_connections: bool = False) -> None:
+        """`share_connections`: keep the ssh_config's ControlMaster (what users get); off, each
+        build opens its own connection and none outlives it (tests that stop or count)."""
         assert ssh_config.is_absolute(), "Nix runs ssh from another directory: -F needs an absolute path"
         self.expr = workdir / "where.nix"
         self.expr.write_text(WHERE_NIX)
-        self.env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, "NIX_SSHOPTS": f"-F {ssh_config}"}
+        sshopts = f"-F {ssh_config}" + ("" if share_connections else " -o ControlPath=none")
+        self.env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, "NIX_SSHOPTS": sshopts}
         for var in ("NIX_REMOTE", "NIX_BUILDERS"):
             self.env.pop(var, None)
         self.paths: list[str] = []

@@ -90,9 +90,10 @@ def ensure_keys(state_dir: str) -> KeyPaths:
     return paths
 
 
-def guest_keys_archive(keys: KeyPaths, user: str) -> bytes:
+def guest_keys_archive(keys: KeyPaths, user: str, nix_conf: str = "") -> bytes:
     """The newc cpio appended to the guest's initrd at boot (image/README.md, "Keys at boot"):
-    the host key in dropbear's format, the client's public key and the login user."""
+    the host key in dropbear's format, the client's public key, the login user and the host's
+    part of the guest Nix's settings (workers/guestconf.py; the nix guest includes it)."""
     with open(keys.host_key_dropbear, "rb") as f:
         host_key = f.read()
     with open(keys.client_pub, "rb") as f:
@@ -103,4 +104,5 @@ def guest_keys_archive(keys: KeyPaths, user: str) -> bytes:
         cpio.CpioEntry("etc/virby/ssh_host_ed25519_key", data=host_key, mode=0o600),
         cpio.CpioEntry("etc/virby/authorized_keys", data=client_pub, mode=0o644),
         cpio.CpioEntry("etc/virby/user", data=user.encode() + b"\n", mode=0o644),
+        cpio.CpioEntry("etc/virby/nix.conf", data=nix_conf.encode(), mode=0o644),
     ])

@@ -11,6 +11,8 @@ from virby.supervisor.guest import elfdeps, modules
 from virby.supervisor.guest.deb import Node, Tree
 from virby.supervisor.guest.spec import (
     ARCHES,
+    CA_BUNDLE,
+    CA_SOURCE,
     DLOPENED,
     MERGED_USR,
     NIX_LINKS,
@@ -99,11 +101,26 @@ class Image:
         return [self.entries[p] for p in sorted(self.entries)]
 
 
-def overlay(image: Image, root: Path) -> None:
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = f.relative_to(root).as_posix()
+def overlay(image: Image, roots: list[Path]) -> None:
+    """The guest's own files; a file in a later root (the variant's) replaces the same path in
+    an earlier one (common/): the nix variant's inittab and init."""
+    files: dict[str, Path] = {}
+    for root in roots:
+        for f in sorted(p for p in root.rglob("*") if p.is_file()):
+            files[f.relative_to(root).as_posix()] = f
+    for rel, f in sorted(files.items()):
         mode = MODES.get(rel, 0o755 if f.stat().st_mode & 0o111 else 0o644)
         image.file(rel, f.read_bytes(), mode)
+
+
+def ca_bundle(tree: Tree, source: str) -> bytes:
+    """What update-ca-certificates writes at install time from Debian's ca-certificates: every
+    shipped certificate, in path order (the package ships no bundle, its postinst makes it)."""
+    certs = [n.data for p, n in sorted(tree.items())
+             if p.startswith(source) and p.endswith(".crt") and n.kind == "file"]
+    if not certs:
+        raise AssembleError(f"no certificates under {source}")
+    return b"".join(c if c.endswith(b"\n") else c + b"\n" for c in certs)
 
 
 def rootfs(tree: Tree, arch: str, variant: str, modules_dir: str, guest_dir: Path) -> list[CpioEntry]:
@@ -116,7 +133,9 @@ def rootfs(tree: Tree, arch: str, variant: str, modules_dir: str, guest_dir: Pat
     for path, mode in DIRS.items():
         img.dir(path, mode, BUILDER_UID if path == "home/builder" else 0)
     img.link("var/run", "../run")
-    img.link("init", "/bin/busybox")  # the kernel runs /init: busybox init reads /etc/inittab
+    roots = [guest_dir / "common"] + ([guest_dir / variant] if (guest_dir / variant).is_dir() else [])
+    if not any((r / "init").is_file() for r in roots):
+        img.link("init", "/bin/busybox")  # the kernel runs /init: busybox init reads /etc/inittab
 
     missing = [p for p in SHIP[variant] if elfdeps.resolve_link(tree, p) is None]
     if missing:
@@ -134,10 +153,15 @@ def rootfs(tree: Tree, arch: str, variant: str, modules_dir: str, guest_dir: Pat
     for path in sorted({*needed, *SHIP[variant]}):
         img.copy(tree, path)
     if variant == "nix":
-        img.dir("nix", 0o755, BUILDER_UID)
+        img.dir("nix", 0o755)  # multi-user: root's (etc/rc.d/nix-store.sh)
+        # dropbear runs the sftp subsystem (scp, sftp) from its compiled-in path
+        img.link("usr/lib/sftp-server", "openssh/sftp-server")
         for name in NIX_LINKS:
-            img.link(f"usr/bin/{name}", "nix")
+            # the variant's own files may stand in front of one (usr/bin/nix-daemon)
+            if not any((r / "usr/bin" / name).is_file() for r in roots):
+                img.link(f"usr/bin/{name}", "nix")
         img.link("usr/libexec/nix/build-remote", "../../bin/nix")
+        img.link("usr/libexec/nix/nix-daemon", "../../bin/nix")  # Nix's own, by its name
         img.link("usr/sbin/mkfs.ext4", "mke2fs")
 
     busybox = tree[elfdeps.resolve_link(tree, "usr/bin/busybox") or ""].data
@@ -145,9 +169,10 @@ def rootfs(tree: Tree, arch: str, variant: str, modules_dir: str, guest_dir: Pat
         if f"usr/bin/{name}" not in img.entries and f"usr/sbin/{name}" not in img.entries:
             img.link(f"usr/bin/{name}", "busybox")
 
-    overlay(img, guest_dir / "common")
-    if (guest_dir / variant).is_dir():
-        overlay(img, guest_dir / variant)
+    overlay(img, roots)
+    ca_source = CA_SOURCE[variant]
+    if ca_source:
+        img.file(CA_BUNDLE, ca_bundle(tree, ca_source))
 
     try:
         mods = modules.select(tree, modules_dir, spec.modules + VARIANT_MODULES[variant])

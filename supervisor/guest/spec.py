@@ -47,15 +47,23 @@ VARIANT_MODULES = {"base": (), "nix": ("virtio_blk", "ext4", "crc32c_generic")}
 # ELF closure of SHIP, searched among these packages' Depends, transitively.
 ROOT_PACKAGES = {
     "base": ("busybox-static", "dropbear-bin"),
-    "nix": ("busybox-static", "dropbear-bin", "nix-bin", "e2fsprogs"),
+    "nix": ("busybox-static", "dropbear-bin", "nix-bin", "e2fsprogs", "openssh-sftp-server",
+            "ca-certificates", "netcat-openbsd"),
 }
 
 # Files copied from the packages (tree paths; a symlink brings its target too).
 SHIP = {
     "base": ("usr/bin/busybox", "usr/sbin/dropbear"),
     "nix": ("usr/bin/busybox", "usr/sbin/dropbear", "usr/bin/nix", "usr/sbin/mke2fs",
-            "usr/sbin/resize2fs", "etc/mke2fs.conf"),
+            "usr/sbin/resize2fs", "etc/mke2fs.conf", "usr/lib/openssh/sftp-server",
+            # a login's `nix-daemon --stdio` joins the running daemon through it (usr/bin/nix-daemon)
+            "usr/bin/nc.openbsd"),
 }
+
+# The CA bundle (substituters and fetches over https): what update-ca-certificates would write
+# at install time, every certificate the package ships, concatenated in path order.
+CA_SOURCE = {"base": None, "nix": "usr/share/ca-certificates/"}
+CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
 
 # Libraries a variant loads with dlopen (no DT_NEEDED names them), looked up like DT_NEEDED:
 # Nix preloads the NSS modules (glibc keeps stubs of them).

@@ -236,13 +236,18 @@ def test_ssh_config_text(nix_env) -> None:
         "  StrictHostKeyChecking yes\n"
         "  ConnectTimeout 75\n"
         "  BatchMode yes\n"
+        "Match originalhost virby-vm localuser root,_virby\n"
+        "  ControlMaster auto\n"
+        "  ControlPath /var/lib/virby/run/ssh-%C\n"
+        "  ControlPersist 30\n"
     )
 
 
 def test_ssh_config_matches_virby_ssh_config(nix_env) -> None:
     opts = {"port": 40022, "virbyExe": VIRBY, "hypervisor": VFKIT, "guest": GUEST}
     cfg = from_dict(nix_eval(nix_env, opts, "config"))
-    assert nix_eval(nix_env, opts, "sshConfig") == sshconfig.ssh_config_text(cfg)
+    assert nix_eval(nix_env, opts, "sshConfig") == sshconfig.ssh_config_text(
+        cfg, mux_users=("root", "_virby"))
 
 
 def test_ssh_config_with_user_ssh_uses_the_group_copy(nix_env) -> None:

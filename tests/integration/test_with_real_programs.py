@@ -50,6 +50,11 @@ def test_openssh_reads_it_as_intended(tmp_path: Path) -> None:
     assert settings["user"] == "builder" and settings["hostkeyalias"] == "virby-vm-key"
     assert settings["stricthostkeychecking"] in ("yes", "true")
     assert settings["identitiesonly"] == "yes"
+    # one shared connection for the Nix daemon's user (root runs this tier), socket in the runtime dir
+    c = from_dict({"stateDir": str(tmp_path), "port": 40022})
+    assert settings["controlmaster"] == "auto" and settings["controlpersist"] == "30"
+    assert settings["controlpath"].startswith(c.runtime("ssh-")) and len(settings["controlpath"]) == len(
+        c.runtime("ssh-")) + 40
 
 
 

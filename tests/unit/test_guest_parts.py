@@ -191,3 +191,44 @@ def test_mirrors_come_from_apt_sources_or_the_environment(tmp_path: Path,
         mirrors.bases(None, ())
     monkeypatch.delenv("VIRBY_DEBIAN_SNAPSHOT", raising=False)
     assert mirrors.resolve("snapshot://debian/20261201T000000Z/pool/x.deb", b) is None
+
+
+def test_the_ca_bundle_is_every_shipped_certificate_in_path_order() -> None:
+    from virby.supervisor.guest.assemble import AssembleError, ca_bundle
+    tree: Tree = {
+        "usr/share/ca-certificates/mozilla/B.crt": Node("file", b"B\n"),
+        "usr/share/ca-certificates/mozilla/A.crt": Node("file", b"A"),
+        "usr/share/doc/ca-certificates/README.crt": Node("file", b"not a cert"),
+    }
+    assert ca_bundle(tree, "usr/share/ca-certificates/") == b"A\nB\n"
+    with pytest.raises(AssembleError, match="no certificates"):
+        ca_bundle({}, "usr/share/ca-certificates/")
+
+
+def test_a_variant_file_replaces_the_common_one(tmp_path: Path) -> None:
+    from virby.supervisor.guest.assemble import Image, overlay
+    for root, text in (("common", "common\n"), ("nix", "nix\n")):
+        (tmp_path / root / "etc").mkdir(parents=True)
+        (tmp_path / root / "etc" / "inittab").write_text(text)
+    (tmp_path / "common" / "etc" / "rc").write_text("rc\n")
+    img = Image()
+    overlay(img, [tmp_path / "common", tmp_path / "nix"])
+    assert img.entries["etc/inittab"].data == b"nix\n"
+    assert img.entries["etc/rc"].data == b"rc\n"
+
+
+def test_the_nix_guest_s_own_files_are_there() -> None:
+    """What the real builder needs from image/guest/nix: its init, the daemon, the collector,
+    the lean nix-daemon and init starting them before sshd."""
+    from virby.supervisor.guest.spec import GUEST_DIR
+    nix = GUEST_DIR / "nix"
+    for name in ("init", "usr/sbin/virby-nix-daemon", "usr/sbin/virby-nix-gc", "usr/bin/nix-daemon"):
+        assert (nix / name).stat().st_mode & 0o111, name
+    inittab = (nix / "etc/inittab").read_text().splitlines()
+    daemon, sshd = "::respawn:/usr/sbin/virby-nix-daemon", "::respawn:/usr/sbin/virby-sshd"
+    assert inittab.index(daemon) < inittab.index(sshd)
+    common = (GUEST_DIR / "common/etc/inittab").read_text().splitlines()
+    assert [line for line in inittab if "virby-nix" not in line] == common
+    conf = (nix / "etc/nix/nix.conf").read_text().splitlines()
+    assert "sandbox = true" in conf and "build-users-group = nixbld" in conf
+    assert conf[-1] == "!include /etc/nix/virby.conf"

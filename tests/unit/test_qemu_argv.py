@@ -38,8 +38,9 @@ def test_command_line(tmp_path: Path) -> None:
     assert arg_after(argv, "-kernel") == [str(tmp_path / "vmlinuz")]
     assert arg_after(argv, "-initrd") == [str(tmp_path / "r" / "initrd.img")]  # base + keys
     assert arg_after(argv, "-append") == ["console=ttyS0 quiet panic=-1"]
-    # user networking, cut off from the world, sshd forwarded to a loopback port QEMU picks
-    assert arg_after(argv, "-netdev") == ["user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22"]
+    # user networking (the guest reaches the network: substitutes, fixed-output fetches), sshd
+    # forwarded to a loopback port QEMU picks
+    assert arg_after(argv, "-netdev") == ["user,id=n0,hostfwd=tcp:127.0.0.1:0-:22"]
     assert arg_after(argv, "-qmp") == [f"unix:{tmp_path}/r/qmp.sock,server=on,wait=off"]
     assert f"socket,id=agent,path={tmp_path}/r/agent.sock,server=on,wait=off" in arg_after(argv, "-chardev")
     # the console on the first serial port; the agent on an unnamed virtio console (hvc0)
@@ -161,3 +162,8 @@ def test_check_names_the_missing_file(tmp_path: Path, what: str, message: str) -
         (tmp_path / "initrd.img").unlink()
     with pytest.raises(BackendError, match=message.replace("(", r"\(").replace(")", r"\)")):
         b.check()
+
+
+def test_guest_network_none_cuts_the_guest_off(tmp_path: Path) -> None:
+    argv = backend(tmp_path, guestNetwork="none").command()
+    assert arg_after(argv, "-netdev") == ["user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22"]

@@ -16,7 +16,7 @@ from virby.workers.keys import ensure_keys
 
 def test_ssh_config_block(tmp_path: Path) -> None:
     c = from_dict({"stateDir": str(tmp_path), "port": 40022, "readyTimeout": 45})
-    text = ssh_config_text(c)
+    text = ssh_config_text(c, mux_users=("root", "alice"))
     assert text.splitlines() == [
         "Host virby-vm",
         "  HostName 127.0.0.1",
@@ -30,7 +30,25 @@ def test_ssh_config_block(tmp_path: Path) -> None:
         "  StrictHostKeyChecking yes",
         "  ConnectTimeout 60",
         "  BatchMode yes",
+        # one connection for many derivations, for who may create the socket in the runtime
+        # dir; ControlPersist half of pauseAfter (60 s), at most 30 s
+        "Match originalhost virby-vm localuser root,alice",
+        "  ControlMaster auto",
+        f"  ControlPath {c.runtimeDir}/ssh-%C",
+        "  ControlPersist 30",
     ]
+
+
+def test_control_persist_stays_below_the_idle_pause(tmp_path: Path) -> None:
+    c = from_dict({"stateDir": str(tmp_path), "onDemand": {"pauseAfter": 10, "stopAfter": 20}})
+    assert "  ControlPersist 5" in ssh_config_text(c).splitlines()
+    c = from_dict({"stateDir": str(tmp_path), "onDemand": {"pauseAfter": None, "stopAfter": 3}})
+    assert "  ControlPersist 1" in ssh_config_text(c).splitlines()
+
+
+def test_no_shared_connection_when_the_socket_path_would_not_fit(tmp_path: Path) -> None:
+    c = from_dict({"stateDir": str(tmp_path), "runtimeDir": "/tmp/" + "r" * 60})
+    assert "ControlMaster" not in ssh_config_text(c)
 
 
 def test_nix_machines_line(tmp_path: Path) -> None:

@@ -5,11 +5,14 @@ holds the guest's private host key; the backend removes it when the VM ends."""
 
 from __future__ import annotations
 
+from virby.supervisor.config import Config
 from virby.workers import cpio
+from virby.workers.guestconf import guest_nix_conf
 from virby.workers.keys import KeyPaths, guest_keys_archive
 
 
-def build_keyed_initrd(base: str, keys: KeyPaths, ssh_user: str, out: str) -> None:
-    """Write `base` + the keys archive to `out` (tens of MB copied and fsynced: run it off the
-    event loop)."""
-    cpio.append_archive(base, guest_keys_archive(keys, ssh_user), out)
+def build_keyed_initrd(config: Config, keys: KeyPaths, out: str) -> None:
+    """Write the config's guest initrd + the keys archive (keys, login user, the guest Nix's
+    settings) to `out` (tens of MB copied and fsynced: run it off the event loop)."""
+    archive = guest_keys_archive(keys, config.sshUser, guest_nix_conf(config))
+    cpio.append_archive(config.guest.initrd, archive, out)

@@ -38,6 +38,17 @@ from virby.workers.logtail import last_line
 log = logging.getLogger("virby.qemu")
 
 _USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
+
+
+def netdev_arg(guest_network: str) -> str:
+    """User-mode networking with sshd forwarded to a loopback port QEMU picks. "nat": the guest
+    reaches the network through slirp (substitutes, fixed-output fetches), and slirp maps its
+    gateway 10.0.2.2 to the host's loopback (QEMU gives no way to turn that off); "none":
+    restrict=on, the guest reaches nothing and only the forward reaches it."""
+    restrict = ",restrict=on" if guest_network == "none" else ""
+    return f"user,id=n0{restrict},hostfwd=tcp:127.0.0.1:0-:22"
+
+
 _TB_SIZE_MIB = 128  # cap the TCG translation cache (its 1 GiB default inflates RSS)
 SAVE_TIMEOUT = 60.0  # the idle monitor's stop request waits 60 s
 LOAD_TIMEOUT = 30.0  # the vm worker's own restore deadline is shorter
@@ -104,8 +115,7 @@ class QemuBackend(Backend):
             "-kernel", c.guest.kernel,
             "-initrd", self.boot_initrd,
             "-append", c.guest.cmdline,
-            # restrict=on: the guest reaches nothing outside QEMU; only the forward reaches it.
-            "-netdev", "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:0-:22",
+            "-netdev", netdev_arg(c.guestNetwork),
             "-device", "virtio-net-pci,netdev=n0,romfile=",
             "-device", "virtio-rng-pci",
             *qemu_machine.layout_device_args(c.qemuDevices, m),
@@ -162,8 +172,8 @@ class QemuBackend(Backend):
         # Tens of MB copied and fsynced: off the event loop, which keeps answering wakes. A
         # restore reuses the one a suspend left (QEMU reads it at start; the guest never does).
         if not (extra and os.path.exists(self.boot_initrd)):
-            await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
-                                    self.config.sshUser, self.boot_initrd)
+            await asyncio.to_thread(build_keyed_initrd, self.config, self.keys,
+                                    self.boot_initrd)
         self._shares = await virtiofs.start(self.config, self.config.log_dir)
         await self.process.start(self.command() + list(extra), log_path=self.qemu_log)
         log.info("qemu started, pid %s, accel %s", self.process.pid, self.accel())

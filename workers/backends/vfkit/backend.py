@@ -251,8 +251,8 @@ class VfkitBackend(Backend):
         self.check()
         self.prepare()
         # Tens of MB copied and fsynced: off the event loop.
-        await asyncio.to_thread(build_keyed_initrd, self.config.guest.initrd, self.keys,
-                                self.config.sshUser, self.boot_initrd)
+        await asyncio.to_thread(build_keyed_initrd, self.config, self.keys,
+                                    self.boot_initrd)
         argv = self.command()
         log.info("starting vfkit: %s", " ".join(argv))
         # If it dies at once, _wait_rest reports why.

@@ -27,6 +27,24 @@ if [ -b $D ]; then
 else
   log "no $D: the Nix store is in RAM"
 fi
-# single-user store owned by builder (a new filesystem, or the RAM store, starts as root's)
-mkdir -p /nix/store /nix/var/nix
-chown 1000:1000 /nix /nix/store /nix/var /nix/var/nix
+# Multi-user store: root owns it (a disk from the single-user guest had it owned by builder:
+# taken back here, so the login user's Nix joins the daemon instead of opening it directly),
+# builds run as the nixbld users, one per build at a time: twice the CPUs, at least 32.
+mkdir -p /nix/store /nix/var/nix /var/empty
+n=$(grep -c '^processor' /proc/cpuinfo)
+n=$((n * 2)); [ "$n" -ge 32 ] || n=32
+i=1 members=
+while [ $i -le $n ]; do
+  echo "nixbld$i:x:$((30000 + i)):30000:Nix build user $i:/var/empty:/bin/false" >> /etc/passwd
+  echo "nixbld$i:*:19000:0:99999:7:::" >> /etc/shadow
+  members="$members${members:+,}nixbld$i"
+  i=$((i + 1))
+done
+echo "nixbld:x:30000:$members" >> /etc/group
+chown 0:0 /nix /nix/var /nix/var/nix
+chown 0:30000 /nix/store && chmod 1775 /nix/store
+# the host's settings for this guest's Nix (caches, keys, min-free…): readable by every user's
+# Nix, unlike the rest of /etc/virby
+[ -f $V/nix.conf ] && cp $V/nix.conf /etc/nix/virby.conf
+# the login user (/etc/virby/user) may import paths and set build options: Nix trusts it
+[ "$user" = builder ] || echo "extra-trusted-users = $user" >> /etc/nix/nix.conf
