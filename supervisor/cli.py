@@ -263,7 +263,9 @@ def reload(config_path: str | None) -> None:
             _fail("reload refused: the running arbiter cannot change " + ", ".join(refused)
                   + "; restart `virby run` for that (nothing was reloaded)")
     t0 = time.time()
-    _control_call(lambda: control.circus_call(config, "reload", timeout=10))
+    # waiting: the answer comes once every watcher is reloaded (circusd hangs on a SIGTERM that
+    # arrives while a reload is still under way)
+    _control_call(lambda: control.circus_call(config, "reload", timeout=60, waiting=True))
     deadline = time.monotonic() + 10
     while True:
         vm = control.collect_states(config, 0.5).get("vm")
