@@ -292,7 +292,13 @@ class VMWorker:
         so every wake that comes in meanwhile waits for this same boot."""
         if self._boot is not None and not self._boot.done():
             return
-        self._set("starting", "restoring the saved VM" if self.snapshots.present() else None)
+        if self.snapshots.present():
+            reason: str | None = "restoring the saved VM"
+        elif self.state == "failed" and self.reason:
+            reason = f"booting again after: {self.reason}"  # the cause stays in `virby status`
+        else:
+            reason = None
+        self._set("starting", reason)
         self._boot = asyncio.create_task(self._run_boot())
 
     async def _run_boot(self) -> None:
@@ -727,9 +733,15 @@ class VMWorker:
         cannot be adopted half-booted). A running or paused VM is left to the next worker when
         `keep`, else shut down cleanly; orphaned (circusd and the port are gone), at once."""
         if self._boot is not None and not self._boot.done():
-            self._boot.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._boot
+            if self.state == "suspending":
+                # a save a previous worker started: let it finish (bounded by SAVE_TIMEOUT)
+                # rather than leave the hypervisor in the middle of it
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._boot)
+            else:
+                self._boot.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._boot
         async with self._lock:
             if self._monitor is not None:
                 self._monitor.cancel()

@@ -376,18 +376,17 @@ def umount(path: Path) -> None:
 
 
 def fill(path: Path) -> None:
-    """Fill the filesystem holding `path` until ENOSPC."""
-    with open(path / "filler", "wb") as f:
+    """Fill the filesystem holding `path` until ENOSPC. Unbuffered: a buffered file would raise
+    ENOSPC again from its close, flushing what the failed write left behind."""
+    with open(path / "filler", "wb", buffering=0) as f:
         chunk = b"\0" * 65536
         with contextlib.suppress(OSError):
             while True:
                 f.write(chunk)
-                f.flush()
     # the last partial blocks
-    with contextlib.suppress(OSError), open(path / "filler2", "wb") as f:
+    with contextlib.suppress(OSError), open(path / "filler2", "wb", buffering=0) as f:
         while True:
             f.write(b"\0" * 512)
-            f.flush()
 
 
 # -- who sees whom --------------------------------------------------------------------------------
