@@ -58,14 +58,16 @@ SAVE_TIMEOUT = 60.0  # a save a killed worker left under way (the idle monitor's
 RESTORE_TIMEOUT = 15.0  # a restore takes ~1 s here (TCG); past this, boot cold instead
 SEED_BYTES = 32  # host entropy mixed into a restored guest's pool
 BOOTED_CONFIG_FILE = "vm.booted.json"  # the config the running hypervisor was started with
+PROVEN_FILE = "vm.proven.json"  # the hypervisor pid this worker saw `running` (proven)
 # Liveness while running or paused: the hypervisor must answer a status query within
 # LIVENESS_TIMEOUT, asked every LIVENESS_INTERVAL; two misses in a row (one, when its process is
 # stopped) and it is declared unresponsive: killed, `failed` with the reason, and booted cold at
 # the next wake without a backoff. Worst case from the freeze to `failed`: ~9 s.
-ADOPT_QUIET = 2.0
 LIVENESS_INTERVAL = 1.0
 LIVENESS_TIMEOUT = 4.0
 LIVENESS_MISSES = 2
+# How long a new worker proves an adopted guest before it goes on the bus (see main()).
+ADOPT_QUIET = 2.0
 
 
 def one_line(text: str) -> str:
@@ -141,6 +143,7 @@ class VMWorker:
             log.info("vm %s -> %s%s", self.state, state, f" ({reason})" if reason else "")
             self.since = time.time()
         self.state, self.reason = state, reason
+        self._record_proven()
         self._update_pending()
         self.node.state = self.snapshot()
         self.node.publish_state()
@@ -182,6 +185,32 @@ class VMWorker:
             self.pending = reconfig.diff(reconfig.as_data(self.backend.config), now)
         else:
             self.pending = []
+
+    @property
+    def _proven_path(self) -> str:
+        return self.config.runtime(PROVEN_FILE)
+
+    def _record_proven(self) -> None:
+        """Which hypervisor this worker has proven (it was `running`): the next worker adopts
+        that one as it is, without proving it again. Any other state drops the record, so a
+        hypervisor adopted half-booted, half-restored or mid-save is never taken for it."""
+        pid = self.backend.pid() if self.state in ("running", "paused") else None
+        try:
+            if pid is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._proven_path)
+            elif self._proven_pid() != pid:
+                write_json(self._proven_path, {"pid": pid})
+        except OSError as e:
+            log.warning("cannot record the proven hypervisor: %s", e)
+
+    def _proven_pid(self) -> int | None:
+        try:
+            with open(self._proven_path) as f:
+                pid = json.load(f).get("pid")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return pid if isinstance(pid, int) else None
 
     def _record_booted_config(self) -> None:
         try:
@@ -631,6 +660,12 @@ class VMWorker:
             await self._record_unfinished_save()
         if status in ("running", "paused", "failed"):
             self.snapshots.discard()  # a VM that ran since supersedes any saved one
+        if status == "running" and saving is None and self._proven_pid() == self.backend.pid():
+            log.info("adopted running qemu pid %s, proven by the previous vm worker",
+                     self.backend.pid())
+            self._set("running")
+            self._watch_exit()
+            return
         if status == "running":
             self._set("starting", "adopted a running VM: proving it before use")
             self._boot = asyncio.create_task(self._prove_adopted())
