@@ -484,3 +484,19 @@ def test_an_edited_config_waits_for_the_next_boot(config: Config, tmp_path: Any,
         assert worker.backend.config.memory == 768 and worker.pending == []
 
     run(t, config)
+
+
+def test_a_guest_the_previous_worker_proved_is_adopted_as_running(config: Config) -> None:
+    """Only a hypervisor the previous worker never saw `running` is proven again: a kill -9 of
+    the vm worker under load must not hold clients for an SSH login."""
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)  # records the proven hypervisor
+        keys = ensure_keys(config.stateDir)
+        fresh = FakeBackend(config, keys)
+        fresh.adoptable = "running"
+        successor = vm.VMWorker(config, fresh, keys, FakeNode())  # type: ignore[arg-type]
+        fresh.announce.clear()  # would hold a proof forever
+        await successor.adopt()
+        assert successor.state == "running" and "sync_guest" not in fresh.calls
+
+    run(t, config)
