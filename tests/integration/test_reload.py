@@ -81,7 +81,7 @@ def test_two_runs_at_once_the_loser_says_already_running() -> None:
             assert "virby is already running for this config" in err, err
             assert "stale" not in err
             winner = next(p for p in procs if p is not losers[0])
-            inst.proc = winner  # type: ignore[assignment]
+            inst.proc = winner
             inst.wait_bus(lambda s: "vm" in s and "idle" in s, 20, "the winner's workers")
         finally:
             for p in procs:
