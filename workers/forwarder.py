@@ -43,9 +43,9 @@ DIAL_BACKOFF_MAX = 1.0
 DIAL_GREETING_TIMEOUT = 3.0
 DIAL_GREETING_TIMEOUT_MAX = 12.0  # seconds one wake request may wait; renewed until the deadline
 DIAL_CONNECT_TIMEOUT = 3.0  # one TCP connect to the guest's forwarded port (loopback: instant)
-# A client that has sent nothing this long after the VM is ready goes to the silent lane (one
-# dial at a time); real SSH clients send their identification as soon as they connect.
-CLIENT_FIRST_WORD = 2.0
+# A client that has sent nothing when the VM is ready is dialled for in the silent lane, one at
+# a time (it moves to the speaking lane as soon as it speaks); real SSH clients send their
+# identification as soon as they connect, so they are in the speaking lane.
 SILENT_LANE = 1
 SILENT_GRACE = 5.0  # a silent-lane client must speak this soon after the guest's banner
 # Upstream sessions still in their SSH handshake: fewer than dropbear's 5 unauthenticated
@@ -309,7 +309,7 @@ class Forwarder:
                     conn.close()
                     return
             if not spoke:
-                spoke = await _readable(conn, CLIENT_FIRST_WORD)
+                spoke = _peek(conn) is not None  # (a client that waits for our banner: the silent lane)
             if spoke and _client_gone(conn):
                 conn.close()  # it left while it waited: nothing to dial for
                 return
@@ -324,13 +324,13 @@ class Forwarder:
         """Dial for one client and copy until it ends. "retry" when the VM went away meanwhile.
 
         Fairness: every real SSH client sends its identification as soon as it connects, so a
-        client that has said nothing CLIENT_FIRST_WORD after the VM is ready is put in the
-        silent lane, one dial at a time (it may be one that waits for the server's banner
-        first). The speaking lane has DIAL_CONCURRENCY places, first come first served among
-        speakers only, so connections that never speak cannot use up the guest sshd's
-        unauthenticated sessions (5 per source address in Debian's dropbear) nor the places of
-        clients that do speak. A silent-lane client that still says nothing SILENT_GRACE after
-        the guest's banner reached it is closed."""
+        client that has said nothing when the VM is ready waits for the silent lane, one dial
+        at a time (it may be one that waits for the server's banner first), and moves to the
+        speaking lane the moment it speaks. The speaking lane has DIAL_CONCURRENCY places,
+        first come first served among speakers only, so connections that never speak cannot
+        use up the guest sshd's unauthenticated sessions (5 per source address in Debian's
+        dropbear) nor the places of clients that do speak. A silent-lane client that still
+        says nothing SILENT_GRACE after the guest's banner reached it is closed."""
         gate = self._dial_gate
         if not spoke:
             got = await self._silent_place(conn, deadline)

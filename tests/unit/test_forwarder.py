@@ -294,7 +294,6 @@ def test_silent_connections_do_not_starve_a_client_that_speaks(config: Config,
     (and the guest sshd's unauthenticated sessions) a real client needed. Now they wait in a
     lane of their own, one dial at a time, and one that still says nothing after the guest's
     banner is closed."""
-    monkeypatch.setattr(forwarder, "CLIENT_FIRST_WORD", 0.2)
     monkeypatch.setattr(forwarder, "SILENT_GRACE", 0.3)
 
     async def t() -> None:
@@ -317,7 +316,7 @@ def test_silent_connections_do_not_starve_a_client_that_speaks(config: Config,
         fwd = Forwarder(config, socket.socket(), FakeNode({"state": "running", "endpoint": list(ep)}))  # type: ignore[arg-type]
         silent = [socket.socketpair() for _ in range(40)]
         serving = [asyncio.create_task(fwd.serve(conn)) for _, conn in silent]
-        await asyncio.sleep(0.5)  # the silent ones are past their first-word wait
+        await asyncio.sleep(0.5)  # the silent ones are queued in their lane
         client, conn = socket.socketpair()
         client.sendall(b"SSH-2.0-real\r\n")
         loop = asyncio.get_running_loop()
@@ -343,8 +342,6 @@ def test_silent_connections_do_not_starve_a_client_that_speaks(config: Config,
 
 def test_a_client_that_waits_for_the_server_banner_is_still_served(config: Config,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(forwarder, "CLIENT_FIRST_WORD", 0.1)
-
     async def t() -> None:
         async def sshd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             writer.write(b"SSH-2.0-guest\r\n")
