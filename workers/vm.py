@@ -158,8 +158,9 @@ class VMWorker:
         return self.config.runtime(BOOTED_CONFIG_FILE)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file. What the VM cannot take while it exists waits for
-        its next boot (listed as pending); a saved VM from the old config is not restored."""
+        """SIGHUP, and before every boot: re-read the config file. What the VM cannot take
+        while it exists waits for its next boot (listed as pending); a saved VM from the old
+        config is not restored."""
         result = reconfig.reread(self.config)
         reconfig.report(result, "vm")
         self.config, self.reread, self.reread_at = result.config, result, time.time()
@@ -342,6 +343,9 @@ class VMWorker:
                             self.backend.snapshot_inputs())
 
     async def _do_boot(self) -> None:
+        # every boot starts from the file as it is now, even without a reload (`virby stop`,
+        # then a connection): an edit is never silently left out
+        self.reload()
         self._use_config_for_next_boot()
         self._record_booted_config()
         self._update_pending()
