@@ -469,12 +469,13 @@ def test_an_edited_config_waits_for_the_next_boot(config: Config, tmp_path: Any,
     import json as json_
 
     src = tmp_path / "c.json"
-    src.write_text(json_.dumps({**json_.loads(config.to_json()), "memory": 768}))
+    src.write_text(config.to_json())
     monkeypatch.setenv("VIRBY_CONFIG_SOURCE", str(src))
     monkeypatch.setattr(vm, "make_backend", lambda c, k: FakeBackend(c, k))
 
     async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
         await booted(worker)
+        src.write_text(json_.dumps({**json_.loads(config.to_json()), "memory": 768}))
         worker.reload()
         assert worker.config.memory == 768 and worker.pending == ["memory: 512 -> 768"]
         assert worker.snapshot()["config"]["pending"] == ["memory: 512 -> 768"]
