@@ -68,11 +68,37 @@ def clean_runtime_dir(config: Config) -> None:
             os.unlink(config.runtime(name))
 
 
+ARBITER_LOCK = "arbiter.lock"
+
+
+def hold_arbiter_lock(config: Config) -> int:
+    """An exclusive lock on `<runtimeDir>/arbiter.lock`, held by this process and, through
+    exec, by circusd until it exits: of two `virby run` started at the same instant, exactly
+    one gets it (the other used to reach circusd and fail with its "pid file is stale")."""
+    import fcntl
+
+    path = config.runtime(ARBITER_LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise CannotStart(f"cannot open {path}: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise CannotStart(f"virby is already running for this config ({config.runtimeDir})") from None
+        raise CannotStart(f"cannot lock {path}: {e.strerror}") from e
+    os.set_inheritable(fd, True)  # kept across exec: the lock lives as long as circusd
+    return fd
+
+
 def exec_circusd(config: Config) -> None:
     """Never returns on success: this process becomes circusd."""
     from virby.supervisor.control import NotRunning, circus_call
 
     prepare_dirs(config)
+    hold_arbiter_lock(config)
     try:
         circus_call(config, "status", timeout=0.5)
     except NotRunning:

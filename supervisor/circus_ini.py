@@ -108,6 +108,8 @@ def render(config: Config, *, python: str | None = None) -> str:
         ini[f"watcher:{name}"] = section
     ini["env"] = {
         "VIRBY_CONFIG": resolved_config_path(config),
+        # the file the config came from: re-read at each worker start and reload (issue 20)
+        "VIRBY_CONFIG_SOURCE": config.source or "",
         "PYTHONUNBUFFERED": "1",
     }
     out = io.StringIO()

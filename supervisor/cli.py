@@ -237,6 +237,56 @@ def start(config_path: str | None) -> None:
     click.echo(f"VM {state.get('state')}")
 
 
+@cli.command()
+@config_option
+def reload(config_path: str | None) -> None:
+    """Re-read the config file in the running arbiter (as `circusctl reload` does). Changes
+    are taken at once (idle policy, readyTimeout), at the VM's next boot (memory, cores,
+    guest, ...: `virby status` lists them as pending; a saved VM is then not restored), or
+    refused with the reason (port, stateDir, runtimeDir, name: restart `virby run`).
+
+    \b
+    Example:
+      virby reload && virby status
+    """
+    import time
+
+    from virby.supervisor import control
+    from virby.supervisor.config import ARBITER_KEYS
+
+    config = _load(config_path)
+    try:
+        running = load(config.runtime("config.json"))
+    except ConfigError:
+        running = None
+    if running is not None:
+        refused = [f"{k} {getattr(running, k)!r} -> {getattr(config, k)!r}"
+                   for k in ARBITER_KEYS if getattr(running, k) != getattr(config, k)]
+        if refused:
+            _fail("reload refused: the running arbiter cannot change " + ", ".join(refused)
+                  + "; restart `virby run` for that (nothing was reloaded)")
+    t0 = time.time()
+    # waiting: the answer comes once every watcher is reloaded (circusd hangs on a SIGTERM that
+    # arrives while a reload is still under way)
+    _control_call(lambda: control.circus_call(config, "reload", timeout=60, waiting=True))
+    deadline = time.monotonic() + 10
+    while True:
+        vm = control.collect_states(config, 0.5).get("vm")
+        cfg = (vm.data.get("config") if vm is not None else None) or {}
+        if isinstance(cfg.get("reread_at"), int | float) and cfg["reread_at"] >= t0:
+            break
+        if time.monotonic() > deadline:
+            _fail("reload sent, but the vm worker has not reported the re-read config within 10s "
+                  "(`virby logs vm`)")
+    if cfg.get("error"):
+        _fail(f"config not re-read: {cfg['error']}")
+    for line in cfg.get("refused") or []:
+        click.echo(f"refused: {line}")
+    for line in cfg.get("pending") or []:
+        click.echo(f"pending (at the VM's next boot): {line}")
+    click.echo("reloaded")
+
+
 # -- ssh -------------------------------------------------------------------------------------
 
 

@@ -436,6 +436,9 @@ def load_builders(path: str | Path) -> list[Config]:
 
 
 ENV_VAR = "VIRBY_CONFIG"
+# Keys the running arbiter is built from (its listening port, the dirs of its sockets, state and
+# logs, the builder's name): a reload cannot change them, only a new `virby run`.
+ARBITER_KEYS = ("port", "stateDir", "runtimeDir", "name")
 
 
 def load_for_worker() -> Config:

@@ -74,6 +74,14 @@ def format_status(st: dict[str, Any], now: float | None = None) -> str:
     lines.append(f"{'backend':<12}{vm.get('backend', '-')}    boots {vm.get('boots', '-')}    "
                  f"last cold start {_seconds(last)}    restores {vm.get('restores', '-')}    "
                  f"last restore {_seconds(restore)}")
+    raw_cfg = vm.get("config")
+    cfg: dict[str, Any] = raw_cfg if isinstance(raw_cfg, dict) else {}
+    if cfg.get("error"):
+        lines.append(f"{'config':<12}not re-read: {cfg['error']}")
+    for line in cfg.get("refused") or []:
+        lines.append(f"{'config':<12}refused: {line}")
+    for line in cfg.get("pending") or []:
+        lines.append(f"{'config':<12}pending (at the next boot): {line}")
     snap = vm.get("snapshot")
     if isinstance(snap, dict):
         saved = snap.get("save_seconds")

@@ -328,11 +328,21 @@ class RequestError(Exception):
     """A command did not get an answer, or got an error answer."""
 
 
+INCARNATION_CHECK = 0.05  # how often a waiting request looks at the vm worker's incarnation
+
+
 async def request(config: Config, cmd: str, args: dict[str, Any] | None = None, *,
-                  timeout: float = 2.0, ctx: zmq.asyncio.Context | None = None) -> dict[str, Any]:
+                  timeout: float = 2.0, ctx: zmq.asyncio.Context | None = None,
+                  peer: Peer | None = None) -> dict[str, Any]:
     """Send one command to the vm worker and wait for its reply (a fresh DEALER each call,
-    so a lost reply can never be mistaken for the answer to a later request)."""
+    so a lost reply can never be mistaken for the answer to a later request).
+
+    With `peer` (the caller's view of the vm worker), the request ends at once with
+    RequestError when the worker's incarnation changes while it waits: the worker that took
+    it is gone and will never answer (a kill -9 mid-request), and the new one is ready for
+    the caller's next request."""
     ctx = ctx or zmq.asyncio.Context.instance()
+    inc0 = peer.inc if peer is not None else ""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -343,8 +353,14 @@ async def request(config: Config, cmd: str, args: dict[str, Any] | None = None, 
         await sock.send_multipart([b"", encode_request(cmd, args, req_id)])
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not await sock.poll(remaining * 1000):
+            if peer is not None and inc0 and peer.inc != inc0:
+                raise RequestError(f"the vm worker was replaced while it handled {cmd} "
+                                   f"(incarnation {inc0} -> {peer.inc}); not answered")
+            if remaining <= 0:
                 raise RequestError(f"no answer from the vm worker within {timeout:g}s ({cmd})")
+            slice_ = min(remaining, INCARNATION_CHECK) if peer is not None and inc0 else remaining
+            if not await sock.poll(slice_ * 1000):
+                continue
             frames = await sock.recv_multipart()
             try:
                 reply = json.loads(frames[-1])

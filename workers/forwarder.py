@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from virby.supervisor.config import Config
-from virby.workers import bus
+from virby.workers import bus, reconfig, runtime
 from virby.workers.runtime import run_worker
 from virby.workers.timeouts import FORWARDER_DRAIN_TIMEOUT
 
@@ -42,6 +42,12 @@ DIAL_BACKOFF_MAX = 1.0
 # never accepted): dial again rather than wait out the whole deadline on one connection.
 DIAL_GREETING_TIMEOUT = 3.0
 DIAL_GREETING_TIMEOUT_MAX = 12.0  # seconds one wake request may wait; renewed until the deadline
+DIAL_CONNECT_TIMEOUT = 3.0  # one TCP connect to the guest's forwarded port (loopback: instant)
+# A client that has sent nothing when the VM is ready is dialled for in the silent lane, one at
+# a time (it moves to the speaking lane as soon as it speaks); real SSH clients send their
+# identification as soon as they connect, so they are in the speaking lane.
+SILENT_LANE = 1
+SILENT_GRACE = 5.0  # a silent-lane client must speak this soon after the guest's banner
 # Upstream sessions still in their SSH handshake: fewer than dropbear's 5 unauthenticated
 # connections per source address (every connection reaches the guest from QEMU's 10.0.2.2), so
 # a storm of clients is let through a few at a time instead of being turned away and redialled.
@@ -79,6 +85,8 @@ class _Half(asyncio.Protocol):
                 self.link.greeted.set_result(True)
             return
         assert self.peer is not None and self.peer.transport is not None
+        if self is self.link.client and not self.link.spoke.done():
+            self.link.spoke.set_result(None)
         self.peer.transport.write(data)
         self.link.bytes += len(data)
 
@@ -134,6 +142,7 @@ class _Link:
         self.client.peer, self.upstream.peer = self.upstream, self.client
         self.done = loop.create_future()
         self.greeted: asyncio.Future[bool] = loop.create_future()
+        self.spoke: asyncio.Future[None] = loop.create_future()  # the client sent its first bytes
         self.greeting = b""
         self.started = False
         self.bytes = 0
@@ -168,6 +177,45 @@ class _Link:
             self.done.set_result(None)
 
 
+async def _readable(conn: socket.socket, timeout: float) -> bool:
+    """Whether the client sends anything (or closes) within `timeout`; nothing is read."""
+    if _peek(conn) is not None:
+        return True
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[bool] = loop.create_future()
+
+    def on_readable() -> None:
+        if not ready.done():
+            ready.set_result(True)
+
+    loop.add_reader(conn.fileno(), on_readable)
+    try:
+        await asyncio.wait_for(ready, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(conn.fileno())
+
+
+def _peek(conn: socket.socket) -> bytes | None:
+    """The client's first unread byte; b"" at EOF, None when nothing has come."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
+def _client_gone(conn: socket.socket) -> bool:
+    return _peek(conn) == b""
+
+
+def _has_data(conn: socket.socket) -> bool:
+    return bool(_peek(conn))
+
+
 class Forwarder:
     def __init__(self, config: Config, listener: socket.socket, node: bus.Node) -> None:
         self.config = config
@@ -183,9 +231,16 @@ class Forwarder:
         self._wake: asyncio.Task[dict[str, Any]] | None = None
         self._overloaded = False
         self._dial_gate = asyncio.Semaphore(DIAL_CONCURRENCY)
+        self._silent_gate = asyncio.Semaphore(SILENT_LANE)
         self._released = asyncio.Event()  # set while draining once the VM is not coming
         self.draining = False
         self._publish()
+
+    def reload(self) -> None:
+        """SIGHUP (`virby reload`; `circusctl reload` restarts the forwarder instead)."""
+        result = reconfig.reread(self.config)
+        reconfig.report(result, "forwarder")
+        self.config = result.config
 
     def _publish(self) -> None:
         self.node.update(open=self.open, waiting=self.waiting, accepted=self.accepted,
@@ -233,68 +288,168 @@ class Forwarder:
             self.node.event("close", conn=cid, open=self.open)
 
     async def _serve(self, conn: socket.socket, cid: int) -> None:
-        endpoint = self._running_endpoint()
-        if endpoint is None:
-            self.waiting += 1
-            self._publish()
-            try:
-                endpoint, reason = await self._wait_running()
-            finally:
-                self.waiting -= 1
+        """Hold the client until the VM runs, then dial the guest for it in its lane (see
+        `_lane`). A dial whose endpoint stops being the running VM's (the VM failed, e.g. an
+        unresponsive hypervisor was killed) goes back to waiting for the VM; every wait ends by
+        `deadline` with the client closed and the reason logged."""
+        deadline = time.monotonic() + self.config.readyTimeout + WAIT_GRACE
+        spoke = False
+        while True:
+            endpoint = self._running_endpoint()
             if endpoint is None:
-                self.failed += 1
-                log.warning("connection %d closed: %s", cid, reason)
-                conn.close()
+                self.waiting += 1
+                self._publish()
+                try:
+                    endpoint, reason = await self._wait_running(deadline)
+                finally:
+                    self.waiting -= 1
+                if endpoint is None:
+                    self.failed += 1
+                    log.warning("connection %d closed: %s", cid, reason)
+                    conn.close()
+                    return
+            if not spoke:
+                spoke = _peek(conn) is not None  # (a client that waits for our banner: the silent lane)
+            if spoke and _client_gone(conn):
+                conn.close()  # it left while it waited: nothing to dial for
                 return
-        await self._dial_gate.acquire()
-        slot = _Slot(self._dial_gate)
+            outcome = await self._lane(conn, cid, endpoint, spoke, deadline)
+            if outcome == "retry":
+                spoke = spoke or _has_data(conn)
+                continue
+            return
+
+    async def _lane(self, conn: socket.socket, cid: int, endpoint: tuple[str, int], spoke: bool,
+                    deadline: float) -> str:
+        """Dial for one client and copy until it ends. "retry" when the VM went away meanwhile.
+
+        Fairness: every real SSH client sends its identification as soon as it connects, so a
+        client that has said nothing when the VM is ready waits for the silent lane, one dial
+        at a time (it may be one that waits for the server's banner first), and moves to the
+        speaking lane the moment it speaks. The speaking lane has DIAL_CONCURRENCY places,
+        first come first served among speakers only, so connections that never speak cannot
+        use up the guest sshd's unauthenticated sessions (5 per source address in Debian's
+        dropbear) nor the places of clients that do speak. A silent-lane client that still
+        says nothing SILENT_GRACE after the guest's banner reached it is closed."""
+        gate = self._dial_gate
+        if not spoke:
+            got = await self._silent_place(conn, deadline)
+            if got is None:
+                self.failed += 1
+                log.warning("connection %d closed: it sent nothing (no SSH identification) within "
+                            "%.0fs", cid, self.config.readyTimeout + WAIT_GRACE)
+                conn.close()
+                return "done"
+            if got == "spoke":
+                spoke = True
+            else:
+                gate = self._silent_gate
+        if spoke:
+            await gate.acquire()
+        slot = _Slot(gate)
         try:
-            link = await self._dial(endpoint, cid)
+            link = await self._dial(endpoint, cid, deadline)
             if link is None:
+                if self._endpoint_gone(endpoint) and time.monotonic() < deadline:
+                    log.info("connection %d: the VM at %s:%d is no longer running; waiting for it "
+                             "again", cid, *endpoint)
+                    return "retry"
                 self.failed += 1
                 conn.close()
-                return
+                return "done"
             loop = asyncio.get_running_loop()
             try:
                 await loop.connect_accepted_socket(lambda: link.client, sock=conn)
             except OSError:
                 link.abort()
-                return
+                return "done"
             self.links.add(link)
             link.start()
-            loop.call_later(HANDSHAKE_GRACE, slot.release)
+            if spoke:
+                loop.call_later(HANDSHAKE_GRACE, slot.release)
+            else:
+                link.spoke.add_done_callback(lambda _f: slot.release())
+                loop.call_later(SILENT_GRACE, self._close_if_silent, link, cid)
             try:
                 await link.done
             finally:
                 self.links.discard(link)
+            return "done"
         finally:
             slot.release()
 
-    async def _dial(self, endpoint: tuple[str, int], cid: int) -> _Link | None:
+    async def _silent_place(self, conn: socket.socket, deadline: float) -> str | None:
+        """Wait for the silent lane's place ("place") or for the client to speak after all
+        ("spoke"); None at the deadline."""
+        place = asyncio.ensure_future(self._silent_gate.acquire())
+        spoke = asyncio.ensure_future(_readable(conn, max(0.0, deadline - time.monotonic())))
+        try:
+            await asyncio.wait({place, spoke}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            spoke.cancel()
+            if not place.done():
+                place.cancel()
+        if place.done() and not place.cancelled():
+            if spoke.done() and not spoke.cancelled() and spoke.result():
+                self._silent_gate.release()  # it spoke as well: the speaking lane, after all
+                return "spoke"
+            return "place"
+        return "spoke" if spoke.done() and not spoke.cancelled() and spoke.result() else None
+
+    def _close_if_silent(self, link: _Link, cid: int) -> None:
+        if not link.spoke.done() and not link.done.done():
+            log.warning("connection %d closed: no SSH identification within %gs of the guest's "
+                        "banner", cid, SILENT_GRACE)
+            self.failed += 1
+            link.close()
+
+    def _endpoint_gone(self, endpoint: tuple[str, int]) -> bool:
+        """The vm worker says the VM we dial is no longer there (failed, stopped, another boot)."""
+        vm = self.node.peers["vm"]
+        if not vm.up:
+            return False  # the vm worker is being replaced: the VM most likely runs on
+        state = vm.state.get("state")
+        ep = vm.state.get("endpoint")
+        if state in ("running", "paused"):
+            return isinstance(ep, list) and len(ep) == 2 and (str(ep[0]), int(ep[1])) != endpoint
+        return True
+
+    async def _dial(self, endpoint: tuple[str, int], cid: int, client_deadline: float) -> _Link | None:
         """Connect upstream and wait for its first bytes, dialling again (with backoff) when it
-        closes without a word, until the deadline."""
+        closes without a word, until the deadline or until the VM is no longer the one we
+        dial. The connect itself has its own deadline: a hung hypervisor's port can leave it
+        in SYN retransmits for minutes."""
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + self.config.readyTimeout
+        deadline = min(time.monotonic() + self.config.readyTimeout, client_deadline)
         delay, patience = DIAL_BACKOFF_MIN, DIAL_GREETING_TIMEOUT
         reason = ""
         while time.monotonic() < deadline:
             link = _Link()
             try:
-                await loop.create_connection(lambda link=link: link.upstream,  # type: ignore[misc]
-                                             endpoint[0], endpoint[1])
+                try:
+                    await asyncio.wait_for(
+                        loop.create_connection(lambda link=link: link.upstream,  # type: ignore[misc]
+                                               endpoint[0], endpoint[1]),
+                        max(0.1, min(DIAL_CONNECT_TIMEOUT, deadline - time.monotonic())))
+                except TimeoutError:
+                    raise OSError(f"connect timed out after {DIAL_CONNECT_TIMEOUT:g}s") from None
                 wait = max(0.0, min(patience, deadline - time.monotonic()))
                 if await asyncio.wait_for(asyncio.shield(link.greeted), wait):
                     return link
                 reason = "the guest closed the connection before its SSH banner"
             except TimeoutError:  # (a subclass of OSError: catch it first)
-                reason = "the guest sent no SSH banner"
+                reason = f"the guest sent no SSH banner within {patience:g}s"
                 patience = min(patience * 2, DIAL_GREETING_TIMEOUT_MAX)
             except OSError as e:
                 reason = f"cannot reach the guest at {endpoint[0]}:{endpoint[1]}: {e}"
             link.abort()
+            if self._endpoint_gone(endpoint):
+                log.info("connection %d: %s, and the VM is no longer running", cid, reason)
+                return None
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, DIAL_BACKOFF_MAX)
-        log.warning("connection %d closed: %s (for %.0fs)", cid, reason, self.config.readyTimeout)
+        log.warning("connection %d closed: %s (for %.0fs)", cid, reason or "no time left to dial",
+                    self.config.readyTimeout)
         return None
 
     def _running_endpoint(self) -> tuple[str, int] | None:
@@ -306,8 +461,7 @@ class Forwarder:
                 return str(ep[0]), int(ep[1])
         return None
 
-    async def _wait_running(self) -> tuple[tuple[str, int] | None, str]:
-        deadline = time.monotonic() + self.config.readyTimeout + WAIT_GRACE
+    async def _wait_running(self, deadline: float) -> tuple[tuple[str, int] | None, str]:
         last_error = "the VM did not become ready"
         while True:
             remaining = deadline - time.monotonic()
@@ -339,7 +493,8 @@ class Forwarder:
             last_error = str(reply.get("error") or f"VM is {state.get('state')}")
 
     async def _wake_once(self, wait: float) -> dict[str, Any]:
-        return await bus.request(self.config, "wake", {"wait": wait}, timeout=wait + 2)
+        return await bus.request(self.config, "wake", {"wait": wait}, timeout=wait + 2,
+                                 peer=self.node.peers["vm"])
 
     def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
         if self.draining and msg.sender == "vm":
@@ -370,6 +525,7 @@ async def main(config: Config, stop: asyncio.Event, fd: int) -> None:
     node = bus.Node("forwarder", config)
     fwd = Forwarder(config, listener, node)
     node.on_message = fwd.on_message
+    runtime.on_sighup(fwd.reload)
     await node.start()
     accept = asyncio.create_task(fwd.accept_loop())
     log.info("forwarder ready on %s (incarnation %s)", listener.getsockname(), node.inc)

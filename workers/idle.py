@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from virby.supervisor.config import Config
-from virby.workers import bus
+from virby.workers import bus, reconfig, runtime
 from virby.workers.activity import Activity
 from virby.workers.runtime import run_worker
 
@@ -40,6 +40,13 @@ class IdleMonitor:
 
     async def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
         self.activity.observe(msg)
+        self.changed.set()
+
+    def reload(self) -> None:
+        """SIGHUP: the idle policy (onDemand.*) is taken from the file at once."""
+        result = reconfig.reread(self.config)
+        reconfig.report(result, "idle")
+        self.config = result.config
         self.changed.set()
 
     def plan(self) -> tuple[str | None, float | None, dict[str, Any]]:
@@ -106,7 +113,8 @@ class IdleMonitor:
                  time.strftime("%H:%M:%S", time.localtime(idle_since)), action)
         try:
             reply = await bus.request(self.config, action, {"if_idle": True, "idle_since": idle_since},
-                                      timeout=60 if action == "stop" else 10)
+                                      timeout=60 if action == "stop" else 10,
+                                      peer=self.node.peers["vm"])
         except bus.RequestError as e:
             log.warning("%s not done: %s", action, e)
             self.not_before = time.monotonic() + RETRY
@@ -131,6 +139,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
 
     node = bus.Node("idle", config, on_message)
     monitor = IdleMonitor(config, node)
+    runtime.on_sighup(monitor.reload)
     await node.start()
     log.info("idle monitor ready (incarnation %s)", node.inc)
     await monitor.run(stop)

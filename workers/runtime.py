@@ -21,12 +21,32 @@ from collections.abc import Awaitable, Callable
 from typing import TextIO
 
 from virby.supervisor.config import Config, ConfigError, load_for_worker
+from virby.workers import reconfig
 from virby.workers.failures import clear_failure, record_failure
 
 HEALTHY_AFTER = 10.0
 PARENT_POLL = 0.2
 
 log = logging.getLogger("virby")
+
+# What the worker's start made of the config file (re-read over the runtime copy), and the
+# callbacks SIGHUP runs (`circusctl reload`, `virby reload`): each re-reads the file itself.
+started_with: reconfig.Reread | None = None
+_on_sighup: list[Callable[[], None]] = []
+
+
+def on_sighup(callback: Callable[[], None]) -> None:
+    """Run `callback` in the event loop on every SIGHUP (a reload)."""
+    _on_sighup.append(callback)
+
+
+def _sighup() -> None:
+    log.info("SIGHUP: re-reading the config")
+    for callback in list(_on_sighup):
+        try:
+            callback()
+        except Exception:  # a reload must never take the worker down
+            log.exception("reload failed")
 
 
 class _SafeStream:
@@ -106,9 +126,11 @@ WorkerMain = Callable[[Config, asyncio.Event], Awaitable[None]]
 def run_worker(name: str, main: WorkerMain) -> None:
     """Run `main(config, stop)` until it returns or `stop` is set by SIGTERM/SIGINT/parent loss.
     `main` must return promptly once `stop` is set."""
-    # SIGHUP first of all: circusd's reload and `send_hup` deliver it; we have nothing to
-    # reload, and the default action (die) would restart the VM manager.
-    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP ignored"))
+    global started_with
+    # SIGHUP first of all: circusd's reload and `send_hup` deliver it, and the default action
+    # (die) would restart the VM manager. Until the loop runs it is ignored; then it re-reads
+    # the config file.
+    signal.signal(signal.SIGHUP, lambda *_: log.info("SIGHUP before start-up: ignored"))
     setup_logging(name, debug=False)
     try:
         config = load_for_worker()
@@ -116,13 +138,17 @@ def run_worker(name: str, main: WorkerMain) -> None:
         log.error("%s", e)
         _sleep_unless_orphaned(5)  # the config will not fix itself; don't let circus spin
         sys.exit(2)
+    started_with = reconfig.reread(config)
+    config = started_with.config
     setup_logging(name, config.debug)
+    reconfig.report(started_with, name)
 
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _sighup)
         watchers = [asyncio.create_task(_watch_parent(stop)),
                     asyncio.create_task(_mark_healthy(config, name))]
         try:

@@ -244,6 +244,13 @@ class SnapshotStore:
         self._info_loaded = False
         return had
 
+    def unfinished_save(self) -> bool:
+        """A save file a killed worker left without its record (the save may be complete)."""
+        try:
+            return os.path.getsize(self.partial_path) > 0 and self.record() is None
+        except OSError:
+            return False
+
     def clean_leftovers(self) -> None:
         """At start-up: a save or restore that a crash interrupted leaves files that can never
         be restored; a record without its file (or the reverse) is no snapshot either."""

@@ -36,11 +36,11 @@ import os
 import time
 from typing import Any
 
-from virby.supervisor.config import Config
-from virby.workers import bus, stop_intent
+from virby.supervisor.config import Config, ConfigError, load
+from virby.workers import bus, reconfig, runtime, stop_intent
 from virby.workers.activity import Activity
 from virby.workers.backends import make_backend
-from virby.workers.backends.base import Backend, BackendError
+from virby.workers.backends.base import Backend, BackendError, describe
 from virby.workers.files import write_json
 from virby.workers.keys import KeyPaths, ensure_keys
 from virby.workers.protocol import COUNTERS_FILE
@@ -54,8 +54,20 @@ log = logging.getLogger("virby.vm")
 STATES = ("stopped", "starting", "running", "paused", "stopping", "suspending", "suspended", "failed")
 FAILURE_BACKOFF_MAX = 60.0
 WAKE_WAIT_MAX = 10.0  # longest a single wake request is held before it is answered
+SAVE_TIMEOUT = 60.0  # a save a killed worker left under way (the idle monitor's stop waits 60 s)
 RESTORE_TIMEOUT = 15.0  # a restore takes ~1 s here (TCG); past this, boot cold instead
 SEED_BYTES = 32  # host entropy mixed into a restored guest's pool
+BOOTED_CONFIG_FILE = "vm.booted.json"  # the config the running hypervisor was started with
+PROVEN_FILE = "vm.proven.json"  # the hypervisor pid this worker saw `running` (proven)
+# Liveness while running or paused: the hypervisor must answer a status query within
+# LIVENESS_TIMEOUT, asked every LIVENESS_INTERVAL; two misses in a row (one, when its process is
+# stopped) and it is declared unresponsive: killed, `failed` with the reason, and booted cold at
+# the next wake without a backoff. Worst case from the freeze to `failed`: ~9 s.
+LIVENESS_INTERVAL = 1.0
+LIVENESS_TIMEOUT = 4.0
+LIVENESS_MISSES = 2
+# How long a new worker proves an adopted guest before it goes on the bus (see main()).
+ADOPT_QUIET = 2.0
 
 
 def one_line(text: str) -> str:
@@ -86,6 +98,11 @@ class VMWorker:
         self._monitor: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        # The config file as last re-read (issue 20): what was refused, and what waits for
+        # the VM's next boot (the backend keeps the config its hypervisor was started with).
+        self.reread: reconfig.Reread = runtime.started_with or reconfig.Reread(config)
+        self.reread_at = time.time()
+        self.pending: list[str] = []
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -107,6 +124,9 @@ class VMWorker:
             "forwarders": self.activity.forwarders(),
             "on_demand": self.config.onDemand.enable,
             "forwarder": self.node.peers["forwarder"].state,
+            "config": {"source": self.reread.source, "reread_at": self.reread_at,
+                       "pending": self.pending, "refused": self.reread.refused,
+                       "error": self.reread.error},
         }
 
     def _activity_view(self) -> tuple[object, ...]:
@@ -123,11 +143,81 @@ class VMWorker:
             log.info("vm %s -> %s%s", self.state, state, f" ({reason})" if reason else "")
             self.since = time.time()
         self.state, self.reason = state, reason
+        self._record_proven()
+        self._update_pending()
         self.node.state = self.snapshot()
         self.node.publish_state()
         self._persist()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    # -- config reload ----------------------------------------------------------------------------
+
+    @property
+    def _booted_path(self) -> str:
+        return self.config.runtime(BOOTED_CONFIG_FILE)
+
+    def reload(self) -> None:
+        """SIGHUP, and before every boot: re-read the config file. What the VM cannot take
+        while it exists waits for its next boot (listed as pending); a saved VM from the old
+        config is not restored."""
+        result = reconfig.reread(self.config)
+        reconfig.report(result, "vm")
+        self.config, self.reread, self.reread_at = result.config, result, time.time()
+        if self.backend.pid() is None and self.state not in ("starting", "suspending", "stopping"):
+            self._use_config_for_next_boot()
+        self._set(self.state, self.reason)
+
+    def _use_config_for_next_boot(self) -> None:
+        """No hypervisor runs: the next one starts from the current config."""
+        if self.backend.config != self.config:
+            log.info("the next boot uses the re-read config")
+            self.backend = make_backend(self.config, self.keys)
+
+    def _update_pending(self) -> None:
+        """Config changes the VM has not taken yet: the running one's since its boot, the
+        saved one's since its save (that snapshot will not be restored: a cold boot)."""
+        now = reconfig.as_data(self.config)
+        if self.state == "suspended":
+            rec = self.snapshots.record() or {}
+            saved = (rec.get("depends") or {}).get("config")
+            self.pending = reconfig.diff(saved, now) if isinstance(saved, dict) else []
+        elif self.state in ("starting", "running", "paused", "stopping", "suspending"):
+            self.pending = reconfig.diff(reconfig.as_data(self.backend.config), now)
+        else:
+            self.pending = []
+
+    @property
+    def _proven_path(self) -> str:
+        return self.config.runtime(PROVEN_FILE)
+
+    def _record_proven(self) -> None:
+        """Which hypervisor this worker has proven (it was `running`): the next worker adopts
+        that one as it is, without proving it again. Any other state drops the record, so a
+        hypervisor adopted half-booted, half-restored or mid-save is never taken for it."""
+        pid = self.backend.pid() if self.state in ("running", "paused") else None
+        try:
+            if pid is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._proven_path)
+            elif self._proven_pid() != pid:
+                write_json(self._proven_path, {"pid": pid})
+        except OSError as e:
+            log.warning("cannot record the proven hypervisor: %s", e)
+
+    def _proven_pid(self) -> int | None:
+        try:
+            with open(self._proven_path) as f:
+                pid = json.load(f).get("pid")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return pid if isinstance(pid, int) else None
+
+    def _record_booted_config(self) -> None:
+        try:
+            write_json(self._booted_path, reconfig.as_data(self.backend.config))
+        except OSError as e:
+            log.warning("cannot record the booted config: %s", e)
 
     @property
     def _counters_path(self) -> str:
@@ -173,13 +263,21 @@ class VMWorker:
         if cmd in ("wake", "start"):
             return await self._wake(args)
         if cmd == "resume":
-            await self._resume()
+            try:
+                await self._resume()
+            except BackendError as e:
+                log.warning("resume failed: %s", e)
+                return False, f"could not resume: {e}", self.snapshot()
             return True, None, self.snapshot()
         if cmd in ("pause", "stop"):
             refusal = self._idle_refusal(args)
             if refusal:
                 return False, refusal, self.snapshot()
-            await (self._pause(args) if cmd == "pause" else self._stop(args))
+            try:
+                await (self._pause(args) if cmd == "pause" else self._stop(args))
+            except BackendError as e:
+                log.warning("%s failed: %s", cmd, e)
+                return False, f"could not {cmd}: {e}", self.snapshot()
             ok = self.state in (("paused", "stopped", "suspended", "failed") if cmd == "pause"
                                 else ("stopped", "suspended", "failed"))
             return ok, None if ok else f"could not {cmd}: VM is {self.state}", self.snapshot()
@@ -203,7 +301,11 @@ class VMWorker:
         if self.state in ("stopping", "suspending"):
             await self.wait_for(("stopped", "suspended", "failed"), wait)
         if self.state == "paused":
-            await self._resume()
+            try:
+                await self._resume()
+            except BackendError as e:
+                log.warning("resume failed: %s", e)
+                return False, f"could not resume: {e}", self.snapshot()
         elif self.state in ("stopped", "suspended", "failed"):
             if self.state == "failed" and time.time() < self.retry_at:
                 wait_s = self.retry_at - time.time()
@@ -220,7 +322,13 @@ class VMWorker:
         so every wake that comes in meanwhile waits for this same boot."""
         if self._boot is not None and not self._boot.done():
             return
-        self._set("starting", "restoring the saved VM" if self.snapshots.present() else None)
+        if self.snapshots.present():
+            reason: str | None = "restoring the saved VM"
+        elif self.state == "failed" and self.reason:
+            reason = f"booting again after: {self.reason}"  # the cause stays in `virby status`
+        else:
+            reason = None
+        self._set("starting", reason)
         self._boot = asyncio.create_task(self._run_boot())
 
     async def _run_boot(self) -> None:
@@ -230,9 +338,17 @@ class VMWorker:
             await self._do_boot()
 
     def _dependencies(self) -> dict[str, Any]:
-        return dependencies(self.config, self.backend.command(), self.backend.snapshot_inputs())
+        # the backend's config: the one its hypervisor was started with
+        return dependencies(self.backend.config, self.backend.command(),
+                            self.backend.snapshot_inputs())
 
     async def _do_boot(self) -> None:
+        # every boot starts from the file as it is now, even without a reload (`virby stop`,
+        # then a connection): an edit is never silently left out
+        self.reload()
+        self._use_config_for_next_boot()
+        self._record_booted_config()
+        self._update_pending()
         if self.snapshots.present():
             try:
                 if await self._restore():
@@ -343,9 +459,10 @@ class VMWorker:
         log.error("boot failed after %.1fs: %s", time.monotonic() - t0, reason)
         await self._fail(reason)
 
-    async def _fail(self, reason: str, *, console: bool = True) -> None:
+    async def _fail(self, reason: str, *, console: bool = True, backoff: bool = True) -> None:
         """End in `failed`: the hypervisor killed, the console's last line in the reason (unless
-        the reason has it already), and the next boot held back by a growing backoff. Never
+        the reason has it already), and the next boot held back by a growing backoff (none for
+        a VM that ran and then stopped answering: the next wake boots it at once). Never
         raises, so no caller stays in `starting` or `running` with a broken guest."""
         tail = ""
         with contextlib.suppress(Exception):
@@ -353,8 +470,11 @@ class VMWorker:
         if tail:
             log.error("last console lines:\n%s", tail)
         await self._kill_quietly()
-        self.failures += 1
-        self.retry_at = time.time() + min(FAILURE_BACKOFF_MAX, 2.0 ** self.failures)
+        if backoff:
+            self.failures += 1
+            self.retry_at = time.time() + min(FAILURE_BACKOFF_MAX, 2.0 ** self.failures)
+        else:
+            self.retry_at = time.time()
         last_line = tail.strip().splitlines()[-1] if tail.strip() and console else ""
         self._set("failed", reason + (f"; console: {last_line}" if last_line else ""))
 
@@ -370,26 +490,59 @@ class VMWorker:
         self._monitor = asyncio.create_task(self._monitor_exit())
 
     async def _monitor_exit(self) -> None:
-        """Notice a hypervisor that exits, or a guest that breaks while it runs on (a panic, an
-        internal or I/O error: `failed`, never `running`)."""
+        """Notice a hypervisor that exits, a guest that breaks while it runs on (a panic, an
+        internal or I/O error: `failed`, never `running`), or a hypervisor that stops
+        answering (hung, SIGSTOPped, a wedged host: `failed`, killed, booted cold next time)."""
         exited = asyncio.create_task(self.backend.wait_exit())
         broken = asyncio.create_task(self._wait_broken())
+        silent = asyncio.create_task(self._wait_unresponsive())
         try:
-            await asyncio.wait({exited, broken}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({exited, broken, silent}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             exited.cancel()
             broken.cancel()
+            silent.cancel()
         async with self._lock:
             if self.state not in ("running", "paused"):
                 return
             if broken.done() and not broken.cancelled():
                 log.error("the guest broke: %s", broken.result())
                 await self._fail(broken.result(), console=False)
+            elif silent.done() and not silent.cancelled() and not exited.done():
+                reason = silent.result()
+                log.error("%s; killing it (the next wake boots it cold)", reason)
+                await self._fail(reason, console=False, backoff=False)
             else:
                 await self._kill_quietly()  # reap and clean up
                 self._set("stopped", "the hypervisor exited unexpectedly")
-        if not self.config.onDemand.enable and self.state == "stopped":
-            self.ensure_boot()  # (a failed guest waits for the next wake, after the backoff)
+        if not self.config.onDemand.enable and self.state in ("stopped", "failed") \
+                and time.time() >= self.retry_at:
+            self.ensure_boot()  # (a broken guest waits for its backoff, then the next wake)
+
+    async def _wait_unresponsive(self) -> str:
+        """Return the reason once the hypervisor has missed LIVENESS_MISSES status queries in
+        a row (one is enough when its process is stopped). Each query has its own deadline."""
+        misses = 0
+        while True:
+            await asyncio.sleep(LIVENESS_INTERVAL)
+            t0 = time.monotonic()
+            try:
+                await self.backend.ping(LIVENESS_TIMEOUT)
+                misses = 0
+                continue
+            except BackendError as e:
+                error = str(e)
+            except Exception as e:  # a bug in a backend's ping must not pass for a dead VM
+                log.exception("liveness check failed unexpectedly")
+                error = f"{type(e).__name__}: {e}"
+            if not self.backend.pid():
+                await asyncio.Future()  # gone: the exit watch reports it
+            misses += 1
+            stopped = "is stopped" in error
+            log.warning("the hypervisor did not answer (%d of %d): %s", misses, LIVENESS_MISSES, error)
+            if misses >= LIVENESS_MISSES or stopped:
+                return (f"the hypervisor stopped answering ({error}; "
+                        f"{time.monotonic() - t0:.1f}s without an answer)")
 
     async def _wait_broken(self) -> str:
         try:
@@ -415,6 +568,12 @@ class VMWorker:
         task = asyncio.create_task(self._sync_clock())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _resume_quietly(self) -> None:
+        try:
+            await self._resume()
+        except BackendError as e:
+            log.warning("resume failed: %s", e)
 
     async def _sync_clock(self) -> None:
         try:
@@ -468,16 +627,54 @@ class VMWorker:
     # -- start and end of the worker ------------------------------------------------------------
 
     async def adopt(self) -> None:
+        """Take over what a previous worker left, in the state it was in:
+
+        * a hypervisor in the middle of a save (the worker was killed while `suspending`): the
+          save is waited for and recorded (then `suspended`); if it failed, the guest is
+          resumed and proven. Never killed silently, its snapshot never deleted;
+        * a save that finished after its worker died (no hypervisor left): recorded;
+        * a running guest: `starting` until it is proven like a fresh boot (the clock set, the
+          agent's announcement, one SSH login): it may be half-booted or half-restored;
+        * a paused guest: paused, as it was; a broken one: `failed`."""
         try:
             adopted = await self.backend.adopt()
-            status = await self.backend.status() if adopted else "stopped"
+            saving = await self.backend.adopted_save() if adopted else None
+            status = await self.backend.status() if adopted and saving is None else "stopped"
         except Exception as e:  # a VM we cannot drive is ended, never a crash loop
-            log.warning("could not adopt a running VM: %s", e)
+            log.warning("could not adopt a running VM (%s); killing it", describe(e))
             await self._kill_quietly()
-            status, adopted = "stopped", False
+            status, adopted, saving = "stopped", False, None
+        if saving == "saving" and self.snapshots.unfinished_save():
+            log.info("adopted qemu pid %s in the middle of a save: waiting for it to finish",
+                     self.backend.pid())
+            self._set("suspending", "finishing the save a previous vm worker started")
+            self._boot = asyncio.create_task(self._finish_adopted_save())
+            return
+        if saving is not None:
+            why = ("a save failed" if saving == "failed" else "a save with no file to save into")
+            log.warning("adopted qemu pid %s after %s: resuming the guest", self.backend.pid(), why)
+            try:
+                await self.backend.resume()
+                status = "running"
+            except BackendError as e:
+                log.warning("cannot resume it (%s); killing it", e)
+                await self._kill_quietly()
+                status, adopted = "stopped", False
+        if not adopted and self.snapshots.unfinished_save():
+            await self._record_unfinished_save()
         if status in ("running", "paused", "failed"):
             self.snapshots.discard()  # a VM that ran since supersedes any saved one
-        if status in ("running", "paused"):
+        if status == "running" and saving is None and self._proven_pid() == self.backend.pid():
+            log.info("adopted running qemu pid %s, proven by the previous vm worker",
+                     self.backend.pid())
+            self._set("running")
+            self._watch_exit()
+            return
+        if status == "running":
+            self._set("starting", "adopted a running VM: proving it before use")
+            self._boot = asyncio.create_task(self._prove_adopted())
+            return
+        if status == "paused":
             self._set(status)
             self._watch_exit()
             return
@@ -485,10 +682,76 @@ class VMWorker:
             await self._fail(self.backend.failure or "the guest is broken", console=False)
             return
         if adopted:
+            log.warning("killing qemu pid %s: adopted in state %s, which cannot run on",
+                        self.backend.pid(), status)
             await self._kill_quietly()
         self.snapshots.clean_leftovers()
         if self.snapshots.present():
             self._set("suspended")
+
+    async def _record_unfinished_save(self) -> None:
+        """The hypervisor quits only once its save completed, so a save file without a record
+        and without a hypervisor is a whole save whose worker died before recording it. (A
+        damaged one fails to load at the next wake: a cold boot, as for any bad snapshot.)"""
+        try:
+            rec = await asyncio.to_thread(self.snapshots.commit, self._dependencies(), 0.0)
+        except OSError as e:
+            log.warning("the save a previous vm worker left cannot be recorded (%s); deleted", e)
+            self.snapshots.discard()
+            return
+        log.info("recorded the save a previous vm worker finished (%.1f MiB)", rec["size"] / 2**20)
+
+    async def _finish_adopted_save(self) -> None:
+        async with self._lock:
+            t0 = time.monotonic()
+            try:
+                await self.backend.finish_suspend(SAVE_TIMEOUT)
+                rec = await asyncio.to_thread(self.snapshots.commit, self._dependencies(),
+                                              time.monotonic() - t0)
+            except (BackendError, OSError) as e:
+                log.warning("the save a previous vm worker started did not complete (%s)", e)
+                self.snapshots.discard()
+                if self.backend.pid() is None:
+                    self._set("stopped", f"the VM could not be saved: {e}")
+                    return
+                try:
+                    await self.backend.resume()
+                except BackendError as e2:
+                    await self._fail(f"the VM could not be saved ({e}) nor resumed ({e2})",
+                                     console=False)
+                    return
+                self._set("starting", "the save failed: resuming and proving the guest")
+                await self._prove_locked()
+                return
+            log.info("VM saved: the save a previous vm worker started finished after %.2fs "
+                     "(%.1f MiB)", time.monotonic() - t0, rec["size"] / 2**20)
+            self._set("suspended")
+
+    async def _prove_adopted(self) -> None:
+        async with self._lock:
+            if self.state == "starting":
+                await self._prove_locked()
+
+    async def _prove_locked(self) -> None:
+        """An adopted guest, proven as a boot is: the clock and entropy set, the agent's
+        announcement, one SSH login, within readyTimeout; else `failed`."""
+        t0 = time.monotonic()
+        deadline = t0 + self.config.readyTimeout
+        try:
+            await self.backend.sync_guest(os.urandom(SEED_BYTES))
+            await asyncio.wait_for(self.backend.wait_announced(), deadline - time.monotonic())
+            await self._prove_ssh(deadline)
+        except asyncio.CancelledError:
+            await self._kill_quietly()
+            self._set("stopped", "boot cancelled")
+            raise
+        except Exception as e:
+            await self._boot_failed(e, t0)
+            return
+        log.info("adopted guest proven in %.2fs (clock set, agent announced sshd, SSH login)",
+                 time.monotonic() - t0)
+        self._set("running")
+        self._watch_exit()
 
     async def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
         before = self._activity_view()
@@ -500,7 +763,7 @@ class VMWorker:
             # A client got through while a pause raced in: never leave it hanging.
             log.info("connection open while paused: resuming")
             self.woken_at = time.time()
-            task = asyncio.create_task(self._resume())
+            task = asyncio.create_task(self._resume_quietly())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -509,9 +772,15 @@ class VMWorker:
         cannot be adopted half-booted). A running or paused VM is left to the next worker when
         `keep`, else shut down cleanly; orphaned (circusd and the port are gone), at once."""
         if self._boot is not None and not self._boot.done():
-            self._boot.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._boot
+            if self.state == "suspending":
+                # a save a previous worker started: let it finish (bounded by SAVE_TIMEOUT)
+                # rather than leave the hypervisor in the middle of it
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._boot)
+            else:
+                self._boot.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._boot
         async with self._lock:
             if self._monitor is not None:
                 self._monitor.cancel()
@@ -525,10 +794,24 @@ class VMWorker:
             await self._shutdown_locked(0 if orphaned else VM_SHUTDOWN_TIMEOUT)
 
 
+def booted_config(config: Config) -> Config:
+    """The config a hypervisor left by a previous worker was started with (its snapshot and
+    its pending changes are computed from it), else `config`."""
+    path = config.runtime(BOOTED_CONFIG_FILE)
+    if not os.path.exists(path):
+        return config
+    try:
+        booted = load(path)
+    except ConfigError as e:
+        log.warning("ignoring %s: %s", path, e)
+        return config
+    return booted if booted != config else config
+
+
 async def main(config: Config, stop: asyncio.Event) -> None:
     parent = os.getppid()
     keys = ensure_keys(config.stateDir)
-    backend = make_backend(config, keys)
+    backend = make_backend(booted_config(config), keys)
     worker: VMWorker | None = None
 
     async def on_message(msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
@@ -539,7 +822,13 @@ async def main(config: Config, stop: asyncio.Event) -> None:
     worker = VMWorker(config, backend, keys, node)
     worker.restore_counters()
     await worker.adopt()
+    if worker._boot is not None:
+        # A healthy adopted guest is proven in well under a second: go on the bus once it is
+        # (the others keep seeing the old broadcast as `up` for PEER_TIMEOUT meanwhile), or
+        # after ADOPT_QUIET with `starting`/`suspending`, so that wakes can wait on it.
+        await asyncio.wait({worker._boot}, timeout=ADOPT_QUIET)
     worker.refresh()
+    runtime.on_sighup(worker.reload)
     control = bus.ControlServer(config, worker.handle)
     await node.start()
     control.start()

@@ -67,7 +67,11 @@ def test_circusctl_restart_vm_keeps_guest(vm: Instance, command: list[str]) -> N
     assert st["boots"] == 1
     log = vm_log(vm)
     assert "-> paused" not in log and "-> stopping" not in log and "-> starting" in log
-    assert log.count("-> starting") == 1  # the one boot, never a second
+    # the one boot, never a second; a new worker proves the guest it adopts (issue 20) while
+    # `starting`, without booting it
+    adoptions = log.count("-> starting (adopted a running VM")
+    assert log.count("-> starting") - adoptions == 1
+    assert log.count("adopted guest proven") == adoptions
     assert "cannot watch the guest" not in log  # the QMP event watch ran on every worker
     if restarted:
         assert "keeping the VM" in log and f"adopted running qemu, pid {qemu.pid}" in log

@@ -33,6 +33,9 @@ import zmq
 from tests.harness import Instance
 
 BANNER = b"SSH-2.0"
+# What every SSH client sends as soon as it connects (RFC 4253 §4.2). The forwarder dials the
+# guest at once for a client that has spoken; one that says nothing waits in the silent lane.
+CLIENT_IDENTIFICATION = b"SSH-2.0-virby-probe\r\n"
 
 
 def env_int(name: str, default: int) -> int:
@@ -59,8 +62,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 # -- one connection -------------------------------------------------------------------------------
 
 
-def probe_banner(port: int, timeout: float = 30.0) -> tuple[str, float, str]:
-    """Connect, read until the SSH banner, close. Returns (outcome, seconds, detail) where outcome
+def probe_banner(port: int, timeout: float = 30.0, speak: bool = True) -> tuple[str, float, str]:
+    """Connect, send our identification as a real client does (unless not `speak`), read until
+    the SSH banner, close. Returns (outcome, seconds, detail) where outcome
     is "ok", "refused" (connect failed), "cut" (accepted, then closed or reset before the
     banner) or "timeout"."""
     t0 = time.monotonic()
@@ -75,6 +79,8 @@ def probe_banner(port: int, timeout: float = 30.0) -> tuple[str, float, str]:
     got = b""
     try:
         s.settimeout(max(0.1, timeout - (time.monotonic() - t0)))
+        if speak:
+            s.sendall(CLIENT_IDENTIFICATION)
         while BANNER not in got and len(got) < 4096:
             chunk = s.recv(4096)
             if not chunk:
@@ -370,19 +376,17 @@ def umount(path: Path) -> None:
 
 
 def fill(path: Path) -> None:
-    """Fill the filesystem holding `path` until ENOSPC."""
-    # unbuffered: a buffered file would try the refused bytes again at close, and raise there
+    """Fill the filesystem holding `path` until ENOSPC. Unbuffered: a buffered file would raise
+    ENOSPC again from its close, flushing what the failed write left behind."""
     with open(path / "filler", "wb", buffering=0) as f:
         chunk = b"\0" * 65536
         with contextlib.suppress(OSError):
             while True:
                 f.write(chunk)
-                f.flush()
     # the last partial blocks
     with contextlib.suppress(OSError), open(path / "filler2", "wb", buffering=0) as f:
         while True:
             f.write(b"\0" * 512)
-            f.flush()
 
 
 # -- who sees whom --------------------------------------------------------------------------------

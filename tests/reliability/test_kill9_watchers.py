@@ -43,7 +43,10 @@ def test_kill_9_under_load(booted: Instance, victim: str) -> None:
             t = time.monotonic()
             os.kill(pid, signal.SIGKILL)
             kills.append(t)
-            states = inst.wait_bus(replaced(victim, pid), 15, f"a new {victim} seen by the others")
+            healed = replaced(victim, pid)
+            # a new vm worker proves the guest it adopts (one SSH login) before `running`
+            states = inst.wait_bus(lambda s, healed=healed: healed(s) and s["vm"].get("state") == "running",  # type: ignore[misc]
+                                   15, f"a new {victim} seen by the others")
             heal_times.append(time.monotonic() - t)
             vm = states["vm"]
             assert vm["state"] == "running", vm

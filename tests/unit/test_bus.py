@@ -169,3 +169,25 @@ def test_garbage_is_dropped_and_logged_once(config: Config, caplog: pytest.LogCa
         run(scenario())
     drops = [r for r in caplog.records if "dropped a malformed message" in r.getMessage()]
     assert len(drops) == 1
+
+
+def test_a_request_ends_when_the_vm_worker_is_replaced(config: Config) -> None:
+    """Issue 20: the idle monitor's stop request sat out its 60 s timeout after a kill -9 of
+    the vm worker that took it. A request now ends as soon as the caller sees a new
+    incarnation of the vm worker."""
+    async def t() -> None:
+        ctx = zmq.asyncio.Context()
+        router = ctx.socket(zmq.ROUTER)  # takes the request, never answers (a killed worker)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(config.endpoint("vm.ctl"))
+        peer = bus.Peer("vm", inc="100-1.0")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, setattr, peer, "inc", "200-2.0")
+        t0 = loop.time()
+        with pytest.raises(bus.RequestError, match="replaced while it handled stop"):
+            await bus.request(config, "stop", timeout=60, ctx=ctx, peer=peer)
+        assert loop.time() - t0 < 5  # not the 60 s timeout
+        router.close(linger=0)
+        ctx.term()
+
+    asyncio.run(t())

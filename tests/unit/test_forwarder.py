@@ -268,6 +268,8 @@ def test_the_dial_gate_lets_few_handshakes_through_at_once(config: Config,
         server, ep = await guest_sshd(sshd)
         fwd = Forwarder(config, socket.socket(), FakeNode({"state": "running", "endpoint": list(ep)}))  # type: ignore[arg-type]
         pairs = [socket.socketpair() for _ in range(3 * forwarder.DIAL_CONCURRENCY)]
+        for client, _ in pairs:
+            client.sendall(b"SSH-2.0-client\r\n")  # real clients speak at once
         serving = [asyncio.create_task(fwd.serve(conn)) for _, conn in pairs]
         while pending < forwarder.DIAL_CONCURRENCY:
             await asyncio.sleep(0.01)
@@ -276,10 +278,134 @@ def test_the_dial_gate_lets_few_handshakes_through_at_once(config: Config,
         release.set()
         for client, _ in pairs:
             client.setblocking(False)
+            client.shutdown(socket.SHUT_WR)
             assert await recv_all(client) == b"SSH-2.0-guest\r\n"
             client.close()
         await asyncio.gather(*serving)
         assert most == forwarder.DIAL_CONCURRENCY and fwd.failed == 0
         server.close()
+
+    run(t)
+
+
+def test_silent_connections_do_not_starve_a_client_that_speaks(config: Config,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: connections that never send their SSH identification took the dial places
+    (and the guest sshd's unauthenticated sessions) a real client needed. Now they wait in a
+    lane of their own, one dial at a time, and one that still says nothing after the guest's
+    banner is closed."""
+    monkeypatch.setattr(forwarder, "SILENT_GRACE", 0.3)
+
+    async def t() -> None:
+        unauthenticated = 0
+        most = 0
+
+        async def sshd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal unauthenticated, most
+            unauthenticated += 1
+            most = max(most, unauthenticated)
+            writer.write(b"SSH-2.0-guest\r\n")
+            first = await reader.readline()  # the client's identification, or EOF
+            unauthenticated -= 1
+            if first:
+                writer.write(b"hello " + first)
+            await writer.drain()
+            writer.close()
+
+        server, ep = await guest_sshd(sshd)
+        fwd = Forwarder(config, socket.socket(), FakeNode({"state": "running", "endpoint": list(ep)}))  # type: ignore[arg-type]
+        silent = [socket.socketpair() for _ in range(40)]
+        serving = [asyncio.create_task(fwd.serve(conn)) for _, conn in silent]
+        await asyncio.sleep(0.5)  # the silent ones are queued in their lane
+        client, conn = socket.socketpair()
+        client.sendall(b"SSH-2.0-real\r\n")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        real = asyncio.create_task(fwd.serve(conn))
+        client.setblocking(False)
+        got = await recv_all(client)
+        took = loop.time() - t0
+        assert got == b"SSH-2.0-guest\r\nhello SSH-2.0-real\r\n"
+        assert took < 1.0, took  # not behind 40 silent connections (each would cost 0.3 s)
+        client.close()
+        await real
+        assert most <= forwarder.SILENT_LANE + 1  # the silent never took more than their lane
+        for c, _ in silent:
+            c.close()
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
+        server.close()
+
+    run(t)
+
+
+def test_a_client_that_waits_for_the_server_banner_is_still_served(config: Config,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    async def t() -> None:
+        async def sshd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"SSH-2.0-guest\r\n")
+            writer.write(b"echo " + await reader.readline())
+            await writer.drain()
+            writer.close()
+
+        server, ep = await guest_sshd(sshd)
+        fwd = Forwarder(config, socket.socket(), FakeNode({"state": "running", "endpoint": list(ep)}))  # type: ignore[arg-type]
+        client, conn = socket.socketpair()
+        client.setblocking(False)
+        serving = asyncio.create_task(fwd.serve(conn))
+        loop = asyncio.get_running_loop()
+        banner = await loop.sock_recv(client, 100)
+        assert banner == b"SSH-2.0-guest\r\n"
+        await loop.sock_sendall(client, b"SSH-2.0-late\r\n")
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_all(client) == b"echo SSH-2.0-late\r\n"
+        await serving
+        server.close()
+
+    run(t)
+
+
+def test_a_dial_to_a_vm_that_failed_goes_back_to_waiting(config: Config,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20: clients of a frozen hypervisor sat in connect() until ssh's own timeout. A dial
+    whose VM the vm worker no longer reports running stops and waits for the next VM."""
+    monkeypatch.setattr(forwarder, "DIAL_GREETING_TIMEOUT", 0.2)
+
+    async def t() -> None:
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # a hung guest: accepts, never speaks
+
+        async def sshd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"SSH-2.0-new\r\n")
+            await writer.drain()
+            writer.close()
+
+        hung, hung_ep = await guest_sshd(mute)
+        fresh, fresh_ep = await guest_sshd(sshd)
+        node = FakeNode({"state": "running", "endpoint": list(hung_ep)})
+        fwd = Forwarder(config, socket.socket(), node)  # type: ignore[arg-type]
+        wakes = 0
+
+        async def wake_once(wait: float) -> dict[str, Any]:
+            nonlocal wakes
+            wakes += 1
+            state = {"state": "running", "endpoint": list(fresh_ep)}
+            node.set_vm(state)
+            return {"ok": True, "state": state}
+
+        fwd._wake_once = wake_once  # type: ignore[method-assign]
+        client, conn = socket.socketpair()
+        client.sendall(b"SSH-2.0-client\r\n")
+        client.setblocking(False)
+        serving = asyncio.create_task(fwd.serve(conn))
+        await asyncio.sleep(0.3)
+        node.set_vm({"state": "failed", "reason": "the hypervisor stopped answering"})
+        client.shutdown(socket.SHUT_WR)
+        assert await recv_all(client) == b"SSH-2.0-new\r\n"
+        await serving
+        assert wakes == 1 and fwd.failed == 0
+        hung.close()
+        fresh.close()
 
     run(t)

@@ -13,7 +13,7 @@ from virby.workers.backends.qemu import QemuBackend
 
 
 def status_of(b: QemuBackend, qemu_status: str) -> str:
-    async def execute(cmd: str) -> object:
+    async def execute(cmd: str, timeout: float = 5.0) -> object:
         assert cmd == "query-status"
         return {"status": qemu_status, "running": False}
 
@@ -39,3 +39,27 @@ def test_guest_panicked_is_failed(tmp_path: Path, qemu_status: str) -> None:
 ])
 def test_run_states(tmp_path: Path, qemu_status: str, ours: str) -> None:
     assert status_of(backend(tmp_path), qemu_status) == ours
+
+
+@pytest.mark.parametrize(("migration", "run_state", "found"), [
+    ("active", "finish-migrate", "saving"),  # a save still copying
+    ("device", "paused", "saving"),
+    ("completed", "postmigrate", "saving"),  # saved; qemu not yet told to quit
+    ("failed", "paused", "failed"),  # the guest is paused with its memory: resume it
+    ("completed", "running", None),  # a restore this qemu completed: not a save
+    (None, "running", None),
+    (None, "paused", None),
+])
+def test_an_adopted_save_is_told_from_a_restore(tmp_path: Path, migration: str | None, run_state: str,
+                                                found: str | None) -> None:
+    """Issue 20: the new vm worker took a QEMU in the middle of its save for a stopped one."""
+    b = backend(tmp_path)
+
+    async def execute(cmd: str, timeout: float = 5.0) -> object:
+        if cmd == "query-migrate":
+            return {"status": migration} if migration else {}
+        assert cmd == "query-status"
+        return {"status": run_state}
+
+    b._execute = execute  # type: ignore[method-assign]
+    assert asyncio.run(b.adopted_save()) == found

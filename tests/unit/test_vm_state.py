@@ -38,6 +38,8 @@ class FakeBackend(Backend):
         self.exit = asyncio.Event()
         self.broken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.adoptable: str | None = None  # the status a previous worker's VM has
+        self.save_found: str | None = None  # what adopted_save finds
+        self.frozen = False  # status() never answers (a SIGSTOPped hypervisor)
 
     def check(self) -> None: ...
     def command(self) -> list[str]:
@@ -76,7 +78,19 @@ class FakeBackend(Backend):
         self.calls.append("close")
 
     async def status(self) -> str:
+        if self.frozen:
+            await asyncio.Future()
         return "running" if self.running else "stopped"
+
+    async def adopted_save(self) -> str | None:
+        return self.save_found
+
+    async def finish_suspend(self, timeout: float) -> None:
+        self.calls.append("finish_suspend")
+        self.running = False
+
+    async def sync_guest(self, seed: bytes) -> None:
+        self.calls.append("sync_guest")
 
     async def wait_exit(self) -> None:
         await self.exit.wait()
@@ -376,3 +390,114 @@ def test_stop_intent_reads_what_circusd_is_doing(reason: str, keep: bool) -> Non
 
 def test_stop_intent_without_an_answer_shuts_down() -> None:
     assert interpret(None).keep_vm is False
+
+
+# -- issue 20: liveness and adoption ------------------------------------------------------------
+
+
+def test_a_hypervisor_that_stops_answering_is_failed_and_booted_at_the_next_wake(
+        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGSTOPped QEMU was shown `running` for minutes. Now two unanswered status queries,
+    each with its own deadline, make it `failed` with the reason; the next wake boots cold
+    at once (no backoff: the VM ran)."""
+    monkeypatch.setattr(vm, "LIVENESS_INTERVAL", 0.01)
+    monkeypatch.setattr(vm, "LIVENESS_TIMEOUT", 0.05)
+
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        backend.frozen = True
+        assert await worker.wait_for(("failed",), 5)
+        assert "stopped answering" in (worker.reason or "")
+        assert "no answer within 0.05s" in (worker.reason or "")
+        assert backend.calls[-1] == "kill"
+        backend.frozen = False
+        await booted(worker)
+        assert worker.boots == 2
+
+    run(t, config)
+
+
+def test_an_adopted_save_under_way_is_finished_not_killed(config: Config) -> None:
+    """kill -9 of the vm worker while `suspending` lost the VM: the new worker killed the
+    saving QEMU and deleted the partial snapshot."""
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        path = worker.snapshots.begin()
+        with open(path, "wb") as f:
+            f.write(b"machine state")
+        backend.adoptable, backend.save_found = "running", "saving"
+        await worker.adopt()
+        assert worker.state == "suspending"
+        assert await worker.wait_for(("suspended",), 5)
+        assert worker.snapshots.present() and "kill" not in backend.calls
+        assert backend.calls == ["finish_suspend"]
+
+    run(t, config)
+
+
+def test_a_save_its_worker_did_not_record_is_kept(config: Config) -> None:
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        path = worker.snapshots.begin()
+        with open(path, "wb") as f:
+            f.write(b"machine state")
+        await worker.adopt()  # the hypervisor is gone: it quit after its save completed
+        assert worker.state == "suspended" and worker.snapshots.present()
+
+    run(t, config)
+
+
+def test_an_adopted_running_guest_is_proven_before_it_is_running(config: Config) -> None:
+    """kill -9 of the vm worker while `starting`: the new worker published `running` for a
+    half-booted guest without the SSH proof or the clock."""
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        backend.adoptable = "running"
+        backend.announce.clear()  # still booting
+        await worker.adopt()
+        assert worker.state == "starting"
+        waiting = asyncio.create_task(worker.handle("wake", {"wait": 5}))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        backend.announce.set()
+        ok, _err, st = await waiting
+        assert ok and st["state"] == "running"
+        assert "sync_guest" in backend.calls and "boot" not in backend.calls
+
+    run(t, config)
+
+
+def test_an_edited_config_waits_for_the_next_boot(config: Config, tmp_path: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import json as json_
+
+    src = tmp_path / "c.json"
+    src.write_text(config.to_json())
+    monkeypatch.setenv("VIRBY_CONFIG_SOURCE", str(src))
+    monkeypatch.setattr(vm, "make_backend", lambda c, k: FakeBackend(c, k))
+
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        src.write_text(json_.dumps({**json_.loads(config.to_json()), "memory": 768}))
+        worker.reload()
+        assert worker.config.memory == 768 and worker.pending == ["memory: 512 -> 768"]
+        assert worker.snapshot()["config"]["pending"] == ["memory: 512 -> 768"]
+        await worker.handle("stop", {"cold": True})
+        assert worker.pending == []
+        await booted(worker)
+        assert worker.backend.config.memory == 768 and worker.pending == []
+
+    run(t, config)
+
+
+def test_a_guest_the_previous_worker_proved_is_adopted_as_running(config: Config) -> None:
+    """Only a hypervisor the previous worker never saw `running` is proven again: a kill -9 of
+    the vm worker under load must not hold clients for an SSH login."""
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)  # records the proven hypervisor
+        keys = ensure_keys(config.stateDir)
+        fresh = FakeBackend(config, keys)
+        fresh.adoptable = "running"
+        successor = vm.VMWorker(config, fresh, keys, FakeNode())  # type: ignore[arg-type]
+        fresh.announce.clear()  # would hold a proof forever
+        await successor.adopt()
+        assert successor.state == "running" and "sync_guest" not in fresh.calls
+
+    run(t, config)

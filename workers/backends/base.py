@@ -29,6 +29,13 @@ class BackendError(Exception):
     """A reason the VM cannot be started or controlled, worded for the user."""
 
 
+def describe(error: BaseException, timeout: float | None = None) -> str:
+    """An exception as a reason for a log line: never empty (a TimeoutError has no text)."""
+    if isinstance(error, TimeoutError) and not str(error):
+        return f"no answer within {timeout:g}s" if timeout is not None else "timed out"
+    return str(error).strip() or type(error).__name__
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where the guest's sshd is reachable from the host."""
@@ -95,6 +102,14 @@ class Backend(abc.ABC):
         is broken while the hypervisor runs on (a panic, an internal or I/O error); then
         `failure` says how, with the console's last lines."""
 
+    async def ping(self, timeout: float) -> None:
+        """Raise BackendError unless the hypervisor answers its control channel within
+        `timeout` (the vm worker's liveness watch: a hung or SIGSTOPped hypervisor)."""
+        try:
+            await asyncio.wait_for(self.status(), timeout)
+        except TimeoutError as e:
+            raise BackendError(f"{self.name} did not answer a status query: {describe(e, timeout)}") from e
+
     async def wait_broken(self) -> str:
         """Return the reason once the guest breaks while the hypervisor runs on (as `status`
         would say "failed"). The default never returns: a backend that cannot tell relies on
@@ -141,6 +156,17 @@ class Backend(abc.ABC):
         paused (the caller checks the file, then calls `resume` and `sync_guest`). Raise
         BackendError if the hypervisor refuses the state or exits."""
         raise BackendError(f"the {self.name} backend cannot restore a VM")
+
+    async def adopted_save(self) -> str | None:
+        """After `adopt`: whether the hypervisor is in a save a previous worker started:
+        "saving" (under way, or done and the hypervisor not yet gone), "failed" (it failed;
+        the guest is paused, its memory intact), or None (no save)."""
+        return None
+
+    async def finish_suspend(self, timeout: float) -> None:
+        """Wait for the save `adopted_save` found to complete, then let the hypervisor exit,
+        as `suspend` does. Raise BackendError if it does not complete."""
+        raise BackendError(f"the {self.name} backend cannot save a VM")
 
     async def sync_guest(self, seed: bytes) -> None:
         """After a restore: set the guest clock, mix `seed` into the guest's entropy pool and ask

@@ -117,6 +117,15 @@ class HypervisorProcess:
         except psutil.Error:
             return False
 
+    def stopped(self) -> bool:
+        """The process is alive but stopped (SIGSTOP, a debugger): it runs nothing."""
+        if self.proc is None:
+            return False
+        try:
+            return self.proc.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+        except psutil.Error:
+            return False
+
     def send_signal(self, sig: signal.Signals) -> None:
         if self.proc is not None:
             with contextlib.suppress(psutil.Error):

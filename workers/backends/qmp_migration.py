@@ -16,7 +16,7 @@ from collections.abc import Callable
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from virby.workers.backends.base import BackendError
+from virby.workers.backends.base import BackendError, describe
 
 FD_NAME = "virby-snapshot"
 POLL = 0.02
@@ -28,7 +28,7 @@ async def _call(qmp: QMPClient, cmd: str, args: dict[str, object] | None = None,
     try:
         return await asyncio.wait_for(qmp.execute(cmd, args), timeout)
     except (QMPError, OSError, TimeoutError) as e:
-        raise BackendError(f"QMP {cmd} failed: {e}") from e
+        raise BackendError(f"QMP {cmd} failed: {describe(e, timeout)}") from e
 
 
 async def _pass_fd(qmp: QMPClient, path: str, flags: int) -> None:
@@ -64,6 +64,11 @@ async def save(qmp: QMPClient, path: str, timeout: float, alive: Callable[[], bo
     await _call(qmp, "migrate-set-parameters", {"max-bandwidth": _UNLIMITED})
     await _pass_fd(qmp, path, os.O_WRONLY | os.O_TRUNC)
     await _call(qmp, "migrate", {"uri": f"fd:{FD_NAME}"})
+    await _wait_done(qmp, "save", time.monotonic() + timeout, alive)
+
+
+async def wait_saved(qmp: QMPClient, timeout: float, alive: Callable[[], bool]) -> None:
+    """Wait for a save already under way (started by a previous vm worker) to complete."""
     await _wait_done(qmp, "save", time.monotonic() + timeout, alive)
 
 

@@ -26,7 +26,14 @@ from qemu.qmp.error import QMPError
 
 from virby.workers import agent
 from virby.workers.backends import qmp_migration
-from virby.workers.backends.base import Backend, BackendError, Endpoint, require_binary, require_file
+from virby.workers.backends.base import (
+    Backend,
+    BackendError,
+    Endpoint,
+    describe,
+    require_binary,
+    require_file,
+)
 from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.initrd import build_keyed_initrd
 from virby.workers.backends.process import HypervisorProcess
@@ -50,11 +57,15 @@ def netdev_arg(guest_network: str) -> str:
 
 
 _TB_SIZE_MIB = 128  # cap the TCG translation cache (its 1 GiB default inflates RSS)
+QMP_TIMEOUT = 5.0  # one QMP command; a healthy QEMU answers in milliseconds
 SAVE_TIMEOUT = 60.0  # the idle monitor's stop request waits 60 s
 LOAD_TIMEOUT = 30.0  # the vm worker's own restore deadline is shorter
 # QEMU run states in which the process lives on but the guest is lost: `failed`, not `running`.
 _BROKEN_STATES = frozenset({"guest-panicked", "internal-error", "io-error"})
 _STATE_EVENTS = ("STOP", "GUEST_PANICKED", "BLOCK_IO_ERROR")
+# query-migrate states of an outgoing migration still copying
+_SAVE_UNDER_WAY = frozenset({"setup", "active", "device", "pre-switchover", "wait-unplug",
+                             "cancelling"})
 
 
 class QemuBackend(Backend):
@@ -259,13 +270,26 @@ class QemuBackend(Backend):
             raise BackendError("the VM is not running")
         return Endpoint("127.0.0.1", self._port)
 
-    async def _execute(self, cmd: str) -> object:
+    async def _execute(self, cmd: str, timeout: float = QMP_TIMEOUT) -> object:
         if self._qmp is None:
             raise BackendError("no QMP connection to qemu")
         try:
-            return await asyncio.wait_for(self._qmp.execute(cmd), 5)
+            return await asyncio.wait_for(self._qmp.execute(cmd), timeout)
         except (QMPError, OSError, TimeoutError) as e:
-            raise BackendError(f"QMP {cmd} failed: {e}") from e
+            raise BackendError(f"QMP {cmd} failed: {describe(e, timeout)}{self._stopped_hint()}") from e
+
+    def _stopped_hint(self) -> str:
+        """Why QEMU may not answer: its process is stopped (SIGSTOP, a debugger) or gone."""
+        if self.process.stopped():
+            return f" (qemu pid {self.process.pid} is stopped: SIGSTOP or a debugger)"
+        if not self.process.alive():
+            return " (qemu has exited)"
+        return ""
+
+    async def ping(self, timeout: float) -> None:
+        """query-status with its own deadline: QMP is served by QEMU's main loop, which a hung
+        or stopped QEMU no longer runs."""
+        await self._execute("query-status", timeout)
 
     async def pause(self) -> None:
         await self._execute("stop")
@@ -288,12 +312,35 @@ class QemuBackend(Backend):
         if self._qmp is None:
             raise BackendError("no QMP connection to qemu")
         await qmp_migration.save(self._qmp, path, SAVE_TIMEOUT, self.process.alive)
+        await self._quit_after_save()
+
+    async def _quit_after_save(self) -> None:
         with contextlib.suppress(BackendError):  # it may be gone before it answers
             await self._execute("quit")
         if not await self.process.exits_within(10):
-            log.warning("qemu did not quit after the save; killing it")
+            log.warning("qemu did not quit within 10s of the save; killing it")
             await self.process.kill()
         await self._cleanup(keep_initrd=True)
+
+    async def adopted_save(self) -> str | None:
+        """query-migrate says how the last migration went; the run state tells an outgoing
+        save (`finish-migrate`, `postmigrate`, or a save still copying) from a restore this
+        QEMU completed (also "completed", but then the guest runs or is paused)."""
+        reply = await self._execute("query-migrate")
+        migration = str(reply.get("status")) if isinstance(reply, dict) and reply.get("status") else None
+        run = await self._execute("query-status")
+        run_state = str(run.get("status")) if isinstance(run, dict) else ""
+        if migration in _SAVE_UNDER_WAY or run_state in ("finish-migrate", "postmigrate"):
+            return "saving"
+        if migration in ("failed", "cancelled") and run_state == "paused":
+            return "failed"
+        return None
+
+    async def finish_suspend(self, timeout: float) -> None:
+        if self._qmp is None:
+            raise BackendError("no QMP connection to qemu")
+        await qmp_migration.wait_saved(self._qmp, timeout, self.process.alive)
+        await self._quit_after_save()
 
     async def restore(self, path: str) -> None:
         await self._start(("-incoming", "defer"), hello=False)
@@ -336,14 +383,17 @@ class QemuBackend(Backend):
         raise BackendError("the QMP event stream ended")
 
     async def shutdown(self, timeout: float) -> None:
-        if self.process.alive():
+        if self.process.alive() and timeout > 0:
             try:
                 if await self.status() == "paused":
                     await self._execute("cont")  # a paused guest cannot hear the power button
                 await self._power_off()
-                await asyncio.wait_for(self.wait_exit(), timeout)
-            except (BackendError, TimeoutError):
-                log.warning("guest did not power off within %.0fs; killing qemu", timeout)
+            except BackendError as e:
+                log.warning("cannot ask the guest to power off (%s); killing qemu", e)
+            else:
+                if not await self.process.exits_within(timeout):
+                    log.warning("the guest did not power off within %gs of being asked; killing "
+                                "qemu", timeout)
         await self.kill()
 
     async def _power_off(self) -> None:
@@ -389,7 +439,9 @@ class QemuBackend(Backend):
         if not self.process.adopt():
             if had_record:
                 log.info("stale qemu pid file (the process is gone or not ours); removing")
-            await self._cleanup()
+            # the keyed initrd stays: a save that finished before its worker died is restored
+            # with it (a cold boot writes a new one)
+            await self._cleanup(keep_initrd=True)
             return False
         pid = self.process.pid
         for share in self._shares:  # they end with QEMU; adopted so that a kill can end them
