@@ -341,7 +341,9 @@ def check_clock(ctx: Context) -> Check:
         return Check(None, title, f"not checked: the VM is {ctx.vm_state or 'not running'}")
     t0 = time.time()
     try:
-        out = subprocess.run(["ssh", "-F", _ssh_config_file(ctx), "virby-vm", "--", "date", "+%s"],
+        # its own connection: a shared one (ControlPersist) would hold the VM in use after us
+        out = subprocess.run(["ssh", "-F", _ssh_config_file(ctx), "-o", "ControlPath=none",
+                              "virby-vm", "--", "date", "+%s"],
                              capture_output=True, text=True, timeout=30, check=False,
                              stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:

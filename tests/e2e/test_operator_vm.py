@@ -60,6 +60,15 @@ def test_operator_commands_on_a_real_vm(guest_dir: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert out.stdout == "hi\n"
         assert "virby: booting the VM (cold start) (0s)" in out.stderr and "\r" not in out.stderr
+        # `virby ssh` shares its connection (ControlPersist): it stays open, and the VM in use,
+        # until it ends; `ssh -O exit` ends it as a user would, and the idle countdown starts
+        assert inst.wait_vm("running")["connections"] == 1
+        mux = subprocess.run(["ssh", "-F", str(Path(inst.config.runtimeDir) / "ssh_config"),
+                              "-O", "exit", inst.config.name], capture_output=True, text=True,
+                             timeout=30, check=False)
+        assert mux.returncode == 0, mux.stderr
+        inst.wait_bus(lambda s: s.get("vm", {}).get("connections") == 0, 30,
+                      "the shared connection to end")
 
         # 2. status of a running VM: the hypervisor's memory and CPU, the idle countdown
         text = inst.cli("status").stdout
