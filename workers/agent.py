@@ -62,6 +62,7 @@ class AgentChannel:
         self.address: str | None = None  # the guest's address, as the agent last announced it
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read(reader))
+        self._greeting: asyncio.Task[None] | None = None
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -110,6 +111,11 @@ class AgentChannel:
             if not self.heard.is_set():
                 self.send("hello")
 
+    def start_greeting(self) -> None:
+        """`greet` in the background, until the agent answers or the channel closes."""
+        if self._greeting is None or self._greeting.done():
+            self._greeting = asyncio.create_task(self.greet())
+
     def sync(self, seed: bytes | None = None) -> None:
         """After a resume or a restore: the clock, the entropy, then a hello whose answer
         (virby-ready) comes after both are in place."""
@@ -117,9 +123,12 @@ class AgentChannel:
         self.send(time_line(), *([f"seed {seed.hex()}"] if seed is not None else []), "hello")
 
     async def close(self) -> None:
-        self._reader_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader_task
+        tasks = [t for t in (self._greeting, self._reader_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self._writer.close()
         if self._read_transport is not None:
             self._read_transport.close()

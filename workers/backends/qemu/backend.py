@@ -76,7 +76,6 @@ class QemuBackend(Backend):
         self.process = HypervisorProcess("qemu", self.pid_path)
         self._qmp: QMPClient | None = None
         self._agent: agent.AgentChannel | None = None
-        self._greeting: asyncio.Task[None] | None = None
         self._shares = virtiofs.processes(self.config)
         self._port: int | None = None
         self.probe = AccelProbe(self.config)
@@ -231,7 +230,7 @@ class QemuBackend(Backend):
         except OSError as e:
             raise BackendError(f"cannot open the guest agent's port: {e}") from e
         if hello:  # not into a machine that is still loading its state: it would be garbled
-            self._greeting = asyncio.create_task(self._agent.greet())  # an adopted guest answers too
+            self._agent.start_greeting()  # an adopted guest answers too
 
     async def _agent_pty(self) -> str:
         """The host pty QEMU made for the agent's console (`pty:/dev/pts/N` in query-chardev)."""
@@ -420,9 +419,6 @@ class QemuBackend(Backend):
                 os.unlink(path)
 
     async def close(self) -> None:
-        if self._greeting is not None:
-            self._greeting.cancel()
-            self._greeting = None
         if self._agent is not None:
             await self._agent.close()
             self._agent = None

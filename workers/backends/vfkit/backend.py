@@ -114,7 +114,6 @@ class VfkitBackend(Backend):
         self.process = HypervisorProcess("vfkit", self.pid_path)
         self._guest_ip: str | None = None
         self._agent: agent.AgentChannel | None = None
-        self._greeting: asyncio.Task[None] | None = None
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -299,12 +298,9 @@ class VfkitBackend(Backend):
             log.warning("no channel to the guest agent (%s): readiness from the DHCP lease, "
                         "stops through vfkit only", e)
             return
-        self._greeting = asyncio.create_task(self._agent.greet())
+        self._agent.start_greeting()
 
     async def _close_agent(self) -> None:
-        if self._greeting is not None:
-            self._greeting.cancel()
-            self._greeting = None
         if self._agent is not None:
             await self._agent.close()
             self._agent = None
