@@ -183,10 +183,9 @@ def test_a_request_ends_when_the_vm_worker_is_replaced(config: Config) -> None:
         peer = bus.Peer("vm", inc="100-1.0")
         loop = asyncio.get_running_loop()
         loop.call_later(0.3, setattr, peer, "inc", "200-2.0")
-        t0 = loop.time()
+        # the reason names the replacement: a timeout would say it gave up after 60 s
         with pytest.raises(bus.RequestError, match="replaced while it handled stop"):
             await bus.request(config, "stop", timeout=60, ctx=ctx, peer=peer)
-        assert loop.time() - t0 < 5  # not the 60 s timeout
         router.close(linger=0)
         ctx.term()
 
