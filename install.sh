@@ -38,7 +38,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "creating .venv with $($PY --version)"
   $PY -m venv .venv
 fi
-if ! .venv/bin/python -c "import virby.supervisor.cli, pytest, circus" 2>/dev/null \
+if ! .venv/bin/python -c "import virby.supervisor.cli, virby.core.config, pytest, circus" 2>/dev/null \
    || [ setup.cfg -nt .venv/.installed ]; then
   # (grep: this machine's pip.conf may name local mirrors that do not exist; say nothing of it)
   { .venv/bin/python -m pip install -q --upgrade pip setuptools wheel

@@ -15,8 +15,8 @@ virby guest build --arch aarch64 --variant base
 virby guest build --arch aarch64 --variant nix
 ruff check .
 lint-imports --no-cache  # the import contracts in .importlinter
-mypy -p virby.supervisor -p virby.workers
-mypy tests bench
+mypy -p virby.core -p virby.guestbuild -p virby.supervisor -p virby.workers
+mypy tests testing bench
 python -m pytest -p no:cacheprovider -ra tests "$@"
 # The unit and integration tiers again on Debian 13's Python 3.13 (the Mac's nixpkgs python3 is
 # 3.13 too): a cached debootstrap root, ~4 min warm, ~7 min on the first run.

@@ -20,7 +20,7 @@ from typing import Any
 from bench.common import REPO, Context, Result, machine_info
 from bench.registry import NAMES, USES_RUNNING, runner
 from bench.report import machine_line, notes, table
-from tests.harness import build_guest
+from testing.harness import build_guest
 
 
 def document(results: list[Result], meta: dict[str, Any]) -> dict[str, Any]:

@@ -31,13 +31,13 @@ from bench.common import (
     summary,
     timed_ssh_true,
 )
-from tests.harness import Instance, qmp_execute
-from virby.supervisor.config import Config, from_dict
+from testing.harness import Instance, qmp_execute
+from virby.core.config import Config, from_dict
+from virby.core.keys import ensure_keys
 from virby.supervisor.sshconfig import ssh_config_text
 from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.initrd import build_keyed_initrd
 from virby.workers.backends.qemu.backend import _USERNET_RE, QemuBackend
-from virby.workers.keys import ensure_keys
 
 NAME = "cold"
 TARGET = 1.15

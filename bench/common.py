@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness import Instance, guest_for
+from testing.harness import Instance, guest_for
 from virby.supervisor import control
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +276,7 @@ def probe_until_ssh(ssh_config: Path, port: int, deadline: float, *, stagger: fl
     """Retry `ssh true` to `port` until one succeeds; return (monotonic time of the first
     success, attempts). Attempts overlap (a new one every `stagger` seconds, at most
     `max_in_flight` at once) so attempts stuck in QEMU's SYN retransmit while the guest NIC
-    comes up (vm-lab §5) cost nothing and the first moment sshd answers is caught within about
+    comes up cost nothing and the first moment sshd answers is caught within about
     `stagger`: the limit is as tight as an `ssh` client can make it. Attempts that dropbear turns
     away (over its 5 unauthenticated connections per address) just fail; another one wins.
     Raises TimeoutError at `deadline`."""

@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import Any
 
-from virby.supervisor.config import load_for_worker
+from virby.core.config import load_for_worker
 from virby.workers import bus
 
 

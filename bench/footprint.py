@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 
 from bench.common import Context, Result, stop_process
-from tests.harness import Instance
+from testing.harness import Instance
 
 NAME = "footprint"
 RSS_TARGET_MIB = 90.0

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Context, Result
-from tests.harness import Instance, build_guest
-from tests.nixhost import NIX_CONFIG
+from testing.harness import Instance, build_guest
+from testing.nixhost import NIX_CONFIG
 
 NAME = "manydrv"
 TARGET = 0.5

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Context, Result, stop_vm, summary
-from tests.harness import Instance, build_guest
-from tests.nixhost import GUEST_HOSTNAMES, Nix, Where, alias_builders
+from testing.harness import Instance, build_guest
+from testing.nixhost import GUEST_HOSTNAMES, Nix, Where, alias_builders
 
 NAME = "nixbuild"
 MODES = ("running", "suspended", "cold")

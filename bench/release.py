@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from bench.common import Context, Result, summary, timed_ssh_true, wait_pid_gone
-from tests.harness import Instance
+from testing.harness import Instance
 
 NAME = "release"
 STOP_AFTER = 2.0

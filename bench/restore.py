@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from bench.common import Context, Result, stop_vm, summary, timed_ssh_true
-from tests.harness import Instance
+from testing.harness import Instance
 
 NAME = "restore"
 TARGET = 0.35

@@ -7,7 +7,7 @@ import contextlib
 import time
 
 from bench.common import Context, Result, summary, timed_ssh_true
-from tests.harness import Instance
+from testing.harness import Instance
 from virby.supervisor import control
 
 NAME = "resume"

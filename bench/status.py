@@ -10,7 +10,7 @@ import sys
 import time
 
 from bench.common import Context, Result, spread_text, summary
-from tests.harness import Instance
+from testing.harness import Instance
 
 NAME = "status"
 TARGET_S = 0.100

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from bench.common import Context, Result, ssh_argv, summary, timed_ssh_true, wait_pid_gone
-from tests.harness import Instance
+from testing.harness import Instance
 from virby.supervisor import control
 
 NAME = "storm"

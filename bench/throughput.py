@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 from bench.common import REPO, Context, Result, free_port, need, percentile, stop_process, summary
-from virby.workers.logtail import tail_lines
+from virby.core.logtail import tail_lines
 
 NAME = "throughput"
 PATHS = ("forwarder", "socat", "direct")

@@ -4,7 +4,7 @@
 #
 #   let virby = import ./lib.nix { cores = 4; memory = "8GiB"; ... }; in
 #   virby.errors        # [ "services.virby.memory: ..." ] -> the module's assertions
-#   virby.config        # the JSON document for /etc/virby/config.json (supervisor/config.py)
+#   virby.config        # the JSON document for /etc/virby/config.json (core/config.py)
 #   virby.buildMachine  # one nix.buildMachines entry
 #   virby.sshConfig     # /etc/ssh/ssh_config.d/100-virby-vm.conf
 #   virby.launchdJob    # the launchd job; must equal supervisor/launchd.py's render_plist
@@ -83,7 +83,7 @@ let
        else (fromDecimal (elemAt m 0)) * (if elemAt m 1 == "G" || elemAt m 1 == "GiB" then 1024 else 1);
 
   # "100GiB" / "512M" / "2T" / 21474836480 -> bytes, or null. Powers of 1024 throughout, as
-  # supervisor/config.py reads them.
+  # core/config.py reads them.
   diskBytes =
     let m = if isString o.diskSize then match " *([0-9]+) *([KMGT]?)(i?B)? *" o.diskSize else null;
     in if isInt o.diskSize then o.diskSize
@@ -98,7 +98,7 @@ let
   pauseAfter = od.pauseAfter;
 
   tagOk = tag: match "[A-Za-z0-9][A-Za-z0-9_.-]{0,35}" tag != null;
-  # the same checks as supervisor/config.py
+  # the same checks as core/config.py
   substituterOk = u: isString u && match "(https?|file|s3|ssh|ssh-ng)://[^ \t\n\"']+" u != null;
   publicKeyOk = k: isString k && match "[A-Za-z0-9][A-Za-z0-9._-]*:[A-Za-z0-9+/]{43}=" k != null;
   listErrors = name: ok: what: xs:
@@ -152,7 +152,7 @@ let
   failIfInvalid = v:
     if errors' == [ ] then v else throw ("virby: invalid options:\n" + concatStringsSep "\n" errors');
 
-  # The document supervisor/config.py reads: only keys it knows (it rejects unknown ones).
+  # The document core/config.py reads: only keys it knows (it rejects unknown ones).
   config = failIfInvalid ({
     inherit (o) backend port cores rosetta nestedVirtualization sharedDirectories debug
       readyTimeout sshUser substituters trustedPublicKeys;

@@ -18,7 +18,7 @@ ps.buildPythonApplication {
   src = lib.fileset.toSource {
     root = ../.;
     fileset = lib.fileset.unions [
-      ../setup.cfg ../pyproject.toml ../README.md ../supervisor ../workers
+      ../setup.cfg ../pyproject.toml ../README.md ../core ../supervisor ../workers ../guestbuild ../setup.py
       ../image/guest ../image/guest.lock.json
     ];
   };
@@ -28,7 +28,7 @@ ps.buildPythonApplication {
     circus tornado pyzmq psutil paramiko sshtunnel click cryptography pyelftools zstandard
   ] ++ lib.optional hasQmp ps.qemu-qmp;
 
-  # supervisor/guest/lock.py finds image/ three levels above itself: <site-packages>/virby/.
+  # guestbuild/spec.py finds image/ beside itself: <site-packages>/virby/image.
   postInstall = ''
     image=$out/${ps.python.sitePackages}/virby/image
     mkdir -p $image
@@ -40,7 +40,7 @@ ps.buildPythonApplication {
   pythonRemoveDeps = lib.optional (!hasQmp) "qemu.qmp";
 
   pythonImportsCheck = [
-    "virby.supervisor.config" "virby.supervisor.guest" "virby.workers.backends.vfkit"
+    "virby.core.config" "virby.guestbuild" "virby.workers.backends.vfkit"
   ];
 
   meta = {

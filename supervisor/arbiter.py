@@ -1,8 +1,8 @@
 """`virby run`: prepare the directories and keys, refuse to start over another arbiter or a
 taken port, render the circus ini and exec circusd in the foreground (what launchd runs).
 
-circusd itself exits with status 0 when it cannot bind its socket (reference/circus.md §2.1),
-so every reason not to start is found here first and reported as one clear line.
+circusd itself exits with status 0 when it cannot bind its socket (circus 0.19 logs the error
+and returns), so every reason not to start is found here first and reported as one clear line.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import os
 import socket
 import sys
 
+from virby.core.config import Config
+from virby.core.protocol import STALE_RUNTIME_FILES
 from virby.supervisor import circus_ini
-from virby.supervisor.config import Config
-from virby.workers.protocol import STALE_RUNTIME_FILES
 
 
 class CannotStart(Exception):
@@ -49,7 +49,7 @@ def check_port_free(port: int) -> None:
 
 
 def prepare_dirs(config: Config) -> None:
-    from virby.workers.keys import ensure_keys
+    from virby.core.keys import ensure_keys
 
     try:
         os.makedirs(config.runtimeDir, mode=0o700, exist_ok=True)

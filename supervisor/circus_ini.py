@@ -1,6 +1,6 @@
 """Render the circusd configuration for a Virby config.
 
-The settings follow reference/circus.md §7: ipc endpoints in the private runtime dir, no
+The settings: ipc endpoints in the private runtime dir, no
 multicast (it would bind UDP on every interface), `check_delay = 1` (respawn within a second),
 singletons with `send_hup` for the VM manager so a reload never runs two of it, the listening
 socket only in the forwarder, a rotating log per watcher and for circusd, no hooks, no
@@ -14,9 +14,9 @@ import io
 import json
 import sys
 
-from virby.supervisor.config import Config
-from virby.workers.protocol import CIRCUS_CONTROL, CIRCUS_EVENTS, WATCHERS
-from virby.workers.timeouts import FORWARDER_DRAIN_TIMEOUT, VM_SHUTDOWN_TIMEOUT
+from virby.core.config import Config
+from virby.core.protocol import CIRCUS_CONTROL, CIRCUS_EVENTS, WATCHERS
+from virby.core.timeouts import FORWARDER_DRAIN_TIMEOUT, VM_SHUTDOWN_TIMEOUT
 
 # How long circus waits after SIGTERM before SIGKILL. The vm worker needs room for a clean
 # guest shutdown (VM_SHUTDOWN_TIMEOUT) and the forwarder for draining open sessions.
@@ -94,7 +94,8 @@ def render(config: Config, *, python: str | None = None) -> str:
         section["priority"] = str(priorities[name])
         section["graceful_timeout"] = str(GRACEFUL_TIMEOUTS[name])
         # Only the forwarder may hold the listening socket: an orphaned copy elsewhere would
-        # keep the port open after a crash (reference/circus.md §2.3).
+        # keep the port open after a crash (circus hands every watcher the arbiter's sockets
+        # unless told not to).
         section["use_sockets"] = "True" if name == "forwarder" else "False"
         if name != "forwarder":
             section["singleton"] = "True"

@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 
 import click
 
-from virby.supervisor.config import ENV_VAR, Config, ConfigError, load, load_builders
-from virby.workers import protocol
+from virby.core import protocol
+from virby.core.config import ENV_VAR, Config, ConfigError, load, load_builders
 
 CONFIG_HELP = ("Config file (JSON, or TOML by extension), or for `status`, `nix-machines` and "
                "`ssh-config` a directory of them (one per builder). Default: $VIRBY_CONFIG, "
@@ -251,8 +251,8 @@ def reload(config_path: str | None) -> None:
     """
     import time
 
+    from virby.core.config import ARBITER_KEYS
     from virby.supervisor import control
-    from virby.supervisor.config import ARBITER_KEYS
 
     config = _load(config_path)
     try:
@@ -541,7 +541,7 @@ def env(config_path: str | None) -> None:
 
 
 def _mount_guest() -> None:
-    from virby.supervisor.guest.cli import guest
+    from virby.guestbuild.cli import guest
 
     cli.add_command(guest)
 

@@ -5,8 +5,8 @@ with one clear line when the arbiter is not there.
 `virby status` must answer in well under 100 ms, so this module is synchronous and light: it
 speaks circusd's JSON protocol and the vm worker's commands on plain DEALERs (circus.client
 pulls in tornado and, through zmq.ssh, paramiko: ~70 ms) and reads the state owners' XPUB
-replays with a blocking SUB. The message formats and names come from workers/protocol.py and
-the crash records from workers/failures.py, neither of which imports asyncio (~35 ms). The CLI
+replays with a blocking SUB. The message formats and names come from core/protocol.py and
+the crash records from core/failures.py, neither of which imports asyncio (~35 ms). The CLI
 never imports the workers' bus (workers/bus.py): the protocol is the whole contract.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import zmq
 
-from virby.supervisor.config import Config
-from virby.workers.failures import read_failure
-from virby.workers.protocol import (
+from virby.core.config import Config
+from virby.core.failures import read_failure
+from virby.core.protocol import (
     CIRCUS_CONTROL,
     VM_COMMANDS,
     WATCHERS,

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from virby.core import machost
+from virby.core.config import Config
+from virby.core.protocol import WATCHERS
 from virby.supervisor import nixreg
-from virby.supervisor.config import Config
-from virby.workers import machost
-from virby.workers.protocol import WATCHERS
 
 MAX_SKEW = 3.0  # seconds; `date +%s` has 1 s resolution and the round trip adds a little
 UNIX_PATH_MAX = 104  # macOS's sun_path
@@ -133,7 +133,7 @@ def check_runtime_dir(ctx: Context) -> Check:
 
 
 def check_keys(ctx: Context) -> Check:
-    from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
+    from virby.core.keys import HOST_KEY_ALIAS, KeyPaths
 
     keys = KeyPaths.in_dir(ctx.config.stateDir)
     title = "SSH keys"
@@ -315,8 +315,8 @@ def check_host_key(ctx: Context) -> Check:
     if ctx.vm_state != "running":
         return Check(None, title, f"not checked: the VM is {ctx.vm_state or 'not running'} "
                                   "(doctor does not boot it)")
-    from virby.workers.keys import KeyPaths
-    from virby.workers.sshcheck import SSHNotReady, prove_ssh
+    from virby.core.keys import KeyPaths
+    from virby.core.sshcheck import SSHNotReady, prove_ssh
 
     keys = KeyPaths.in_dir(ctx.config.stateDir)
     try:

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from virby.core.config import Config
+from virby.core.protocol import XPUB_OWNERS, BadMessage, decode
 from virby.supervisor import control
-from virby.supervisor.config import Config
-from virby.workers.protocol import XPUB_OWNERS, BadMessage, decode
 
 SILENT_AFTER = 3.5  # three missed heartbeats, as the workers judge each other (bus.PEER_TIMEOUT)
 

@@ -10,8 +10,8 @@ import os
 import plistlib
 from collections.abc import Sequence
 
+from virby.core.config import Config
 from virby.supervisor.circus_ini import GRACEFUL_TIMEOUTS
-from virby.supervisor.config import Config
 
 LABEL = "org.nixos.virby"
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
-from virby.workers.logtail import tail_lines
+from virby.core.logtail import tail_lines
 
 POLL = 0.25
 

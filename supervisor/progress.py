@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 from typing import Any, TextIO
 
+from virby.core.config import Config
+from virby.core.protocol import BadMessage, decode
 from virby.supervisor import control
-from virby.supervisor.config import Config
-from virby.workers.protocol import BadMessage, decode
 
 FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 TICK = 0.1

@@ -7,8 +7,8 @@ import base64
 import getpass
 import os
 
-from virby.supervisor.config import Config
-from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
+from virby.core.config import Config
+from virby.core.keys import HOST_KEY_ALIAS, KeyPaths
 
 
 def control_persist(config: Config) -> int:

@@ -12,8 +12,8 @@ import os
 import subprocess
 from typing import Any
 
-from virby.supervisor.config import Config
-from virby.workers.keys import HOST_KEY_ALIAS, KeyPaths
+from virby.core.config import Config
+from virby.core.keys import HOST_KEY_ALIAS, KeyPaths
 
 SSH_TIMEOUT = 5.0
 

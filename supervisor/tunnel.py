@@ -18,7 +18,7 @@ import threading
 from types import FrameType
 from typing import Any
 
-from virby.supervisor.config import Config
+from virby.core.config import Config
 
 
 class TunnelError(Exception):
@@ -37,8 +37,8 @@ class Tunnel:
         import paramiko
         import sshtunnel
 
-        from virby.workers.keys import KeyPaths
-        from virby.workers.sshcheck import pinned_host_key
+        from virby.core.keys import KeyPaths
+        from virby.core.sshcheck import pinned_host_key
 
         keys = KeyPaths.in_dir(self.config.stateDir)
         try:

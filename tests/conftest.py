@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Instance, build_guest
+from testing.harness import Instance, build_guest
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import zstandard
 
-from virby.supervisor.guest.spec import ARCHES
+from virby.guestbuild.spec import ARCHES
 
 
 def make_elf(needed: tuple[str, ...] = (), *, soname: str | None = None,

@@ -1,6 +1,6 @@
 """The bus: how Virby's processes talk. One module defines the whole protocol.
 
-State is broadcast, commands are requests (see DESIGN.md "The bus").
+State is broadcast, commands are requests.
 
 * Every message is two frames: the sender's name (the ZeroMQ topic) and a JSON body
   `{"v": 1, "kind": "state"|"event", "from", "inc", "seq", "t", "data"}`. `inc` is the
@@ -35,8 +35,8 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from virby.supervisor.config import Config
-from virby.workers.protocol import (  # re-exported: the bus's users import them from here
+from virby.core.config import Config
+from virby.core.protocol import (  # re-exported: the bus's users import them from here
     COMMANDS,
     HEARTBEAT,
     INBOX_OWNERS,

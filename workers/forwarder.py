@@ -24,10 +24,10 @@ import socket
 import time
 from typing import Any
 
-from virby.supervisor.config import Config
+from virby.core.config import Config
+from virby.core.timeouts import FORWARDER_DRAIN_TIMEOUT
 from virby.workers import bus, reconfig, runtime
 from virby.workers.runtime import run_worker
-from virby.workers.timeouts import FORWARDER_DRAIN_TIMEOUT
 
 log = logging.getLogger("virby.forwarder")
 

@@ -1,10 +1,10 @@
 """The guest Nix's settings that come from the host's config, as the nix.conf fragment the
 guest includes last (/etc/virby/nix.conf, in the archive appended to the initrd at every boot:
-workers/keys.py guest_keys_archive). A new config takes effect at the next boot."""
+core/keys.py guest_keys_archive). A new config takes effect at the next boot."""
 
 from __future__ import annotations
 
-from virby.supervisor.config import Config
+from virby.core.config import Config
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from virby.supervisor.config import Config
+from virby.core.config import Config
 from virby.workers import bus, reconfig, runtime
 from virby.workers.activity import Activity
 from virby.workers.runtime import run_worker

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from virby.supervisor.config import ARBITER_KEYS, Config, ConfigError, load
+from virby.core.config import ARBITER_KEYS, Config, ConfigError, load
 
 log = logging.getLogger("virby.reconfig")
 

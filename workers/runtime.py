@@ -2,7 +2,7 @@
 when circusd is gone, SIGTERM handling, and our own crash backoff.
 
 Circus respawns a crashed watcher once per `check_delay` forever, with no backoff, and its
-Flapping plugin drops its own stop command (reference/circus.md §4.6). So a worker that fails
+Flapping plugin drops its own stop command (circus 0.19). So a worker that fails
 records the failure in `<runtimeDir>/<name>.failure` and sleeps 1 s, 2 s, 4 s … up to 60 s
 *before* exiting; a worker that has run for HEALTHY_AFTER seconds clears the record. `virby
 status` shows the record. A kill -9 records nothing, so it is respawned at circus's pace.
@@ -20,9 +20,9 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import TextIO
 
-from virby.supervisor.config import Config, ConfigError, load_for_worker
+from virby.core.config import Config, ConfigError, load_for_worker
+from virby.core.failures import clear_failure, record_failure
 from virby.workers import reconfig
-from virby.workers.failures import clear_failure, record_failure
 
 HEALTHY_AFTER = 10.0
 PARENT_POLL = 0.2
@@ -51,7 +51,7 @@ def _sighup() -> None:
 
 class _SafeStream:
     """stderr that turns into /dev/null once circusd's pipe is gone (BrokenPipeError would
-    otherwise kill the task that is shutting us down; reference/circus.md §4.4)."""
+    otherwise kill the task that is shutting us down: circusd closes it when it exits)."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream

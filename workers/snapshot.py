@@ -28,8 +28,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from virby.supervisor.config import Config
-from virby.workers.files import write_json
+from virby.core.config import Config
+from virby.core.files import write_json
 
 log = logging.getLogger("virby.snapshot")
 
@@ -67,7 +67,7 @@ def dependencies(config: Config, argv: list[str], inputs: Mapping[str, str | Non
 
 def default_inputs(config: Config) -> dict[str, str | None]:
     """The files every backend's guest depends on. The keys are in the guest's memory."""
-    from virby.workers.keys import KeyPaths
+    from virby.core.keys import KeyPaths
 
     keys = KeyPaths.in_dir(config.stateDir)
     return {

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
-from virby.supervisor.config import Config
+from virby.core.config import Config
 
 log = logging.getLogger("virby.vm")
 

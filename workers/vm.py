@@ -36,18 +36,18 @@ import os
 import time
 from typing import Any
 
-from virby.supervisor.config import Config, ConfigError, load
+from virby.core.config import Config, ConfigError, load
+from virby.core.files import write_json
+from virby.core.keys import KeyPaths, ensure_keys
+from virby.core.protocol import COUNTERS_FILE
+from virby.core.sshcheck import SSHNotReady, prove_ssh
+from virby.core.timeouts import VM_SHUTDOWN_TIMEOUT
 from virby.workers import bus, reconfig, runtime, stop_intent
 from virby.workers.activity import Activity
 from virby.workers.backends import make_backend
 from virby.workers.backends.base import Backend, BackendError, describe
-from virby.workers.files import write_json
-from virby.workers.keys import KeyPaths, ensure_keys
-from virby.workers.protocol import COUNTERS_FILE
 from virby.workers.runtime import run_worker
 from virby.workers.snapshot import SnapshotInvalid, SnapshotStore, dependencies
-from virby.workers.sshcheck import SSHNotReady, prove_ssh
-from virby.workers.timeouts import VM_SHUTDOWN_TIMEOUT
 
 log = logging.getLogger("virby.vm")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import build_guest, guest_for
+from testing.harness import build_guest, guest_for
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Instance
-from tests.nixhost import GUEST_HOSTNAMES
+from testing.harness import Instance
+from testing.nixhost import GUEST_HOSTNAMES
 
 pytestmark = pytest.mark.e2e
 

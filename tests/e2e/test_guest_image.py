@@ -31,16 +31,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.harness import qmp_execute
-from virby.supervisor.config import from_dict
+from testing.harness import qmp_execute
+from virby.core.config import from_dict
+from virby.core.cpio import CpioEntry, append_archive, newc_archive
+from virby.core.keys import KeyPaths, dropbear_private
 from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.qemu import QemuBackend
-from virby.workers.cpio import CpioEntry, append_archive, newc_archive
-from virby.workers.keys import KeyPaths, dropbear_private
 
 pytestmark = pytest.mark.e2e
 
-# reference/vm-lab.md §5: a boot takes about 4 s alone, 12 s with 4 VMs on 2 cores
+# A boot takes about 4 s alone under TCG, 12 s with 4 VMs on 2 cores
 READY_TIMEOUT = 60.0
 USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from testing.harness import Instance
+from testing.nixhost import GUEST_HOSTNAMES, Nix, Where
 from tests.e2e.test_on_demand import guest_clock
-from tests.harness import Instance
-from tests.nixhost import GUEST_HOSTNAMES, Nix, Where
 
 pytestmark = pytest.mark.e2e
 

@@ -3,7 +3,7 @@ derivation it is not allowed to build itself (`--max-jobs 0`) on `virby-vm`, rea
 the ssh_config alias `virby ssh-config` prints. The VM is stopped when the build starts, so the
 build's own SSH connection is what boots it.
 
-The host's Nix is configured through the environment only (reference/vm-lab.md §3): no
+The host's Nix is configured through the environment only (a single-user Nix, as Debian ships it): no
 `nixbld` group, no binary cache, and `NIX_SSHOPTS=-F <absolute path>` (Nix runs ssh from another
 working directory). Each derivation carries a fresh nonce, so it is never already in the host's
 /nix/store; what it writes (hostname, kernel release, boot id, read from /proc with shell
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Instance
-from tests.nixhost import Nix, Where, alias_builders, assert_built_in_guest, host_boot_id
+from testing.harness import Instance
+from testing.nixhost import Nix, Where, alias_builders, assert_built_in_guest, host_boot_id
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import Instance
+from testing.harness import Instance
 
 pytestmark = pytest.mark.e2e
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Instance
+from testing.harness import Instance
 from tests.integration.test_operator import Lines, _marks
-from virby.workers.keys import HOST_KEY_ALIAS, public_line
+from virby.core.keys import HOST_KEY_ALIAS, public_line
 
 pytestmark = pytest.mark.e2e
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Instance
-from tests.nixhost import NIX_CONFIG
+from testing.harness import Instance
+from testing.nixhost import NIX_CONFIG
 from tests.require import require
 from virby.workers.guestconf import free_space
 

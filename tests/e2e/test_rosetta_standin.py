@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Instance
-from virby.supervisor.guest import builder, locker, mirrors
-from virby.workers import cpio
+from testing.harness import Instance
+from virby.core import cpio
+from virby.guestbuild import builder, locker, mirrors
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import Instance
-from virby.supervisor.config import from_dict
+from testing.harness import Instance
+from virby.core.config import from_dict
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import Instance, exited
+from testing.harness import Instance, exited
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from tests.harness import REPO, Instance, exited
+from testing.harness import REPO, Instance, exited
 from virby.supervisor import control
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""workers/cpio.py, checked against the real GNU cpio: what it lists and what it extracts
+"""core/cpio.py, checked against the real GNU cpio: what it lists and what it extracts
 (the checks that need no cpio process are in tests/unit/test_cpio.py)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.test_cpio import KEYS  # the keys archive the unit tier checks byte by byte
-from virby.workers.cpio import CpioEntry, append_archive, newc_archive
+from virby.core.cpio import CpioEntry, append_archive, newc_archive
 
 pytestmark = pytest.mark.integration
 

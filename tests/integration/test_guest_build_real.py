@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from virby.supervisor.guest.lock import load
+from virby.guestbuild.lock import load
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,6 @@
-"""The import contracts in .importlinter (DESIGN.md: data flows one way) fail when they are
-broken: `lint-imports` runs on a copy of the package with one forbidden import injected."""
+"""The import contracts in .importlinter (an allow-list of layers) fail when they are broken:
+`lint-imports` runs on a copy of the package with one forbidden import, or one module in no
+layer, injected."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO
+from testing.harness import REPO
 
 pytestmark = pytest.mark.integration
 
 LINT_IMPORTS = str(Path(sys.executable).with_name("lint-imports"))
 
 
+FOLDERS = ("core", "guestbuild", "supervisor", "workers")
+
+
 def lint_copy(tmp_path: Path, inject: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Lay supervisor/ and workers/ out as virby.* under tmp_path (as the wheel installs
-    them), append the given import lines, and run lint-imports there with the real contracts."""
-    for folder in ("supervisor", "workers"):
+    """Lay the package's folders out as virby.* under tmp_path (as the wheel installs them),
+    append the given lines (a missing module is created), and run lint-imports there with the
+    real contracts."""
+    for folder in FOLDERS:
         shutil.copytree(REPO / folder, tmp_path / "virby" / folder,
                         ignore=shutil.ignore_patterns("__pycache__"))
     for module, line in inject.items():
@@ -34,21 +39,44 @@ def lint_copy(tmp_path: Path, inject: dict[str, str]) -> subprocess.CompletedPro
                           text=True, timeout=120)
 
 
-def test_the_unmodified_copy_keeps_both_contracts(tmp_path: Path) -> None:
+LAYERS = "Layers: the CLI and the workers side by side"
+
+
+def test_the_unmodified_copy_keeps_every_contract(tmp_path: Path) -> None:
     out = lint_copy(tmp_path, {})
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "Contracts: 3 kept, 0 broken." in out.stdout
+    assert "Contracts: 5 kept, 0 broken." in out.stdout
 
 
-def test_a_worker_importing_the_cli_breaks_the_contract(tmp_path: Path) -> None:
-    out = lint_copy(tmp_path, {"workers/idle.py": "import virby.supervisor.cli"})
+def test_a_worker_importing_the_cli_breaks_the_layers(tmp_path: Path) -> None:
+    out = lint_copy(tmp_path, {"workers/idle.py": "import virby.supervisor.control"})
     assert out.returncode != 0
-    assert "Workers import nothing from supervisor/ but its config BROKEN" in out.stdout
-    assert "virby.workers.idle -> virby.supervisor.cli" in out.stdout
+    assert LAYERS in out.stdout and "Contracts: 4 kept, 1 broken." in out.stdout, out.stdout
+    assert "virby.workers.idle -> virby.supervisor.control" in out.stdout
 
 
-def test_the_cli_importing_the_bus_breaks_the_contract(tmp_path: Path) -> None:
+def test_the_cli_importing_the_bus_breaks_the_layers(tmp_path: Path) -> None:
     out = lint_copy(tmp_path, {"supervisor/statusview.py": "from virby.workers import bus"})
     assert out.returncode != 0
-    assert "The CLI speaks the protocol, never the workers' bus, processes or backends BROKEN" in out.stdout
     assert "virby.supervisor.statusview -> virby.workers.bus" in out.stdout
+
+
+def test_the_cli_importing_a_new_worker_module_breaks_the_layers(tmp_path: Path) -> None:
+    """The old deny-list named the worker modules the CLI could not import: a new one slipped
+    through. The layers forbid the whole of virby.workers."""
+    out = lint_copy(tmp_path, {"workers/brandnew.py": "X = 1",
+                               "supervisor/statusview.py": "from virby.workers import brandnew"})
+    assert out.returncode != 0
+    assert "virby.supervisor.statusview -> virby.workers.brandnew" in out.stdout
+
+
+def test_core_importing_a_worker_breaks_the_layers(tmp_path: Path) -> None:
+    out = lint_copy(tmp_path, {"core/config.py": "import virby.workers.bus"})
+    assert out.returncode != 0
+    assert "virby.core.config -> virby.workers.bus" in out.stdout
+
+
+def test_a_worker_module_in_no_layer_breaks_the_worker_layers(tmp_path: Path) -> None:
+    out = lint_copy(tmp_path, {"workers/brandnew.py": "X = 1"})
+    assert out.returncode != 0
+    assert "virby.workers.brandnew" in out.stdout, out.stdout

@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from tests.require import require, unavailable
+from virby.core.config import from_dict
 from virby.supervisor import launchd
-from virby.supervisor.config import from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "tests" / "nix" / "eval-darwin.nix"

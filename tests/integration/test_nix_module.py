@@ -1,5 +1,5 @@
 """The Nix side: every .nix file parses, and nix/lib.nix (what the nix-darwin module writes)
-produces configs that supervisor/config.py loads with the same values, the build machine and
+produces configs that core/config.py loads with the same values, the build machine and
 ssh_config a user expects, the same launchd job as supervisor/launchd.py, and refuses bad
 options. Runs Debian's `nix-instantiate` (nix-bin); no nixpkgs and no store writes needed.
 """
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.require import require
+from virby.core.config import from_dict
 from virby.supervisor import launchd, sshconfig
-from virby.supervisor.config import from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 LIB = REPO / "nix" / "lib.nix"
@@ -299,7 +299,7 @@ def test_good_options_have_no_errors(nix_env) -> None:
 def test_every_config_key_is_one_config_py_knows(nix_env) -> None:
     opts = {"guest": GUEST, "hypervisor": VFKIT, "backend": "qemu"}
     doc = nix_eval(nix_env, opts, "config")
-    from virby.supervisor import config as config_mod
+    from virby.core import config as config_mod
 
     assert set(doc) <= config_mod._TOP_KEYS
     assert set(doc["onDemand"]) <= config_mod._ON_DEMAND_KEYS

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO
-from virby.supervisor.guest.builder import BuildError, build, default_cache
-from virby.supervisor.guest.report import Report
+from testing.harness import REPO
+from virby.guestbuild.builder import BuildError, build, default_cache
+from virby.guestbuild.report import Report
 
 pytestmark = pytest.mark.integration
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
@@ -59,7 +59,7 @@ def run_installed(site: Path, cwd: Path, *argv: str) -> subprocess.CompletedProc
 
 def test_wheel_file_list(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("virby/supervisor/cli.py", "virby/supervisor/config.py", "virby/workers/bus.py",
+    for module in ("virby/supervisor/cli.py", "virby/core/config.py", "virby/workers/bus.py",
                    "virby/workers/vm.py", "virby/workers/forwarder.py", "virby/workers/idle.py",
                    "virby/workers/backends/qemu/backend.py",
                    "virby/workers/backends/vfkit/backend.py", "virby/workers/backends/vfkit/rest.py"):
@@ -97,7 +97,7 @@ def test_the_wheel_carries_the_guest_files(wheel: Path) -> None:
 
 def test_the_installed_wheel_finds_its_guest_files(installed: Path, tmp_path: Path) -> None:
     out = run_installed(installed, tmp_path, "-c",
-                        "from virby.supervisor.guest import builder, spec\n"
+                        "from virby.guestbuild import builder, spec\n"
                         "builder.check_guest_dir(builder.GUEST_SCRIPTS, 'nix')\n"
                         "print(builder.GUEST_SCRIPTS); print(spec.DEFAULT_LOCK)")
     assert out.returncode == 0, out.stderr

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.harness import Instance
+from testing.harness import Instance
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import Instance, exited
+from testing.harness import Instance, exited
 
 pytestmark = pytest.mark.integration
 

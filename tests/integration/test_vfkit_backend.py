@@ -28,13 +28,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from virby.supervisor.config import from_dict
+from virby.core.config import from_dict
+from virby.core.keys import ensure_keys
 from virby.workers.backends.base import BackendError, Endpoint
 from virby.workers.backends.process import PidRecord
 from virby.workers.backends.vfkit import VfkitBackend
 from virby.workers.backends.vfkit import backend as vfkit_mod
 from virby.workers.backends.vfkit.rest import VfkitRest, VmState
-from virby.workers.keys import ensure_keys
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from tests.builders_dir import make_builders_dir
+from virby.core.config import from_dict
+from virby.core.keys import ensure_keys
 from virby.supervisor.cli import cli
-from virby.supervisor.config import from_dict
 from virby.supervisor.sshconfig import ssh_config_text
-from virby.workers.keys import ensure_keys
 
 pytestmark = pytest.mark.integration
 

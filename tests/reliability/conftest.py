@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Instance
+from testing.harness import Instance
 
 
 def boot(inst: Instance) -> Instance:

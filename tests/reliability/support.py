@@ -1,4 +1,4 @@
-"""Helpers for the reliability tier, on top of tests.harness.Instance (which they never change).
+"""Helpers for the reliability tier, on top of testing.harness.Instance (which they never change).
 
 * `Prober`: a client that opens a new TCP connection every 25 ms, reads the SSH banner through
   the forwarder and closes; every attempt is classified (served, refused, cut, timeout).
@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import zmq
 
-from tests.harness import Instance
+from testing.harness import Instance
 
 BANNER = b"SSH-2.0"
 # What every SSH client sends as soon as it connects (RFC 4253 §4.2). The forwarder dials the

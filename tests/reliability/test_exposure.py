@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.harness import Instance
+from testing.harness import Instance
 from tests.reliability.support import report, virby_processes
 
 pytestmark = pytest.mark.reliability

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Instance
+from testing.harness import Instance
 from tests.reliability.conftest import boot
 from tests.reliability.support import Streamer, log_lines, probe_banner, report, wait_until
 

@@ -14,7 +14,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.harness import Instance
+from testing.harness import Instance
 from tests.reliability.support import assert_flat, log_lines, probe_banner, report, usage
 from virby.supervisor.control import request
 from virby.workers import bus

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.harness import Instance
+from testing.harness import Instance
 from tests.reliability.support import FAULT_ROUNDS, Prober, Streamer, replaced, report, wait_until
 
 pytestmark = pytest.mark.reliability

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Instance
+from testing.harness import Instance
 from tests.reliability.support import SOAK_CONNECTIONS, Prober, assert_flat, report, usage, virby_processes
 
 pytestmark = pytest.mark.reliability

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import Instance
+from testing.harness import Instance
 from tests.reliability.conftest import boot
 from tests.reliability.support import circus_events, probe_banner, report, wait_exited, wait_until
 

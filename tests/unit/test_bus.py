@@ -12,7 +12,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from virby.supervisor.config import Config, from_dict
+from virby.core.config import Config, from_dict
 from virby.workers import bus
 
 

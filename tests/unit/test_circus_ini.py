@@ -9,8 +9,8 @@ from pathlib import Path
 
 from circus.config import get_config
 
+from virby.core.config import from_dict
 from virby.supervisor import circus_ini
-from virby.supervisor.config import from_dict
 
 
 def render(tmp_path: Path) -> tuple[Path, configparser.ConfigParser]:

@@ -15,8 +15,8 @@ from typing import BinaryIO
 import pytest
 from circus.stream import FileStream
 
+from virby.core import logtail
 from virby.supervisor import logview
-from virby.workers import logtail
 
 
 class Polls:

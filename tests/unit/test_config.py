@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from virby.supervisor import config as cfg
+from virby.core import config as cfg
 from virby.supervisor.cli import cli
 
 # (case id, document, key the message must name)

@@ -17,9 +17,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from virby.core import protocol
+from virby.core.config import Config, from_dict
 from virby.supervisor import control
-from virby.supervisor.config import Config, from_dict
-from virby.workers import bus, protocol
+from virby.workers import bus
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""workers/cpio.py on its own: the same entries give the same bytes, bad entries are refused,
+"""core/cpio.py on its own: the same entries give the same bytes, bad entries are refused,
 and appending to an initrd (tests/integration/test_cpio_gnu.py reads the archives with GNU cpio)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from virby.workers.cpio import CpioEntry, append_archive, newc_archive
+from virby.core.cpio import CpioEntry, append_archive, newc_archive
 
 KEYS = [
     CpioEntry("etc", mode=0o755, directory=True),

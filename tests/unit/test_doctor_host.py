@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from virby.core.config import from_dict
+from virby.core.machost import ROSETTA_RUNTIME
 from virby.supervisor import nixreg
-from virby.supervisor.config import from_dict
 from virby.supervisor.doctor import (
     Check,
     Context,
@@ -18,7 +19,6 @@ from virby.supervisor.doctor import (
     check_nix_registration,
     check_rosetta,
 )
-from virby.workers.machost import ROSETTA_RUNTIME
 
 LINE = ("ssh-ng://virby-vm aarch64-linux,x86_64-linux /var/lib/virby/ssh_user_ed25519_key 4 1 "
         "benchmark,big-parallel - c3NoLWVkMjU1MTkgQUFBQQ==\n")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from virby.supervisor.config import Config, from_dict
+from virby.core.config import Config, from_dict
 from virby.workers import bus, forwarder
 from virby.workers.forwarder import Forwarder
 

@@ -1,4 +1,4 @@
-"""`virby.supervisor.guest.build` on a fake Debian archive served by an http.server thread:
+"""`virby.guestbuild.build` on a fake Debian archive served by an http.server thread:
 the same lock gives the same bytes, and every bad input gives one line naming the package and
 the URL, a failure, and nothing half-written in the cache or the output."""
 
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.guestkit import Archive, serve
-from virby.supervisor.guest import builder as guest_build
-from virby.supervisor.guest.builder import BuildError, build
-from virby.supervisor.guest.lock import dumps
-from virby.supervisor.guest.report import Report
-from virby.supervisor.guest.spec import REPO_IMAGE
+from virby.guestbuild import builder as guest_build
+from virby.guestbuild.builder import BuildError, build
+from virby.guestbuild.lock import dumps
+from virby.guestbuild.report import Report
+from virby.guestbuild.spec import REPO_IMAGE
 
 GUEST_SCRIPTS = REPO_IMAGE / "guest"
 
@@ -253,7 +253,7 @@ def test_the_cli_refuses_without_guest_files(tmp_path: Path, archive: Archive,
 def test_the_lock_keeps_the_elf_closure_not_the_depends(tmp_path: Path, archive: Archive,
                                                         mirror: tuple[str, set[str]],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from virby.supervisor.guest import locker
+    from virby.guestbuild import locker
 
     monkeypatch.setattr(locker, "VARIANTS", ("base",))
     monkeypatch.setenv("VIRBY_DEBIAN_SECURITY_MIRROR", f"{mirror[0]}/debian-security")
@@ -274,7 +274,7 @@ def test_the_lock_keeps_the_elf_closure_not_the_depends(tmp_path: Path, archive:
 def test_a_package_missing_from_the_index(tmp_path: Path, archive: Archive,
                                           mirror: tuple[str, set[str]],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from virby.supervisor.guest import locker
+    from virby.guestbuild import locker
 
     monkeypatch.setenv("VIRBY_DEBIAN_SECURITY_MIRROR", f"{mirror[0]}/debian-security")
     with pytest.raises(locker.LockerError,

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from tests.guestkit import LIBDIR, F, fake_packages, make_deb, make_elf
-from virby.supervisor.guest import debindex, elfdeps, lock, mirrors, modules
-from virby.supervisor.guest.deb import DebError, Node, Tree, unpack
-from virby.supervisor.guest.lock import DEFAULT_LOCK, LockError
+from virby.guestbuild import debindex, elfdeps, lock, mirrors, modules
+from virby.guestbuild.deb import DebError, Node, Tree, unpack
+from virby.guestbuild.lock import DEFAULT_LOCK, LockError
 
 REAL_LOCK = DEFAULT_LOCK
 
@@ -194,7 +194,7 @@ def test_mirrors_come_from_apt_sources_or_the_environment(tmp_path: Path,
 
 
 def test_the_ca_bundle_is_every_shipped_certificate_in_path_order() -> None:
-    from virby.supervisor.guest.assemble import AssembleError, ca_bundle
+    from virby.guestbuild.assemble import AssembleError, ca_bundle
     tree: Tree = {
         "usr/share/ca-certificates/mozilla/B.crt": Node("file", b"B\n"),
         "usr/share/ca-certificates/mozilla/A.crt": Node("file", b"A"),
@@ -206,7 +206,7 @@ def test_the_ca_bundle_is_every_shipped_certificate_in_path_order() -> None:
 
 
 def test_a_variant_file_replaces_the_common_one(tmp_path: Path) -> None:
-    from virby.supervisor.guest.assemble import Image, overlay
+    from virby.guestbuild.assemble import Image, overlay
     for root, text in (("common", "common\n"), ("nix", "nix\n")):
         (tmp_path / root / "etc").mkdir(parents=True)
         (tmp_path / root / "etc" / "inittab").write_text(text)
@@ -220,7 +220,7 @@ def test_a_variant_file_replaces_the_common_one(tmp_path: Path) -> None:
 def test_the_nix_guest_s_own_files_are_there() -> None:
     """What the real builder needs from image/guest/nix: its init, the daemon, the collector,
     the lean nix-daemon and init starting them before sshd."""
-    from virby.supervisor.guest.spec import GUEST_DIR
+    from virby.guestbuild.spec import GUEST_DIR
     nix = GUEST_DIR / "nix"
     for name in ("init", "usr/sbin/virby-nix-daemon", "usr/sbin/virby-nix-gc", "usr/bin/nix-daemon"):
         assert (nix / name).stat().st_mode & 0o111, name

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from virby.supervisor.config import ConfigError, from_dict
+from virby.core.config import ConfigError, from_dict
+from virby.core.keys import ensure_keys, guest_keys_archive
 from virby.workers.guestconf import free_space, guest_nix_conf
-from virby.workers.keys import ensure_keys, guest_keys_archive
 
 KEY = "virby-test-1:SNvpSoIgBXh0gsz19anISfJWFQvAJh0/tHK3XpV/D00="
 

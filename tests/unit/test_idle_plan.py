@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from virby.supervisor.config import Config, from_dict
+from virby.core.config import Config, from_dict
 from virby.workers import bus
 from virby.workers.activity import Activity
 from virby.workers.idle import IdleMonitor

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import paramiko
 
-from virby.workers.keys import HOST_KEY_ALIAS, ensure_keys
+from virby.core.keys import HOST_KEY_ALIAS, ensure_keys
 
 
 def mode(path: str) -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import plistlib
 
+from virby.core.config import from_dict
 from virby.supervisor import launchd
 from virby.supervisor.circus_ini import GRACEFUL_TIMEOUTS
-from virby.supervisor.config import from_dict
 
 CONFIG_PATH = "/etc/virby/config.json"
 VIRBY = "/nix/store/abc-virby-0.1.0/bin/virby"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from virby.workers import machost
-from virby.workers.machost import (
+from virby.core import machost
+from virby.core.machost import (
     ROSETTA_INSTALL,
     ROSETTA_RUNTIME,
     nested_problem,

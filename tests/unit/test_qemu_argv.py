@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from virby.supervisor.config import from_dict
+from virby.core.config import from_dict
+from virby.core.keys import ensure_keys
 from virby.workers.backends.base import BackendError
 from virby.workers.backends.qemu.backend import QemuBackend
-from virby.workers.keys import ensure_keys
 
 
 def backend(tmp_path: Path, **over: object) -> QemuBackend:
@@ -83,7 +83,7 @@ def test_vfkit_layout_gives_the_guest_what_vfkit_gives(tmp_path: Path, arch: str
 
 
 def test_vfkit_layout_is_qemus_choice_only(tmp_path: Path) -> None:
-    from virby.supervisor.config import ConfigError
+    from virby.core.config import ConfigError
     with pytest.raises(ConfigError, match="config key 'qemuDevices'"):
         backend(tmp_path, qemuDevices="vz")
     with pytest.raises(ConfigError, match=r"config key 'qemuDevices'.*vfkit backend"):
@@ -98,7 +98,7 @@ def test_vfkit_layout_is_qemus_choice_only(tmp_path: Path) -> None:
 ])
 def test_auto_accel_only_for_the_hosts_own_arch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 host: str, arch: str, platform: str, accel: str) -> None:
-    from virby.supervisor import config as cfg
+    from virby.core import config as cfg
     from virby.workers.backends.qemu import accel as qemu
 
     b = backend(tmp_path, accel="auto", arch=arch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from virby.supervisor.config import from_dict
+from virby.core.config import from_dict
 from virby.workers import reconfig
 
 

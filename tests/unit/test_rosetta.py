@@ -8,7 +8,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from tests.harness import REPO
+from testing.harness import REPO
 
 HOOK = REPO / "image" / "guest" / "common" / "etc" / "rc.d" / "rosetta.sh"
 

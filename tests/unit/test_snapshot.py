@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from virby.supervisor.config import Config, from_dict
+from virby.core.config import Config, from_dict
 from virby.supervisor.statusview import format_status
 from virby.workers.snapshot import SnapshotInvalid, SnapshotStore, dependencies, file_identity
 

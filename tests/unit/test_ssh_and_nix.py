@@ -8,10 +8,10 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from tests.builders_dir import make_builders_dir
+from virby.core.config import from_dict
+from virby.core.keys import ensure_keys
 from virby.supervisor.cli import cli
-from virby.supervisor.config import from_dict
 from virby.supervisor.sshconfig import nix_machines_line, ssh_config_text
-from virby.workers.keys import ensure_keys
 
 
 def test_ssh_config_block(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from virby.supervisor.config import from_dict
+from virby.core.config import from_dict
 from virby.supervisor.statusview import store_line
 from virby.supervisor.storeuse import parse_df, store_use
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from virby.supervisor.config import from_dict
-from virby.workers import cpio, machost
+from virby.core import cpio, machost
+from virby.core.config import from_dict
+from virby.core.keys import ensure_keys, guest_keys_archive
 from virby.workers.backends.base import BackendError
 from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.vfkit import backend as vfkit_mod
 from virby.workers.backends.vfkit.backend import VfkitBackend, nested_supported
 from virby.workers.backends.vfkit.provision import ensure_mac
-from virby.workers.keys import ensure_keys, guest_keys_archive
 
 GiB = 1 << 30
 ARM64_IMAGE = b"MZ" + bytes(54) + b"ARM\x64" + bytes(8)  # the arm64 Image header's magic at 56

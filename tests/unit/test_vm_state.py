@@ -15,11 +15,11 @@ from typing import Any
 import psutil
 import pytest
 
-from virby.supervisor.config import Config, from_dict
+from virby.core.config import Config, from_dict
+from virby.core.keys import KeyPaths, ensure_keys
+from virby.core.sshcheck import SSHNotReady
 from virby.workers import bus, vm
 from virby.workers.backends.base import Backend, BackendError, Endpoint
-from virby.workers.keys import KeyPaths, ensure_keys
-from virby.workers.sshcheck import SSHNotReady
 from virby.workers.stop_intent import interpret
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from virby.supervisor.config import Config
+from virby.core.config import Config
+from virby.core.keys import KeyPaths
 from virby.workers.backends.base import Backend
-from virby.workers.keys import KeyPaths
 
 
 def make_backend(config: Config, keys: KeyPaths) -> Backend:

@@ -20,9 +20,9 @@ import shutil
 from dataclasses import dataclass
 from typing import ClassVar
 
-from virby.supervisor.config import Config
-from virby.workers.keys import KeyPaths
-from virby.workers.logtail import tail_lines
+from virby.core.config import Config
+from virby.core.keys import KeyPaths
+from virby.core.logtail import tail_lines
 
 
 class BackendError(Exception):

@@ -1,14 +1,14 @@
 """The keyed initrd both backends boot: the guest's initrd with this install's keys appended as
-a cpio archive (workers/keys.py guest_keys_archive; the kernel unpacks concatenated archives in
+a cpio archive (core/keys.py guest_keys_archive; the kernel unpacks concatenated archives in
 order, so no image ever holds a key). Remade at every boot in the runtime dir, mode 0600: it
 holds the guest's private host key; the backend removes it when the VM ends."""
 
 from __future__ import annotations
 
-from virby.supervisor.config import Config
-from virby.workers import cpio
+from virby.core import cpio
+from virby.core.config import Config
+from virby.core.keys import KeyPaths, guest_keys_archive
 from virby.workers.guestconf import guest_nix_conf
-from virby.workers.keys import KeyPaths, guest_keys_archive
 
 
 def build_keyed_initrd(config: Config, keys: KeyPaths, out: str) -> None:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from virby.core.files import write_json
 from virby.workers.backends.base import BackendError
-from virby.workers.files import write_json
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Which accelerator QEMU uses, and the KVM probe record that decides it for "auto".
 
-`/dev/kvm` existing proves nothing (reference/vm-lab.md §1: it opens here and cannot run a
+`/dev/kvm` existing proves nothing (on some hosts it opens and yet cannot run a
 stock guest), so "auto" with an untested /dev/kvm boots with KVM once; the backend keeps that
 VM if it announces itself in time, else records "tcg". The record holds while the host kernel
 and the QEMU binary stay the same.
@@ -14,9 +14,9 @@ import os
 import shutil
 import sys
 
-from virby.supervisor.config import Config
+from virby.core.config import Config
+from virby.core.files import write_json
 from virby.workers.backends.qemu import machine
-from virby.workers.files import write_json
 
 log = logging.getLogger("virby.qemu")
 

@@ -6,7 +6,7 @@ port); QMP on a unix socket through qemu.qmp; the guest agent on a virtio consol
 in the standard layout, a pty in vfkit's: workers/agent.py speaks to both) announces sshd, sets
 the clock after a resume and powers the guest off. Shared directories through virtiofsd.
 
-Resources: the QEMU process is our child (never `-daemonize`, reference/vm-lab.md §5) in its own
+Resources: the QEMU process is our child (never `-daemonize`: its pid and exit must stay ours) in its own
 session so a kill -9 of the worker leaves it running for the next worker to adopt. The backend
 owns the QMP connection, the agent channel and the virtiofsd processes; `close()` drops the
 connections, `kill()`/`shutdown()` also end the processes and remove the pid files.
@@ -24,8 +24,8 @@ import time
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from virby.core.logtail import last_line
 from virby.workers import agent
-from virby.workers.backends import qmp_migration
 from virby.workers.backends.base import (
     Backend,
     BackendError,
@@ -38,9 +38,9 @@ from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.initrd import build_keyed_initrd
 from virby.workers.backends.process import HypervisorProcess
 from virby.workers.backends.qemu import machine as qemu_machine
+from virby.workers.backends.qemu import migration as qmp_migration
 from virby.workers.backends.qemu import virtiofs
 from virby.workers.backends.qemu.accel import KVM_PROBE_TIMEOUT, AccelProbe
-from virby.workers.logtail import last_line
 
 log = logging.getLogger("virby.qemu")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from virby.supervisor.config import host_arch
+from virby.core.config import host_arch
 
 
 @dataclass(frozen=True)

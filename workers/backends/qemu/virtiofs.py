@@ -14,10 +14,10 @@ import os
 import shutil
 import time
 
-from virby.supervisor.config import Config
+from virby.core.config import Config
+from virby.core.logtail import last_line
 from virby.workers.backends.base import BackendError
 from virby.workers.backends.process import HypervisorProcess
-from virby.workers.logtail import last_line
 
 # Debian 12 ships it with QEMU (the C one, root only); Debian 13 and others as `virtiofsd`.
 _CANDIDATES = ("virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")

@@ -50,8 +50,14 @@ import signal
 import time
 from typing import Any
 
-from virby.supervisor.config import Config
-from virby.workers import agent, machost
+from virby.core import machost
+from virby.core.config import Config
+from virby.core.files import write_atomic
+from virby.core.keys import KeyPaths
+from virby.core.logtail import tail_lines
+from virby.core.machost import cpu_brand
+from virby.core.machost import host_macos_version as macos_version
+from virby.workers import agent
 from virby.workers.backends.base import (
     Backend,
     BackendError,
@@ -65,11 +71,6 @@ from virby.workers.backends.process import HypervisorProcess
 from virby.workers.backends.vfkit import leases
 from virby.workers.backends.vfkit.provision import ensure_mac, fill_guest_keys
 from virby.workers.backends.vfkit.rest import VfkitRest
-from virby.workers.files import write_atomic
-from virby.workers.keys import KeyPaths
-from virby.workers.logtail import tail_lines
-from virby.workers.machost import cpu_brand
-from virby.workers.machost import host_macos_version as macos_version
 
 log = logging.getLogger(__name__)
 

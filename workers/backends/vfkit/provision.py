@@ -9,9 +9,9 @@ import os
 import re
 import secrets
 
-from virby.supervisor.config import Config
-from virby.workers.files import write_atomic, write_if_changed
-from virby.workers.keys import KeyPaths
+from virby.core.config import Config
+from virby.core.files import write_atomic, write_if_changed
+from virby.core.keys import KeyPaths
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from virby.workers import cpio
-from virby.workers.files import write_atomic, write_if_changed
+from virby.core import cpio
+from virby.core.files import write_atomic, write_if_changed
 
 HOST_KEY_ALIAS = "virby-vm-key"
 

@@ -17,12 +17,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from virby.supervisor.guest import assemble, deb, fetch, mirrors
-from virby.supervisor.guest.lock import ArchLock, Lock, LockError, Package, load
-from virby.supervisor.guest.report import Report
-from virby.supervisor.guest.spec import ARCHES, DEFAULT_LOCK, GUEST_DIR, GUEST_REQUIRED, VARIANTS
-from virby.workers.cpio import newc_archive
-from virby.workers.files import write_atomic
+from virby.core.cpio import newc_archive
+from virby.core.files import write_atomic
+from virby.guestbuild import assemble, deb, fetch, mirrors
+from virby.guestbuild.lock import ArchLock, Lock, LockError, Package, load
+from virby.guestbuild.report import Report
+from virby.guestbuild.spec import ARCHES, DEFAULT_LOCK, GUEST_DIR, GUEST_REQUIRED, VARIANTS
 
 GUEST_SCRIPTS = GUEST_DIR
 ARM64_MAGIC = b"ARM\x64"  # at offset 0x38 of an uncompressed arm64 Image

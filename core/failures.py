@@ -10,9 +10,9 @@ import logging
 import os
 import time
 
-from virby.supervisor.config import Config
-from virby.workers.files import write_json
-from virby.workers.protocol import failure_file
+from virby.core.config import Config
+from virby.core.files import write_json
+from virby.core.protocol import failure_file
 
 MAX_BACKOFF = 60.0
 

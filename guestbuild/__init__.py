@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from virby.supervisor.guest.builder import BuildError, build, default_out
+    from virby.guestbuild.builder import BuildError, build, default_out
 
 __all__ = ["BuildError", "build", "default_out"]
 
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from virby.supervisor.guest import builder
+        from virby.guestbuild import builder
 
         return getattr(builder, name)
     raise AttributeError(name)

@@ -7,9 +7,10 @@ import posixpath
 import re
 from pathlib import Path
 
-from virby.supervisor.guest import elfdeps, modules
-from virby.supervisor.guest.deb import Node, Tree
-from virby.supervisor.guest.spec import (
+from virby.core.cpio import CpioEntry
+from virby.guestbuild import elfdeps, modules
+from virby.guestbuild.deb import Node, Tree
+from virby.guestbuild.spec import (
     ARCHES,
     CA_BUNDLE,
     CA_SOURCE,
@@ -20,7 +21,6 @@ from virby.supervisor.guest.spec import (
     VARIANT_MODULES,
     elf_roots,
 )
-from virby.workers.cpio import CpioEntry
 
 BUILDER_UID = 1000
 DIRS = {  # path -> mode

@@ -11,9 +11,9 @@ VARIANTS = ("base", "nix")
 SUITE = "trixie"
 # Here (not in lock.py) so that the CLI can show the default without importing the lock code:
 # every `virby` command mounts the `guest` group, `virby status` included.
-# image/ sits next to supervisor/: the checkout's image/, or in an installed wheel virby/image/
+# image/ sits next to guestbuild/: the checkout's image/, or in an installed wheel virby/image/
 # (setup.cfg ships image/guest/ and the lock as package data of `virby.image`).
-REPO_IMAGE = Path(__file__).resolve().parents[2] / "image"
+REPO_IMAGE = Path(__file__).resolve().parents[1] / "image"
 DEFAULT_LOCK = REPO_IMAGE / "guest.lock.json"
 GUEST_DIR = REPO_IMAGE / "guest"  # the guest's own files: init, rc, agent (image/guest/)
 # What a guest cannot boot without: busybox init reads inittab, which runs rc.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from virby.supervisor.guest.spec import ARCHES, DEFAULT_LOCK, VARIANTS
+from virby.guestbuild.spec import ARCHES, DEFAULT_LOCK, VARIANTS
 
 
 def _host_arch() -> str:
@@ -44,7 +44,7 @@ def build_cmd(arch: str, variant: str, out: Path | None, cache: Path | None, mir
               offline: bool, lock_path: Path) -> None:
     """Download (verified, cached), unpack and pack the guest: DIR/vmlinuz, DIR/initrd.img,
     DIR/manifest.json. Prints DIR on stdout."""
-    from virby.supervisor.guest.builder import BuildError, build
+    from virby.guestbuild.builder import BuildError, build
 
     try:
         out = build(arch, variant, out, cache=cache, mirror=mirror, offline=offline,
@@ -65,9 +65,9 @@ def build_cmd(arch: str, variant: str, out: Path | None, cache: Path | None, mir
 def lock_cmd(arches: tuple[str, ...], mirror: str | None, cache: Path | None, lock_path: Path) -> None:
     """Resolve the newest trixie packages (main + security) and their ELF library closure, and
     write the lock. Downloads the candidate packages to look inside them."""
-    from virby.supervisor.guest import fetch, lock, locker, mirrors
-    from virby.supervisor.guest.builder import default_cache
-    from virby.workers.files import write_atomic
+    from virby.core.files import write_atomic
+    from virby.guestbuild import fetch, lock, locker, mirrors
+    from virby.guestbuild.builder import default_cache
 
     try:
         new = locker.make_lock(cache or default_cache(), mirror, arches or tuple(ARCHES),

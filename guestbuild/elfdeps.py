@@ -15,7 +15,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
-from virby.supervisor.guest.deb import Tree
+from virby.guestbuild.deb import Tree
 
 
 class MissingLibrary(Exception):

@@ -23,8 +23,8 @@ from typing import Any
 import psutil
 import zmq
 
+from virby.core.config import Config, from_dict
 from virby.supervisor import control
-from virby.supervisor.config import Config, from_dict
 from virby.workers import bus
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 """The host's Nix, driven through Virby: `nix-build` of a tiny derivation with a fresh nonce
-(never already in /nix/store), configured through the environment only (reference/vm-lab.md
-§3): no `nixbld` group, no binary cache, and `NIX_SSHOPTS=-F <absolute path>` (Nix runs ssh
-from another working directory). Shared by tests/e2e/test_nix_build.py and `bench nixbuild`.
+(never already in /nix/store), configured through the environment only (a single-user Nix, as
+Debian ships it): no `nixbld` group, no binary cache, and `NIX_SSHOPTS=-F <absolute path>` (Nix
+runs ssh from another working directory). Shared by tests/e2e/test_nix_build.py and `bench
+nixbuild`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 import lzma
 import re
 
-from virby.supervisor.guest.deb import Tree
+from virby.guestbuild.deb import Tree
 
 _DEPENDS = re.compile(rb"(?:^|\0)depends=([A-Za-z0-9_,-]*)\0")
 

@@ -52,7 +52,7 @@ ENDPOINTS = (CIRCUS_CONTROL, CIRCUS_EVENTS, VM_COMMANDS,
 
 
 def failure_file(watcher: str) -> str:
-    """The crash record a watcher leaves in the runtime dir (workers/failures.py)."""
+    """The crash record a watcher leaves in the runtime dir (core/failures.py)."""
     return f"{watcher}.failure"
 
 

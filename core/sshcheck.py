@@ -1,6 +1,6 @@
 """Prove the guest's sshd is ready: one real SSH handshake (paramiko) against the pinned host
 key. A port probe proves nothing here: QEMU's user networking accepts TCP before
-the guest exists (reference/vm-lab.md §5)."""
+the guest exists (slirp answers for it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import base64
 import socket
 from typing import TYPE_CHECKING
 
-from virby.workers.keys import KeyPaths
+from virby.core.keys import KeyPaths
 
 if TYPE_CHECKING:
     import paramiko

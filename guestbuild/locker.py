@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from virby.supervisor.guest import deb, debindex, elfdeps, fetch, mirrors
-from virby.supervisor.guest.lock import ArchLock, Kernel, Lock, Package
-from virby.supervisor.guest.spec import ARCHES, MERGED_USR, ROOT_PACKAGES, SUITE, VARIANTS, elf_roots
+from virby.guestbuild import deb, debindex, elfdeps, fetch, mirrors
+from virby.guestbuild.lock import ArchLock, Kernel, Lock, Package
+from virby.guestbuild.spec import ARCHES, MERGED_USR, ROOT_PACKAGES, SUITE, VARIANTS, elf_roots
 
 ARCHIVES = (("debian", SUITE, "main"), ("debian-security", f"{SUITE}-security", "security"))
 MAX_DEPTH = 6

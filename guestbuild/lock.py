@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from virby.supervisor.guest.spec import ARCHES, DEFAULT_LOCK, VARIANTS
+from virby.guestbuild.spec import ARCHES, DEFAULT_LOCK, VARIANTS
 
 VERSION = 1
 
