@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from virby.core.config import Config
+from virby.core.protocol import PAUSED, RUNNING, STARTING, VmState, as_vm_state
 from virby.core.timeouts import FORWARDER_DRAIN_TIMEOUT
 from virby.workers import bus, reconfig, runtime
 from virby.workers.runtime import run_worker
@@ -56,7 +57,7 @@ HANDSHAKE_GRACE = 1.0  # how long a new session keeps its place after the client
 WAIT_GRACE = 10.0  # a waiting client is held readyTimeout + this before it is closed
 # While draining, a client still waiting for the VM is released once the VM is not on its way
 # (the arbiter stops it): a stop during a boot must not wait out the drain budget.
-VM_COMING = ("starting", "running", "paused")
+VM_COMING: tuple[VmState, ...] = (STARTING, RUNNING, PAUSED)
 
 
 class _Half(asyncio.Protocol):
@@ -408,9 +409,9 @@ class Forwarder:
         vm = self.node.peers["vm"]
         if not vm.up:
             return False  # the vm worker is being replaced: the VM most likely runs on
-        state = vm.state.get("state")
-        ep = vm.state.get("endpoint")
-        if state in ("running", "paused"):
+        view = as_vm_state(vm.state)
+        ep = view.get("endpoint")
+        if view.get("state") in (RUNNING, PAUSED):
             return isinstance(ep, list) and len(ep) == 2 and (str(ep[0]), int(ep[1])) != endpoint
         return True
 
@@ -486,7 +487,7 @@ class Forwarder:
                 continue
             state = reply.get("state") or {}
             ep = state.get("endpoint")
-            if reply.get("ok") and state.get("state") == "running" and isinstance(ep, list):
+            if reply.get("ok") and state.get("state") == RUNNING and isinstance(ep, list):
                 return (str(ep[0]), int(ep[1])), ""
             if state.get("state") == "failed":
                 return None, str(reply.get("error") or state.get("reason"))
@@ -502,7 +503,7 @@ class Forwarder:
 
     def _release_if_vm_not_coming(self) -> None:
         vm = self.node.peers["vm"]
-        if not vm.up or vm.state.get("state") not in VM_COMING:
+        if not vm.up or as_vm_state(vm.state).get("state") not in VM_COMING:
             self._released.set()
 
     async def drain(self, timeout: float) -> None:

@@ -113,13 +113,20 @@ class FakeBackend(Backend):
 
 
 class FakeNode:
-    def __init__(self) -> None:
-        self.state: dict[str, Any] = {}
-        self.peers = {n: bus.Peer(n) for n in ("forwarder", "idle")}
-        self.published = 0
+    """What the worker asks of its bus node: a state source, and `changed()` on a change."""
 
-    def publish_state(self) -> None:
-        self.published += 1
+    def __init__(self) -> None:
+        self.source: Callable[[], Any] = dict
+        self.peers = {n: bus.Peer(n) for n in ("forwarder", "idle")}
+        self.sent: list[dict[str, Any]] = []  # each state published, as the node reads it
+
+    def use_state(self, source: Callable[[], Any]) -> None:
+        self.source = source
+
+    def changed(self) -> None:
+        state = dict(self.source())
+        if not self.sent or self.sent[-1] != state:
+            self.sent.append(state)
 
 
 @pytest.fixture
