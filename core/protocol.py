@@ -122,6 +122,7 @@ BootPhase = Literal["booting", "restoring", "proving"]
 BOOTING: Final = "booting"  # a cold boot
 RESTORING: Final = "restoring"  # loading the saved VM
 PROVING: Final = "proving"  # an adopted or resumed guest, proven before use
+BOOT_PHASES: tuple[BootPhase, ...] = get_args(BootPhase)
 
 # The idle monitor's decision, as a code; its `decision` text is for people.
 IdleCode = Literal["off", "vm-not-up", "busy", "stop-due", "pause-due", "no-stage", "counting-down"]

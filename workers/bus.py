@@ -112,6 +112,7 @@ class Peer:
 
 Handler = Callable[[Message, Peer, bool], Awaitable[None] | None]
 StateSource = Callable[[], Mapping[str, Any]]
+Reply = tuple[bool, str | None, Mapping[str, Any]]  # ok, error, state
 
 
 def _ipc_path(endpoint: str) -> str:
@@ -305,7 +306,7 @@ class ControlServer:
     """The vm worker's ROUTER. `handle(cmd, args)` returns (ok, error, state)."""
 
     def __init__(self, config: Config,
-                 handle: Callable[[str, dict[str, Any]], Awaitable[tuple[bool, str | None, Mapping[str, Any]]]],
+                 handle: Callable[[str, dict[str, Any]], Awaitable[Reply]],
                  ctx: zmq.asyncio.Context | None = None) -> None:
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from virby.core.config import Config
-from virby.core.protocol import PAUSED, RUNNING, STARTING, VmState, as_vm_state
+from virby.core.protocol import FAILED, PAUSED, RUNNING, STARTING, VmState, as_vm_state
 from virby.core.timeouts import FORWARDER_DRAIN_TIMEOUT
 from virby.workers import bus, reconfig, runtime
 from virby.workers.runtime import run_worker
@@ -456,8 +456,9 @@ class Forwarder:
     def _running_endpoint(self) -> tuple[str, int] | None:
         """Skip the wake round trip when the vm worker's broadcast already says `running`."""
         vm = self.node.peers["vm"]
-        if vm.up and vm.state.get("state") == "running":
-            ep = vm.state.get("endpoint")
+        view = as_vm_state(vm.state)
+        if vm.up and view.get("state") == RUNNING:
+            ep = view.get("endpoint")
             if isinstance(ep, list) and len(ep) == 2:
                 return str(ep[0]), int(ep[1])
         return None
@@ -485,11 +486,11 @@ class Forwarder:
             except bus.RequestError as e:
                 last_error = str(e)
                 continue
-            state = reply.get("state") or {}
+            state = as_vm_state(reply.get("state") or {})
             ep = state.get("endpoint")
-            if reply.get("ok") and state.get("state") == RUNNING and isinstance(ep, list):
+            if reply["ok"] and state.get("state") == RUNNING and isinstance(ep, list):
                 return (str(ep[0]), int(ep[1])), ""
-            if state.get("state") == "failed":
+            if state.get("state") == FAILED:
                 return None, str(reply.get("error") or state.get("reason"))
             last_error = str(reply.get("error") or f"VM is {state.get('state')}")
 

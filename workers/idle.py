@@ -78,9 +78,11 @@ class IdleMonitor:
         stop_at = idle_since + od.stopAfter if od.stopAfter is not None else None
         info.update({"pause_at": pause_at if vm_state == RUNNING else None, "stop_at": stop_at})
         if stop_at is not None and now >= stop_at:
-            return "stop", None, {**info, "decision_code": "stop-due", "decision": "stopping"}
+            return "stop", None, {**info, "decision_code": "stop-due",
+                                  "decision": "asking the vm worker to stop the VM"}
         if vm_state == RUNNING and pause_at is not None and now >= pause_at:
-            return "pause", None, {**info, "decision_code": "pause-due", "decision": "pausing"}
+            return "pause", None, {**info, "decision_code": "pause-due",
+                                   "decision": "asking the vm worker to pause the VM"}
         deadlines = [t for t in (info["pause_at"], stop_at) if t is not None]
         if not deadlines:
             return None, None, {**info, "decision_code": "no-stage", "decision": "idle, no stage enabled"}
