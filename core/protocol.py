@@ -6,6 +6,9 @@ asyncio here, so the CLI can read the bus cheaply; workers/bus.py moves these ov
   sender's incarnation (pid and start time), `seq` counts its messages, `t` is wall time.
 * Commands: `{"v": 1, "id", "cmd", "args"}` answered by `{"v": 1, "id", "ok", "error"?,
   "state"?}`.
+* `data` is typed per sender and kind (VmStateData, IdleStateData, ForwarderStateData,
+  EventData below) and checked on receipt, as a reply's `state` is: consumers read fields
+  whose types are known, and compare states and codes, never sentences.
 """
 
 from __future__ import annotations
