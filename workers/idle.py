@@ -63,7 +63,7 @@ class IdleMonitor:
             # forgets its woken_at): count the idle time from our own start, never from 1970.
             idle_since = max(idle_since, self.started)
         info: IdleStateData = {"enabled": od.enable, "vm": vm_state, "connections": open_,
-                                "idle_since": idle_since, "pause_at": None, "stop_at": None}
+                               "idle_since": idle_since, "pause_at": None, "stop_at": None}
         if not od.enable:
             return None, None, {**info, "decision_code": "off",
                                 "decision": "on-demand is off: the VM stays up"}
