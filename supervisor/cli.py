@@ -53,6 +53,12 @@ def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
                         help=CONFIG_HELP)(f)
 
 
+def _require_running(config: Config) -> None:
+    from virby.supervisor import control
+
+    _control_call(lambda: control.require_running(config))
+
+
 def _control_call(fn: Callable[[], Any]) -> Any:
     from virby.supervisor.control import NotRunning
 
@@ -296,8 +302,7 @@ def _wait_unless_running(config: Config) -> None:
     leave it to the forwarder."""
     from virby.supervisor import control
 
-    if not os.path.exists(config.endpoint(protocol.state_endpoint("vm")).removeprefix("ipc://")):
-        return
+    _require_running(config)
     vm = control.collect_states(config, 0.5).get("vm")
     if vm is not None and vm.data.get("state") not in ("running", "paused"):
         _wait_running(config)
@@ -337,8 +342,6 @@ def ssh(config_path: str | None, command: tuple[str, ...]) -> None:
     """
     config = _load(config_path)
     path = config.runtime("ssh_config")
-    if not os.path.isdir(config.runtimeDir):
-        _fail(f"virby is not running: no runtime dir {config.runtimeDir} (start it with `virby run`)")
     _wait_unless_running(config)
     from virby.supervisor.sshconfig import ssh_config_text
 
@@ -399,9 +402,7 @@ def events(config_path: str | None, follow: bool, as_json: bool) -> None:
     from virby.supervisor import events as ev
 
     config = _load(config_path)
-    ctl = config.endpoint(protocol.CIRCUS_CONTROL)
-    if not os.path.exists(ctl.removeprefix("ipc://")):
-        _fail(f"virby is not running: no arbiter at {ctl} (start it with `virby run`)")
+    _require_running(config)
 
     def emit(e: ev.Event) -> None:
         click.echo(e.json() if as_json else e.line())
@@ -454,8 +455,6 @@ def forward(config_path: str | None, guest_port: int, host_port: int) -> None:
     from virby.supervisor.tunnel import Tunnel, TunnelError
 
     config = _load(config_path)
-    if not os.path.isdir(config.runtimeDir):
-        _fail(f"virby is not running: no runtime dir {config.runtimeDir} (start it with `virby run`)")
     _wait_unless_running(config)
     tunnel = Tunnel(config, guest_port, host_port)
     try:
