@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import click
 
-from virby.core import protocol
+from virby.core import protocol, watchers
 from virby.core.config import ENV_VAR, Config, ConfigError, load, load_builders
 
 CONFIG_HELP = ("Config file (JSON, or TOML by extension), or for `status`, `nix-machines` and "
@@ -355,18 +355,15 @@ def ssh(config_path: str | None, command: tuple[str, ...]) -> None:
 
 # -- logs ------------------------------------------------------------------------------------
 
-LOG_FILES = {"circusd": "circusd.log", "vm": "vm.log", "forwarder": "forwarder.log",
-             "idle": "idle.log", "console": "console.log", "qemu": "qemu.log"}
-
-
 @cli.command()
 @config_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (across rotation).")
 @click.option("-n", "--lines", default=40, show_default=True, help="How many lines to show first.")
-@click.argument("watcher", required=False, type=click.Choice(sorted(LOG_FILES)))
+@click.argument("watcher", required=False, type=click.Choice(sorted(watchers.LOGS)))
 def logs(config_path: str | None, follow: bool, lines: int, watcher: str | None) -> None:
     """Show the logs: circusd and each watcher (default: all four, each line tagged), or one
-    of them, the guest serial console (`console`) or QEMU's own output (`qemu`). With -f, keep
+    of them, the guest serial console (`console`) or the hypervisor's own output (`qemu`, or
+    `vfkit` on a Mac that runs it). With -f, keep
     following, across log rotation (the file renamed to .1 and a new one started).
 
     \b
@@ -377,8 +374,8 @@ def logs(config_path: str | None, follow: bool, lines: int, watcher: str | None)
     from virby.supervisor import logview
 
     config = _load(config_path)
-    names = [watcher] if watcher else ["circusd", *protocol.WATCHERS]
-    paths = {n: os.path.join(config.log_dir, LOG_FILES[n]) for n in names}
+    names = [watcher] if watcher else ["circusd", *watchers.NAMES]
+    paths = {n: os.path.join(config.log_dir, watchers.LOGS[n]) for n in names}
     logview.show(paths, lines=lines, follow=follow, echo=click.echo)
 
 
