@@ -1,6 +1,7 @@
 """cold: VM stopped -> `ssh virby-vm true` through the forwarder, against the limit: what the
-guest itself takes. The limit is the same guest booted directly with the same QEMU command line
-(from `QemuBackend.command()`) and the same keys initrd, timed from the QEMU exec to the guest
+guest itself takes. The limit is the same guest booted directly by the backend's own start
+(testing/direct.py: the same QEMU command line) and the same keys initrd, timed from the QEMU
+exec to the guest
 agent's `virby-ready` line (sshd listens), plus one `ssh true` measured on that running guest
 (the handshake any client pays). No probe timing is in it: a blind `ssh` probe loop lands on a
 retransmit schedule and was slower than Virby, so it was no limit. Runs alternate between the
