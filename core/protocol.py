@@ -15,8 +15,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from virby.core import watchers
-
 VERSION = 1
 KINDS = ("state", "event")
 COMMANDS = ("wake", "start", "stop", "pause", "resume", "status")
@@ -26,6 +24,8 @@ MAX_MESSAGE = 64 * 1024
 
 # -- names: the one table of processes, sockets and runtime files -------------------------------
 # Every user of a name (circus ini, bus, CLI, runtime-dir clean-up) takes it from here.
+# The watchers' own facts are in their table; imported here to keep this block self-contained.
+from virby.core import watchers  # noqa: E402
 
 WATCHERS = watchers.NAMES  # circus watchers, in the order the CLI lists them (core/watchers.py)
 NAMES = WATCHERS  # every watcher is also a bus sender
