@@ -45,9 +45,13 @@ def _ipc_file(endpoint: str) -> str:
     return endpoint.removeprefix("ipc://")
 
 
-def _not_running(config: Config) -> NotRunning:
-    return NotRunning(f"virby is not running: no arbiter at {config.endpoint(CIRCUS_CONTROL)} "
-                      "(start it with `virby run`)")
+def require_running(config: Config) -> None:
+    """The one answer to "is Virby running?" for every command: circusd's control socket is
+    there. A stale one left by a killed circusd is caught by the call after, which times out
+    with its own line."""
+    endpoint = config.endpoint(CIRCUS_CONTROL)
+    if not os.path.exists(_ipc_file(endpoint)):
+        raise NotRunning(f"virby is not running: no arbiter at {endpoint} (start it with `virby run`)")
 
 
 def _call(endpoint: str, frames: list[bytes], read: Callable[[list[bytes]], dict[str, Any] | None],
@@ -74,9 +78,8 @@ def _call(endpoint: str, frames: list[bytes], read: Callable[[list[bytes]], dict
 
 def circus_call(config: Config, command: str, timeout: float = 1.0, **props: Any) -> dict[str, Any]:
     """One command to circusd's control socket (the same JSON `circusctl` sends)."""
+    require_running(config)
     endpoint = config.endpoint(CIRCUS_CONTROL)
-    if not os.path.exists(_ipc_file(endpoint)):
-        raise _not_running(config)
     call_id = uuid.uuid4().hex
 
     def read(frames: list[bytes]) -> dict[str, Any] | None:
@@ -120,8 +123,7 @@ def watcher_status(config: Config) -> dict[str, dict[str, Any]]:
 def request(config: Config, cmd: str, args: dict[str, Any] | None = None,
             timeout: float = 2.0) -> dict[str, Any]:
     """One command to the vm worker and its reply (`{"ok", "error"?, "state"?}`)."""
-    if not os.path.exists(_ipc_file(config.endpoint(CIRCUS_CONTROL))):
-        raise _not_running(config)
+    require_running(config)
     req_id = uuid.uuid4().hex
 
     def read(frames: list[bytes]) -> dict[str, Any] | None:
