@@ -1,6 +1,6 @@
 """setup.cfg has the metadata; this only keeps `virby.image` data-only: that package ships the
 guest's files and lock (image/guest/, image/guest.lock.json), not image/'s development scripts
-(boot-guest.py imports the test suite)."""
+(boot-guest.py imports the repository's testing/ helpers)."""
 
 from setuptools import setup
 from setuptools.command.build_py import build_py

@@ -1,6 +1,7 @@
 """cold: VM stopped -> `ssh virby-vm true` through the forwarder, against the limit: what the
-guest itself takes. The limit is the same guest booted directly with the same QEMU command line
-(from `QemuBackend.command()`) and the same keys initrd, timed from the QEMU exec to the guest
+guest itself takes. The limit is the same guest booted directly by the backend's own start
+(testing/direct.py: the same QEMU command line) and the same keys initrd, timed from the QEMU
+exec to the guest
 agent's `virby-ready` line (sshd listens), plus one `ssh true` measured on that running guest
 (the handshake any client pays). No probe timing is in it: a blind `ssh` probe loop lands on a
 retransmit schedule and was slower than Virby, so it was no limit. Runs alternate between the
@@ -12,14 +13,10 @@ its own limit.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +28,14 @@ from bench.common import (
     summary,
     timed_ssh_true,
 )
-from testing.harness import Instance, qmp_execute
+from testing.direct import running
+from testing.harness import Instance
 from virby.core.config import Config, from_dict
 from virby.core.keys import ensure_keys
 from virby.supervisor.sshconfig import ssh_config_text
 from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.initrd import build_keyed_initrd
-from virby.workers.backends.qemu.backend import _USERNET_RE, QemuBackend
+from virby.workers.backends.qemu import QemuBackend
 
 NAME = "cold"
 TARGET = 1.15
@@ -45,7 +43,8 @@ BOOT_DEADLINE = 90.0
 
 
 class DirectGuest:
-    """The limit: QEMU started by us with the backend's own argv; nothing else in the way."""
+    """The limit: QEMU started by the backend's own start (testing/direct.py); nothing else in
+    the way."""
 
     def __init__(self, guest_dir: Path, arch: str = "x86_64") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="vbl", dir="/tmp"))
@@ -65,78 +64,17 @@ class DirectGuest:
         self.argv = self.backend.command()
         self.ssh_config = self.dir / "ssh_config"
         self.ssh_config.write_text(ssh_config_text(self.config))
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def boot_once(self) -> dict[str, float]:
         """Start QEMU, wait for the agent's `virby-ready` (sshd listens), then time one `ssh
         true` on the running guest; kill it. Returns the timings (seconds)."""
-        for path in (self.backend.qmp_path, self.backend.agent_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        log = open(self.dir / "qemu.log", "ab")  # noqa: SIM115 - closed right after the spawn
-        try:
-            t0 = time.monotonic()
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True)
-        finally:
-            log.close()
-        try:
-            deadline = t0 + BOOT_DEADLINE
-            # the agent socket exists once QEMU has parsed its argv, long before the guest speaks
-            agent = connect_unix(self.backend.agent_path, deadline=t0 + 10)
-            with agent:
-                usernet = qmp_execute(self.backend.qmp_path, "human-monitor-command",
-                                      {"command-line": "info usernet"}, deadline=t0 + 10)
-                m = _USERNET_RE.search(str(usernet))
-                if not m:
-                    raise RuntimeError(f"no SSH forward in `info usernet`: {usernet!r}")
-                read_until(agent, b"virby-ready", deadline)
-            t_ready = time.monotonic()
-            handshake = timed_ssh_true(self.ssh_config, port=int(m.group(1)), timeout=60)
-            ready = t_ready - t0
-            return {"seconds": ready + handshake, "sshd_ready_seconds": ready, "ssh_true_seconds": handshake}
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
+        with running(self.backend) as vm:
+            ready = vm.wait_ready(BOOT_DEADLINE)
+            handshake = timed_ssh_true(self.ssh_config, port=vm.port, timeout=60)
+        return {"seconds": ready + handshake, "sshd_ready_seconds": ready, "ssh_true_seconds": handshake}
 
     def close(self) -> None:
-        self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def connect_unix(path: str, deadline: float) -> socket.socket:
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            return s
-        except OSError:
-            s.close()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{path} does not accept") from None
-            time.sleep(0.002)
-
-
-def read_until(sock: socket.socket, line: bytes, deadline: float) -> None:
-    """Read lines from `sock` until `line` (CR/LF stripped) arrives."""
-    buf = b""
-    while True:
-        *lines, buf = buf.split(b"\n")
-        if any(got.strip().split(b" ")[0] == line for got in lines):  # "virby-ready <ip>"
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"no {line!r} from the guest agent")
-        sock.settimeout(remaining)
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise RuntimeError("the agent socket closed (QEMU exited?)")
-        buf += chunk
 
 
 def virby_cold_once(inst: Instance) -> dict[str, float]:

@@ -20,10 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from virby.core.protocol import ENDPOINTS
+
 DEFAULT_PORT = 31222
-# macOS limits unix socket paths to 104 bytes; our longest socket name is this long.
-_LONGEST_SOCKET_NAME = "/forwarder.sock"
-_UNIX_PATH_MAX = 104
+# macOS limits unix socket paths to 104 bytes; the longest name Virby binds in the runtime dir
+# is one of the bus endpoints (the hypervisors' qmp.sock, agent.sock and vfkit.rest are shorter).
+LONGEST_SOCKET_NAME = max((f"/{e}.sock" for e in ENDPOINTS), key=len)
+UNIX_PATH_MAX = 104
 
 
 class ConfigError(ValueError):
@@ -332,9 +335,9 @@ def from_dict(data: Any, *, source: str | None = None) -> Config:
 
     state_dir = _abs_path("stateDir", data.get("stateDir", default_state_dir()), base)
     runtime_dir = _abs_path("runtimeDir", data.get("runtimeDir", default_runtime_dir(state_dir)), base)
-    if len(runtime_dir) + len(_LONGEST_SOCKET_NAME) >= _UNIX_PATH_MAX:
+    if len(runtime_dir) + len(LONGEST_SOCKET_NAME) >= UNIX_PATH_MAX:
         raise _fail("runtimeDir", runtime_dir,
-                    f"a path shorter than {_UNIX_PATH_MAX - len(_LONGEST_SOCKET_NAME)} characters "
+                    f"a path shorter than {UNIX_PATH_MAX - len(LONGEST_SOCKET_NAME)} characters "
                     "(unix socket paths are limited to 104 bytes on macOS)")
 
     ssh_user = data.get("sshUser", "builder")

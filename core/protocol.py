@@ -41,8 +41,10 @@ MAX_MESSAGE = 64 * 1024
 
 # -- names: the one table of processes, sockets and runtime files -------------------------------
 # Every user of a name (circus ini, bus, CLI, runtime-dir clean-up) takes it from here.
+# The watchers' own facts are in their table; imported here to keep this block self-contained.
+from virby.core import watchers  # noqa: E402
 
-WATCHERS = ("vm", "forwarder", "idle")  # circus watchers, in the order the CLI lists them
+WATCHERS = watchers.NAMES  # circus watchers, in the order the CLI lists them (core/watchers.py)
 NAMES = WATCHERS  # every watcher is also a bus sender
 # Who binds what: state owners bind, the forwarder (which may run twice) only connects.
 XPUB_OWNERS = ("vm", "idle")
@@ -70,7 +72,7 @@ ENDPOINTS = (CIRCUS_CONTROL, CIRCUS_EVENTS, VM_COMMANDS,
 
 def failure_file(watcher: str) -> str:
     """The crash record a watcher leaves in the runtime dir (core/failures.py)."""
-    return f"{watcher}.failure"
+    return watchers.BY_NAME[watcher].failure_file
 
 
 COUNTERS_FILE = "vm.counters.json"  # boot counters that outlive a vm worker restart

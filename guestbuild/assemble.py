@@ -3,7 +3,6 @@ modules, as sorted cpio entries (owner root unless said otherwise, mtime 0)."""
 
 from __future__ import annotations
 
-import posixpath
 import re
 from pathlib import Path
 
@@ -73,29 +72,18 @@ class Image:
     def file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         self.add(CpioEntry(path, data=data, mode=mode))
 
-    def copy(self, tree: Tree, path: str, depth: int = 0) -> None:
+    def copy(self, tree: Tree, path: str) -> None:
         """`path` from the package tree, with every symlink on the way and the final target."""
-        if depth > 40:
-            raise AssembleError(f"{path}: too many levels of symlinks")
-        parts = path.split("/")
-        for i in range(1, len(parts) + 1):
-            head = "/".join(parts[:i])
-            node = tree.get(head)
-            if node is None:
-                if i == len(parts):
-                    raise AssembleError(f"{path}: not in the packages")
-                continue  # a directory the package did not list
-            if node.kind == "link":
-                self.link(head, node.target)
-                base = "" if node.target.startswith("/") else posixpath.dirname(head)
-                rest = posixpath.join("/", base, node.target, *parts[i:])
-                self.copy(tree, posixpath.normpath(rest).lstrip("/"), depth + 1)
-                return
-        node = tree[path]
+        links, real = elfdeps.follow(tree, path)
+        for head, target in links:
+            self.link(head, target)
+        if real is None:
+            raise AssembleError(f"{path}: not in the packages (or its symlinks loop)")
+        node = tree[real]
         if node.kind == "file":
-            self.file(path, node.data, 0o755 if node.mode & 0o111 else 0o644)
+            self.file(real, node.data, 0o755 if node.mode & 0o111 else 0o644)
         elif node.kind == "dir":
-            self.dir(path)
+            self.dir(real)
 
     def sorted(self) -> list[CpioEntry]:
         return [self.entries[p] for p in sorted(self.entries)]

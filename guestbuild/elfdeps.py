@@ -63,24 +63,34 @@ def dynamic(data: bytes) -> Dynamic:
         raise ValueError(f"not a readable ELF file: {e}") from e
 
 
-def resolve_link(tree: Tree, path: str, depth: int = 0) -> str | None:
+def follow(tree: Tree, path: str) -> tuple[list[tuple[str, str]], str | None]:
+    """Follow every symlink in `path` inside the tree: the links met on the way, each as
+    (its path, its target), and the path they lead to, or None if that is not in the tree or
+    the links loop."""
+    links: list[tuple[str, str]] = []
+    for _ in range(41):
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            head = "/".join(parts[:i])
+            node = tree.get(head)
+            if node is None:
+                if i == len(parts):
+                    return links, None
+                continue  # a directory the package did not list
+            if node.kind == "link":
+                links.append((head, node.target))
+                base = "" if node.target.startswith("/") else posixpath.dirname(head)
+                rest = posixpath.join("/", base, node.target, *parts[i:])
+                path = posixpath.normpath(rest).lstrip("/")
+                break
+        else:
+            return links, path
+    return links, None  # too many levels of symlinks
+
+
+def resolve_link(tree: Tree, path: str) -> str | None:
     """`path` with every symlink in it followed inside the tree, or None if it leads nowhere."""
-    if depth > 40:
-        return None
-    parts = path.split("/")
-    for i in range(1, len(parts) + 1):
-        head = "/".join(parts[:i])
-        node = tree.get(head)
-        if node is None:
-            if i == len(parts):
-                return None
-            continue  # a directory the package did not list
-        if node.kind == "link":
-            target = node.target
-            base = "" if target.startswith("/") else posixpath.dirname(head)
-            joined = posixpath.normpath(posixpath.join("/", base, target, *parts[i:])).lstrip("/")
-            return resolve_link(tree, joined, depth + 1)
-    return path
+    return follow(tree, path)[1]
 
 
 def lib_dirs(multiarch: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Boot a built guest N times under QEMU (TCG) and print, per boot, the seconds from starting
 QEMU to the agent's `virby-ready` and to a finished `ssh true` (dropbear, pinned host key).
-The command line is the qemu backend's own (`QemuBackend.command()`, through the e2e tier's
-`booted`), with a 1 GiB data disk.
+QEMU is started by the qemu backend's own start (through testing/direct.py's `booted`), with
+a 1 GiB data disk.
 
 Usage (from the repository root):
   python image/boot-guest.py DIR [--arch x86_64|aarch64] [-n 5] [--memory 512] [--append ARGS]
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.e2e.test_guest_image import Keys, booted, run, ssh
+from testing.direct import Keys, booted, run, ssh
 
 
 def boot_once(arch: str, guest: Path, memory: int, extra: str) -> tuple[float, float]:

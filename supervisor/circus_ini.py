@@ -14,14 +14,10 @@ import io
 import json
 import sys
 
+from virby.core import watchers
 from virby.core.config import Config
-from virby.core.protocol import CIRCUS_CONTROL, CIRCUS_EVENTS, WATCHERS
-from virby.core.timeouts import FORWARDER_DRAIN_TIMEOUT, VM_SHUTDOWN_TIMEOUT
+from virby.core.protocol import CIRCUS_CONTROL, CIRCUS_EVENTS
 
-# How long circus waits after SIGTERM before SIGKILL. The vm worker needs room for a clean
-# guest shutdown (VM_SHUTDOWN_TIMEOUT) and the forwarder for draining open sessions.
-GRACEFUL_TIMEOUTS = {"vm": VM_SHUTDOWN_TIMEOUT + 15, "forwarder": FORWARDER_DRAIN_TIMEOUT + 5,
-                     "idle": 5}
 SOCKET_BACKLOG = 512
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
@@ -44,7 +40,7 @@ def logger_config(config: Config) -> dict[str, object]:
         "formatters": {"plain": {"format": "%(asctime)s circusd[%(process)d] %(levelname)s %(message)s"}},
         "handlers": {"file": {
             "class": "logging.handlers.RotatingFileHandler",
-            "filename": f"{config.log_dir}/circusd.log",
+            "filename": f"{config.log_dir}/{watchers.CIRCUSD_LOG}",
             "maxBytes": LOG_MAX_BYTES, "backupCount": LOG_BACKUPS, "formatter": "plain",
         }},
         "root": {"level": "DEBUG" if config.debug else "INFO", "handlers": ["file"]},
@@ -82,31 +78,22 @@ def render(config: Config, *, python: str | None = None) -> str:
         "autostart": "True",
         "stop_signal": "TERM",
     }
-    commands = {
-        "vm": f"{python} -m virby.workers.vm",
-        "forwarder": f"{python} -m virby.workers.forwarder --fd $(circus.sockets.ssh)",
-        "idle": f"{python} -m virby.workers.idle",
-    }
-    priorities = {"vm": 30, "forwarder": 20, "idle": 10}
-    for name in WATCHERS:
+    for w in watchers.TABLE:
         section = dict(common)
-        section["cmd"] = commands[name]
-        section["priority"] = str(priorities[name])
-        section["graceful_timeout"] = str(GRACEFUL_TIMEOUTS[name])
-        # Only the forwarder may hold the listening socket: an orphaned copy elsewhere would
-        # keep the port open after a crash (circus hands every watcher the arbiter's sockets
-        # unless told not to).
-        section["use_sockets"] = "True" if name == "forwarder" else "False"
-        if name != "forwarder":
+        section["cmd"] = f"{python} {w.command}"
+        section["priority"] = str(w.priority)
+        section["graceful_timeout"] = str(w.graceful_timeout)
+        # circus hands every watcher the arbiter's sockets unless told not to
+        section["use_sockets"] = str(w.holds_socket)
+        if w.singleton:
             section["singleton"] = "True"
-            # A reload or SIGHUP of circusd becomes a SIGHUP we ignore, never a second copy.
             section["send_hup"] = "True"
-        for stream, suffix in (("stderr_stream", "log"), ("stdout_stream", "out")):
+        for stream, filename in (("stderr_stream", w.log_file), ("stdout_stream", w.out_file)):
             section[f"{stream}.class"] = "FileStream"
-            section[f"{stream}.filename"] = f"{config.log_dir}/{name}.{suffix}"
+            section[f"{stream}.filename"] = f"{config.log_dir}/{filename}"
             section[f"{stream}.max_bytes"] = str(LOG_MAX_BYTES)
             section[f"{stream}.backup_count"] = str(LOG_BACKUPS)
-        ini[f"watcher:{name}"] = section
+        ini[f"watcher:{w.name}"] = section
     ini["env"] = {
         "VIRBY_CONFIG": resolved_config_path(config),
         # the file the config came from: re-read at each worker start and reload (issue 20)

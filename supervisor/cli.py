@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import click
 
-from virby.core import protocol
+from virby.core import protocol, watchers
 from virby.core.config import ENV_VAR, Config, ConfigError, load, load_builders
 
 CONFIG_HELP = ("Config file (JSON, or TOML by extension), or for `status`, `nix-machines` and "
@@ -51,6 +51,12 @@ def _fail(message: str) -> NoReturn:
 def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--config", "config_path", envvar=ENV_VAR, type=click.Path(),
                         help=CONFIG_HELP)(f)
+
+
+def _require_running(config: Config) -> None:
+    from virby.supervisor import control
+
+    _control_call(lambda: control.require_running(config))
 
 
 def _control_call(fn: Callable[[], Any]) -> Any:
@@ -296,8 +302,7 @@ def _wait_unless_running(config: Config) -> None:
     leave it to the forwarder."""
     from virby.supervisor import control
 
-    if not os.path.exists(config.endpoint(protocol.state_endpoint("vm")).removeprefix("ipc://")):
-        return
+    _require_running(config)
     vm = control.collect_states(config, 0.5).get("vm")
     if vm is not None and protocol.as_vm_state(vm.data).get("state") not in (protocol.RUNNING,
                                                                                protocol.PAUSED):
@@ -338,8 +343,6 @@ def ssh(config_path: str | None, command: tuple[str, ...]) -> None:
     """
     config = _load(config_path)
     path = config.runtime("ssh_config")
-    if not os.path.isdir(config.runtimeDir):
-        _fail(f"virby is not running: no runtime dir {config.runtimeDir} (start it with `virby run`)")
     _wait_unless_running(config)
     from virby.supervisor.sshconfig import ssh_config_text
 
@@ -353,18 +356,15 @@ def ssh(config_path: str | None, command: tuple[str, ...]) -> None:
 
 # -- logs ------------------------------------------------------------------------------------
 
-LOG_FILES = {"circusd": "circusd.log", "vm": "vm.log", "forwarder": "forwarder.log",
-             "idle": "idle.log", "console": "console.log", "qemu": "qemu.log"}
-
-
 @cli.command()
 @config_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (across rotation).")
 @click.option("-n", "--lines", default=40, show_default=True, help="How many lines to show first.")
-@click.argument("watcher", required=False, type=click.Choice(sorted(LOG_FILES)))
+@click.argument("watcher", required=False, type=click.Choice(sorted(watchers.LOGS)))
 def logs(config_path: str | None, follow: bool, lines: int, watcher: str | None) -> None:
     """Show the logs: circusd and each watcher (default: all four, each line tagged), or one
-    of them, the guest serial console (`console`) or QEMU's own output (`qemu`). With -f, keep
+    of them, the guest serial console (`console`) or the hypervisor's own output (`qemu`, or
+    `vfkit` on a Mac that runs it). With -f, keep
     following, across log rotation (the file renamed to .1 and a new one started).
 
     \b
@@ -375,8 +375,8 @@ def logs(config_path: str | None, follow: bool, lines: int, watcher: str | None)
     from virby.supervisor import logview
 
     config = _load(config_path)
-    names = [watcher] if watcher else ["circusd", *protocol.WATCHERS]
-    paths = {n: os.path.join(config.log_dir, LOG_FILES[n]) for n in names}
+    names = [watcher] if watcher else ["circusd", *watchers.NAMES]
+    paths = {n: os.path.join(config.log_dir, watchers.LOGS[n]) for n in names}
     logview.show(paths, lines=lines, follow=follow, echo=click.echo)
 
 
@@ -400,9 +400,7 @@ def events(config_path: str | None, follow: bool, as_json: bool) -> None:
     from virby.supervisor import events as ev
 
     config = _load(config_path)
-    ctl = config.endpoint(protocol.CIRCUS_CONTROL)
-    if not os.path.exists(ctl.removeprefix("ipc://")):
-        _fail(f"virby is not running: no arbiter at {ctl} (start it with `virby run`)")
+    _require_running(config)
 
     def emit(e: ev.Event) -> None:
         click.echo(e.json() if as_json else e.line())
@@ -455,8 +453,6 @@ def forward(config_path: str | None, guest_port: int, host_port: int) -> None:
     from virby.supervisor.tunnel import Tunnel, TunnelError
 
     config = _load(config_path)
-    if not os.path.isdir(config.runtimeDir):
-        _fail(f"virby is not running: no runtime dir {config.runtimeDir} (start it with `virby run`)")
     _wait_unless_running(config)
     tunnel = Tunnel(config, guest_port, host_port)
     try:

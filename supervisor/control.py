@@ -43,16 +43,19 @@ def _ipc_file(endpoint: str) -> str:
     return endpoint.removeprefix("ipc://")
 
 
-def _not_running(config: Config) -> NotRunning:
-    return NotRunning(f"virby is not running: no arbiter at {config.endpoint(CIRCUS_CONTROL)} "
-                      "(start it with `virby run`)")
+def require_running(config: Config) -> None:
+    """The one answer to "is Virby running?" for every command: circusd's control socket is
+    there. A stale one left by a killed circusd is caught by the call after, which times out
+    with its own line."""
+    endpoint = config.endpoint(CIRCUS_CONTROL)
+    if not os.path.exists(_ipc_file(endpoint)):
+        raise NotRunning(f"virby is not running: no arbiter at {endpoint} (start it with `virby run`)")
 
 
 def circus_call(config: Config, command: str, timeout: float = 1.0, **props: Any) -> dict[str, Any]:
     """One command to circusd's control socket (the same JSON `circusctl` sends)."""
+    require_running(config)
     endpoint = config.endpoint(CIRCUS_CONTROL)
-    if not os.path.exists(_ipc_file(endpoint)):
-        raise _not_running(config)
     try:
         return client.circus(endpoint, command, props, timeout=timeout, silent=(
             f"virby is not running: the arbiter at {endpoint} does not answer within {timeout:g}s"))
@@ -89,8 +92,7 @@ def watcher_status(config: Config) -> dict[str, dict[str, Any]]:
 def request(config: Config, cmd: str, args: dict[str, Any] | None = None,
             timeout: float = 2.0) -> dict[str, Any]:
     """One command to the vm worker and its reply (`{"ok", "error"?, "state"?}`)."""
-    if not os.path.exists(_ipc_file(config.endpoint(CIRCUS_CONTROL))):
-        raise _not_running(config)
+    require_running(config)
     try:
         return client.command(config.endpoint(VM_COMMANDS), cmd, args, timeout=timeout, silent=(
             f"the vm worker does not answer: no answer from the vm worker within {timeout:g}s ({cmd})"))

@@ -19,13 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from virby.core import machost
-from virby.core.config import Config
+from virby.core.config import LONGEST_SOCKET_NAME, UNIX_PATH_MAX, Config
 from virby.core.protocol import RUNNING, WATCHERS
 from virby.supervisor import nixreg
 
 MAX_SKEW = 3.0  # seconds; `date +%s` has 1 s resolution and the round trip adds a little
-UNIX_PATH_MAX = 104  # macOS's sun_path
-LONGEST_SOCKET = "/forwarder.sock"
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,7 @@ def check_port(ctx: Context) -> Check:
 
 def check_runtime_dir(ctx: Context) -> Check:
     rd = ctx.config.runtimeDir
-    longest = len((rd + LONGEST_SOCKET).encode())
+    longest = len((rd + LONGEST_SOCKET_NAME).encode())
     title = "runtime dir"
     if longest >= UNIX_PATH_MAX:
         return Check(False, title,

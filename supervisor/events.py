@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from virby.core import watchers
 from virby.core.config import Config
 from virby.core.protocol import FAILED, RUNNING, XPUB_OWNERS, BadMessage, decode
 from virby.supervisor import control
@@ -78,7 +79,7 @@ def diff(owner: str, prev: dict[str, Any], cur: dict[str, Any], t: float) -> lis
     """What changed between two consecutive states of one owner (each with its `inc`)."""
     out: list[Event] = []
     if prev.get("inc") != cur.get("inc"):
-        who = {"vm": "vm worker", "idle": "idle monitor"}[owner]
+        who = watchers.BY_NAME[owner].label
         out.append(Event(t, owner, "restart", f"{who} restarted (incarnation {prev.get('inc')} -> "
                                               f"{cur.get('inc')})", {"inc": cur.get("inc")}))
     if owner == "vm":

@@ -11,7 +11,7 @@ import plistlib
 from collections.abc import Sequence
 
 from virby.core.config import Config
-from virby.supervisor.circus_ini import GRACEFUL_TIMEOUTS
+from virby.core.watchers import LONGEST_GRACEFUL
 
 LABEL = "org.nixos.virby"
 
@@ -23,7 +23,7 @@ def label(config: Config) -> str:
 # circusd stops its watchers all at once, each within its graceful timeout; launchd must wait
 # for the slowest (the vm watcher powering the guest off) and circusd's own exit before it
 # sends SIGKILL. Its default, 20 s, is too short. nix/lib.nix repeats this number (tested).
-EXIT_TIMEOUT = max(GRACEFUL_TIMEOUTS.values()) + 10
+EXIT_TIMEOUT = LONGEST_GRACEFUL + 10
 
 # launchd's default soft limit is 256 open files. Every proxied SSH connection costs the
 # forwarder two descriptors, and parallel Nix jobs each hold one connection.

@@ -42,18 +42,27 @@ def _strip_comment(line: str) -> str:
     return line.split("#", 1)[0].strip()
 
 
+def _read(path: str, reg: Registration, missing: list[str] | None = None) -> str | None:
+    """A file Nix reads, or None. Nix skips a missing or unreadable one quietly; we note an
+    unreadable one with the reason in reg.unreadable, and a missing one in `missing`."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        if missing is not None:
+            missing.append(path)
+    except OSError as e:
+        reg.unreadable.append(f"{path} ({e.strerror})")
+    return None
+
+
 def read_conf(path: str, reg: Registration, depth: int = 0) -> None:
     """Apply one nix.conf (and what it includes) to reg.builders/set_in, as Nix does."""
     if depth > 10:
         reg.unreadable.append(f"{path} (includes nest too deep)")
         return
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        reg.unreadable.append(f"{path} ({e.strerror})")
+    text = _read(path, reg)
+    if text is None:
         return
     reg.conf_files.append(path)
     for raw in text.splitlines():
@@ -82,16 +91,9 @@ def _scan(text: str, where: str, reg: Registration, depth: int) -> None:
             if depth > 10:
                 reg.unreadable.append(f"{path} (nested too deep)")
                 continue
-            try:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    content = f.read()
-            except FileNotFoundError:
-                reg.absent.append(path)  # Nix skips it as quietly
-                continue
-            except OSError as e:
-                reg.unreadable.append(f"{path} ({e.strerror})")
-                continue
-            _scan(content, path, reg, depth + 1)
+            content = _read(path, reg, missing=reg.absent)
+            if content is not None:
+                _scan(content, path, reg, depth + 1)
         elif reg.line is None and machine_host(entry.split()[0]) == reg.alias:
             reg.line, reg.found_in = entry, where
 

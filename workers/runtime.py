@@ -15,17 +15,16 @@ import logging
 import os
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import TextIO
 
+from virby.core import procwait
 from virby.core.config import Config, ConfigError, load_for_worker
 from virby.core.failures import clear_failure, record_failure
 from virby.workers import reconfig
 
 HEALTHY_AFTER = 10.0
-PARENT_POLL = 0.2
 
 log = logging.getLogger("virby")
 
@@ -83,36 +82,12 @@ def setup_logging(name: str, debug: bool) -> None:
 
 
 async def _watch_parent(stop: asyncio.Event) -> None:
-    """circusd starts us in our own session, so nobody kills us if it dies: watch for it.
-    On Linux a pidfd of circusd turns readable when it exits (no wake-ups while it lives);
-    elsewhere we poll."""
+    """circusd starts us in our own session, so nobody kills us if it dies: watch for it."""
     parent = os.getppid()
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is not None:
-        try:
-            fd = pidfd_open(parent)
-        except OSError:
-            fd = -1
-        if fd >= 0:
-            loop = asyncio.get_running_loop()
-            gone = asyncio.Event()
-            loop.add_reader(fd, gone.set)
-            try:
-                if os.getppid() == parent:  # not already gone before the pidfd existed
-                    await gone.wait()
-            finally:
-                loop.remove_reader(fd)
-                os.close(fd)
-            if not stop.is_set():
-                log.warning("circusd (pid %d) is gone; exiting", parent)
-                stop.set()
-            return
-    while not stop.is_set():
-        if os.getppid() != parent:
-            log.warning("circusd (pid %d) is gone; exiting", parent)
-            stop.set()
-            return
-        await asyncio.sleep(PARENT_POLL)
+    await procwait.exited(parent, lambda: os.getppid() == parent)
+    if not stop.is_set():
+        log.warning("circusd (pid %d) is gone; exiting", parent)
+        stop.set()
 
 
 async def _mark_healthy(config: Config, name: str) -> None:
@@ -171,6 +146,5 @@ def run_worker(name: str, main: WorkerMain) -> None:
 
 
 def _sleep_unless_orphaned(seconds: float) -> None:
-    parent, end = os.getppid(), time.monotonic() + seconds
-    while time.monotonic() < end and os.getppid() == parent:
-        time.sleep(PARENT_POLL)
+    parent = os.getppid()
+    procwait.exited_within(parent, lambda: os.getppid() == parent, seconds)

@@ -1,251 +1,29 @@
 """The Linux test guest (`virby guest build`) against its contract in image/README.md.
 
-Real QEMU (TCG), booted with the vm worker's own command line (`QemuBackend.command()`): the
-built initrd plus an appended cpio archive with this test's keys, SSH on a forwarded loopback
-port QEMU picks, the agent on the second serial port, QMP through qemu.qmp. Every wait reads a
-socket (or the process) with a deadline; no sleeps.
+Real QEMU (TCG), booted by the qemu backend's own start (testing/direct.py): the built initrd
+plus an appended cpio archive with this test's keys, SSH on a forwarded loopback port QEMU
+picks, the agent on the second serial port, QMP through qemu.qmp. Every wait reads a socket (or
+the process) with a deadline; no sleeps.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import gzip
-import io
-import os
 import re
 import secrets
-import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import paramiko
 import pytest
-from cryptography.hazmat.primitives import serialization as ser
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from testing.harness import qmp_execute
-from virby.core.config import from_dict
-from virby.core.cpio import CpioEntry, append_archive, newc_archive
-from virby.core.keys import KeyPaths, dropbear_private
-from virby.workers.backends.disk import ensure_disk
-from virby.workers.backends.qemu import QemuBackend
+from testing.direct import READY, READY_TIMEOUT, Keys, Vm, booted, run, ssh
 
 pytestmark = pytest.mark.e2e
-
-# A boot takes about 4 s alone under TCG, 12 s with 4 VMs on 2 cores
-READY_TIMEOUT = 60.0
-USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
-
-
-@dataclass(frozen=True)
-class Keys:
-    client_pem: str  # OpenSSH private key the test logs in with
-    client_pub: bytes  # its authorized_keys line
-    host_dropbear: bytes  # the guest's host key, dropbear format
-    host_blob: bytes  # the guest's public host key, SSH wire format (what we pin)
-
-    @classmethod
-    def generate(cls) -> Keys:
-        client, host = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-        pem = client.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH,
-                                   ser.NoEncryption()).decode()
-        pub = client.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH)
-        host_line = host.public_key().public_bytes(ser.Encoding.OpenSSH,
-                                                   ser.PublicFormat.OpenSSH)
-        return cls(pem, pub + b" virby-test\n", dropbear_private(host),
-                   base64.b64decode(host_line.split()[1]))
-
-    def archive(self, user: str = "builder") -> bytes:
-        return newc_archive([
-            CpioEntry("etc/virby", mode=0o700, directory=True),
-            CpioEntry("etc/virby/ssh_host_ed25519_key", data=self.host_dropbear, mode=0o600),
-            CpioEntry("etc/virby/authorized_keys", data=self.client_pub, mode=0o644),
-            CpioEntry("etc/virby/user", data=user.encode() + b"\n", mode=0o644),
-        ])
-
-
-# The agent's announcement carries the guest's address (the host dials it there under vfkit):
-# QEMU's user network gives the static 10.0.2.15.
-READY = "virby-ready 10.0.2.15"
-
-
-class Agent:
-    """The host end of the guest agent's line protocol (a QEMU socket chardev)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def send(self, line: str) -> None:
-        self.sock.sendall(line.encode() + b"\n")
-
-    def readline(self, timeout: float) -> str | None:
-        """The next line, or None if none is complete within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(4096)
-            except TimeoutError:
-                return None
-            if not chunk:
-                raise AssertionError(f"agent socket closed; unfinished line {self.buf!r}")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode("utf-8", "replace")
-
-    def lines_for(self, seconds: float) -> list[str]:
-        deadline = time.monotonic() + seconds
-        seen = []
-        while (line := self.readline(deadline - time.monotonic())) is not None:
-            seen.append(line)
-        return seen
-
-    def expect(self, wanted: str, timeout: float) -> list[str]:
-        """Read until the line `wanted`; return the lines before it."""
-        deadline = time.monotonic() + timeout
-        seen: list[str] = []
-        while (line := self.readline(deadline - time.monotonic())) != wanted:
-            if line is None:
-                raise AssertionError(f"no {wanted!r} from the agent in {timeout}s; got {seen}")
-            seen.append(line)
-        return seen
-
-    def ask(self, line: str, timeout: float = 10.0) -> str:
-        self.send(line)
-        reply = self.readline(timeout)
-        assert reply is not None, f"no reply to {line!r} within {timeout}s"
-        return reply
-
-
-@dataclass
-class Vm:
-    dir: Path
-    backend: QemuBackend
-    proc: subprocess.Popen[bytes]
-    agent: Agent
-    port: int
-    started: float  # time.monotonic() when QEMU was started
-
-    @property
-    def console(self) -> str:
-        return Path(self.backend.console_log).read_text(errors="replace")
-
-    def qmp(self, command: str, **arguments: Any) -> Any:
-        return qmp_execute(self.backend.qmp_path, command, arguments or None)
-
-    def qemu_log(self) -> str:
-        return (self.dir / "qemu.log").read_text(errors="replace")
-
-    def wait_console(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.console:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not on the console in {timeout}s:\n{self.console}")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=0.1)  # the pause between looks at the file
-                raise AssertionError(f"qemu exited ({self.proc.returncode}): {self.qemu_log()}")
-
-    def wait_ready(self) -> float:
-        """Wait for the agent's announcement; return seconds since QEMU started."""
-        self.agent.expect(READY, READY_TIMEOUT)
-        return time.monotonic() - self.started
-
-
-def connect_unix(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10) -> socket.socket:
-    """Connect to a socket QEMU creates once it has parsed its command line."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(path))
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"qemu created no {path.name} within {timeout}s")
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.01)
-            log = (path.parent / "qemu.log").read_text(errors="replace")
-            raise AssertionError(f"qemu exited ({proc.returncode}): {log}")
-
-
-def guest_backend(image: Path, run: Path, *, memory: int, append: str,
-                  arch: str = "x86_64") -> QemuBackend:
-    """The qemu backend for a guest image, with state and sockets in `run` (TCG, one core)."""
-    console = "ttyAMA0" if arch == "aarch64" else "ttyS0"
-    config = from_dict({
-        "stateDir": str(run / "state"), "runtimeDir": str(run), "accel": "tcg", "memory": memory,
-        "diskSize": "1GiB", "arch": arch,
-        "guest": {"kernel": str(image / "vmlinuz"), "initrd": str(image / "initrd.img"),
-                  "cmdline": f"console={console} quiet panic=-1 {append}".strip()},
-    }, source=None)
-    return QemuBackend(config, KeyPaths.in_dir(config.stateDir))
-
-
-@contextlib.contextmanager
-def booted(image: Path, keys: Keys, *, memory: int = 256, append: str = "",
-           user: str = "builder", arch: str = "x86_64") -> Iterator[Vm]:
-    # unix socket paths must stay under 108 bytes: a short dir right under /tmp
-    run = Path(tempfile.mkdtemp(dir="/tmp", prefix="vby-"))
-    try:
-        backend = guest_backend(image, run, memory=memory, append=append, arch=arch)
-        os.makedirs(backend.config.log_dir)
-        ensure_disk(backend.config.state("disk.raw"), backend.config.diskSize)  # what _start does
-        # This test's own keys in the appended archive, where the backend puts its keyed initrd.
-        append_archive(str(image / "initrd.img"), keys.archive(user), backend.boot_initrd)
-        with open(run / "qemu.log", "wb") as qlog:
-            proc = subprocess.Popen(backend.command(), stdin=subprocess.DEVNULL, stdout=qlog,
-                                    stderr=qlog)
-        started = time.monotonic()
-        try:
-            agent = Agent(connect_unix(Path(backend.agent_path), proc))
-            usernet = qmp_execute(backend.qmp_path, "human-monitor-command",
-                                  {"command-line": "info usernet"})
-            m = USERNET_RE.search(usernet)
-            assert m, f"no SSH forward in `info usernet`:\n{usernet}"
-            yield Vm(run, backend, proc, agent, int(m.group(1)), started)
-        finally:
-            proc.kill()
-            proc.wait()
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
-
-
-def ssh(vm: Vm, keys: Keys, user: str = "builder", *,
-        host_blob: bytes | None = None) -> paramiko.SSHClient:
-    client = paramiko.SSHClient()
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    pinned = paramiko.Ed25519Key(data=host_blob or keys.host_blob)
-    client.get_host_keys().add(f"[127.0.0.1]:{vm.port}", "ssh-ed25519", pinned)
-    try:
-        client.connect("127.0.0.1", vm.port, username=user,
-                       pkey=paramiko.Ed25519Key.from_private_key(io.StringIO(keys.client_pem)),
-                       look_for_keys=False, allow_agent=False,
-                       timeout=10, banner_timeout=30, auth_timeout=30)
-    except BaseException:
-        client.close()
-        raise
-    return client
-
-
-def run(client: paramiko.SSHClient, command: str) -> str:
-    _, stdout, stderr = client.exec_command(command, timeout=60)
-    out = stdout.read().decode()
-    status = stdout.channel.recv_exit_status()
-    assert status == 0, f"{command!r} exited {status}: {stderr.read().decode()}"
-    return out
 
 
 def kernel_release(vmlinuz: Path) -> str:
@@ -388,7 +166,7 @@ def test_power_button_powers_off(guest_dir: Path, keys: Keys) -> None:
     with booted(guest_dir, keys) as vm:
         vm.wait_ready()
         vm.qmp("system_powerdown")
-        assert vm.proc.wait(timeout=60) == 0
+        assert vm.wait_exit(60) == 0
         assert "virby-guest: shutting down" in vm.console
 
 

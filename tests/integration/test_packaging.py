@@ -90,7 +90,7 @@ def test_the_wheel_carries_the_guest_files(wheel: Path) -> None:
         in_wheel = infos[name].external_attr >> 16
         assert bool(in_wheel & 0o111) == os.access(REPO / "image" / rel, os.X_OK), (name, oct(in_wheel))
         assert zipfile.ZipFile(wheel).read(name) == (REPO / "image" / rel).read_bytes(), name
-    # image/'s development scripts stay out (boot-guest.py imports the test suite)
+    # image/'s development scripts stay out (boot-guest.py imports testing/)
     assert [n for n in infos if n.startswith("virby/image/") and not n.startswith("virby/image/guest/")] \
         == ["virby/image/guest.lock.json"]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from circus.config import get_config
 
 from virby.core.config import from_dict
+from virby.core.watchers import BY_NAME
 from virby.supervisor import circus_ini
 
 
@@ -43,7 +44,7 @@ def test_circus_accepts_it_with_our_settings(tmp_path: Path) -> None:
         assert watchers[name]["send_hup"] is True  # a reload is a SIGHUP, never a second copy
     for name, w in watchers.items():
         assert w["max_retry"] == 5 and w.get("on_demand") is not True
-        assert float(w["graceful_timeout"]) == circus_ini.GRACEFUL_TIMEOUTS[name]
+        assert float(w["graceful_timeout"]) == BY_NAME[name].graceful_timeout
         assert w["stderr_stream"]["class"] == "FileStream"
         assert w["stderr_stream"]["filename"] == f"{tmp_path}/state/logs/{name}.log"
         assert int(w["stderr_stream"]["max_bytes"]) > 0 and int(w["stderr_stream"]["backup_count"]) > 0

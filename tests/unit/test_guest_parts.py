@@ -232,3 +232,13 @@ def test_the_nix_guest_s_own_files_are_there() -> None:
     conf = (nix / "etc/nix/nix.conf").read_text().splitlines()
     assert "sandbox = true" in conf and "build-users-group = nixbld" in conf
     assert conf[-1] == "!include /etc/nix/virby.conf"
+
+
+def test_follow_names_every_link_on_the_way_and_stops_at_a_loop() -> None:
+    tree: Tree = {"bin": Node("link", b"usr/bin"), "usr/bin/sh": Node("link", b"busybox"),
+                  "usr/bin/busybox": Node("file", b"\x7fELF"),
+                  "a": Node("link", b"b"), "b": Node("link", b"a")}
+    assert elfdeps.follow(tree, "bin/sh") == (
+        [("bin", "usr/bin"), ("usr/bin/sh", "busybox")], "usr/bin/busybox")
+    assert elfdeps.follow(tree, "usr/bin/nothere") == ([], None)
+    assert elfdeps.follow(tree, "a")[1] is None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import plistlib
 
+from virby.core import watchers
 from virby.core.config import from_dict
 from virby.supervisor import launchd
-from virby.supervisor.circus_ini import GRACEFUL_TIMEOUTS
 
 CONFIG_PATH = "/etc/virby/config.json"
 VIRBY = "/nix/store/abc-virby-0.1.0/bin/virby"
@@ -31,7 +31,7 @@ def test_every_key() -> None:
         "ProgramArguments": [VIRBY, "run", "--config", CONFIG_PATH],
         "RunAtLoad": True,
         "KeepAlive": True,
-        "ExitTimeOut": max(GRACEFUL_TIMEOUTS.values()) + 10,
+        "ExitTimeOut": watchers.LONGEST_GRACEFUL + 10,
         "WorkingDirectory": "/var/lib/virby",
         "StandardOutPath": "/var/lib/virby/logs/launchd.out",
         "StandardErrorPath": "/var/lib/virby/logs/launchd.err",
@@ -51,7 +51,7 @@ def test_every_key() -> None:
 def test_exit_timeout_outlasts_the_slowest_watcher() -> None:
     job = _render()
     # The vm watcher's clean guest shutdown is the longest; launchd must not cut it short.
-    assert job["ExitTimeOut"] >= GRACEFUL_TIMEOUTS["vm"] + 10
+    assert job["ExitTimeOut"] >= watchers.BY_NAME["vm"].graceful_timeout + 10
     assert job["ExitTimeOut"] > 20  # launchd's default, too short for a clean guest shutdown
 
 

@@ -24,6 +24,7 @@ from virby.core.config import Config
 from virby.core.keys import KeyPaths
 from virby.core.logtail import tail_lines
 from virby.core.protocol import VmState
+from virby.core.watchers import LOGS
 
 
 class BackendError(Exception):
@@ -188,7 +189,7 @@ class Backend(abc.ABC):
 
     @property
     def console_log(self) -> str:
-        return os.path.join(self.config.log_dir, "console.log")
+        return os.path.join(self.config.log_dir, LOGS["console"])
 
 
 # -- helpers shared by backends --------------------------------------------------------------

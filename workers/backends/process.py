@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from virby.core import procwait
 from virby.core.files import write_json
 from virby.workers.backends.base import BackendError
 
@@ -132,14 +133,14 @@ class HypervisorProcess:
                 self.proc.send_signal(sig)
 
     async def wait_exit(self) -> None:
-        """Return when the process has exited: our child via asyncio, an adopted one via a
-        pidfd (Linux) or a short poll elsewhere."""
+        """Return when the process has exited: our child via asyncio, an adopted one through
+        procwait."""
         if self.child is not None:
             await self.child.wait()
             return
         if self.proc is None:
             return
-        await _wait_adopted(self.proc)
+        await procwait.exited(self.proc.pid, self.alive)
 
     async def exits_within(self, seconds: float) -> bool:
         try:
@@ -160,29 +161,3 @@ class HypervisorProcess:
         self.proc = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.pid_path)
-
-
-async def _wait_adopted(proc: psutil.Process) -> None:
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is None:
-        with contextlib.suppress(psutil.Error):
-            while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                await asyncio.sleep(0.2)
-        return
-    try:
-        fd = pidfd_open(proc.pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def readable() -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.add_reader(fd, readable)
-    try:
-        await done
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)

@@ -18,14 +18,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
-import time
 
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from virby.core.logtail import last_line
 from virby.core.protocol import FAILED, PAUSED, RUNNING, STOPPED, VmState
+from virby.core.watchers import LOGS
 from virby.workers import agent
 from virby.workers.backends.base import (
     Backend,
@@ -38,15 +37,12 @@ from virby.workers.backends.base import (
 from virby.workers.backends.disk import ensure_disk
 from virby.workers.backends.initrd import build_keyed_initrd
 from virby.workers.backends.process import HypervisorProcess
+from virby.workers.backends.qemu import launch, virtiofs
 from virby.workers.backends.qemu import machine as qemu_machine
 from virby.workers.backends.qemu import migration as qmp_migration
-from virby.workers.backends.qemu import virtiofs
 from virby.workers.backends.qemu.accel import KVM_PROBE_TIMEOUT, AccelProbe
 
 log = logging.getLogger("virby.qemu")
-
-_USERNET_RE = re.compile(r"TCP\[HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+\S+\s+22\b")
-
 
 def netdev_arg(guest_network: str) -> str:
     """User-mode networking with sshd forwarded to a loopback port QEMU picks. "nat": the guest
@@ -99,7 +95,7 @@ class QemuBackend(Backend):
 
     @property
     def qemu_log(self) -> str:
-        return os.path.join(self.config.log_dir, "qemu.log")
+        return os.path.join(self.config.log_dir, LOGS["qemu"])
 
     @property
     def boot_initrd(self) -> str:
@@ -178,9 +174,6 @@ class QemuBackend(Backend):
     async def _start(self, extra: tuple[str, ...] = (), hello: bool = True) -> None:
         self.check()
         ensure_disk(self.config.state("disk.raw"), self.config.diskSize)  # refuses to shrink
-        for path in (self.qmp_path, self.agent_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
         os.makedirs(self.config.log_dir, exist_ok=True)
         # Tens of MB copied and fsynced: off the event loop, which keeps answering wakes. A
         # restore reuses the one a suspend left (QEMU reads it at start; the guest never does).
@@ -188,45 +181,22 @@ class QemuBackend(Backend):
             await asyncio.to_thread(build_keyed_initrd, self.config, self.keys,
                                     self.boot_initrd)
         self._shares = await virtiofs.start(self.config, self.config.log_dir)
-        await self.process.start(self.command() + list(extra), log_path=self.qemu_log)
-        log.info("qemu started, pid %s, accel %s", self.process.pid, self.accel())
         try:
-            await self._connect_control(hello)
+            await self._attach(await launch.start(self, extra), hello)
         except BackendError:
             await self.kill()
             raise
+        log.info("qemu started, pid %s, accel %s", self.process.pid, self.accel())
 
     @property
-    def _agent_on_socket(self) -> bool:
+    def agent_on_socket(self) -> bool:
         return self.config.qemuDevices != "vfkit"
 
-    async def _connect_control(self, hello: bool = True) -> None:
-        """QMP and the agent socket appear once QEMU has parsed its command line."""
-        deadline = time.monotonic() + 10
-        while not (os.path.exists(self.qmp_path)
-                   and (os.path.exists(self.agent_path) or not self._agent_on_socket)):
-            if not self.process.alive():
-                raise BackendError(f"qemu exited at start: {last_line(self.qemu_log)}")
-            if time.monotonic() > deadline:
-                raise BackendError("qemu did not create its QMP socket within 10s")
-            await asyncio.sleep(0.005)
-        while True:
-            qmp = QMPClient("virby-vm")
-            try:
-                await asyncio.wait_for(qmp.connect(self.qmp_path), 5)
-                break
-            except (QMPError, OSError, TimeoutError) as e:
-                with contextlib.suppress(Exception):
-                    await qmp.disconnect()
-                # the socket files appear at bind(), a moment before listen(): "refused" = not yet
-                if "refused" in str(e) and self.process.alive() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.01)
-                    continue
-                raise BackendError(f"cannot connect to QMP and the agent at {self.qmp_path}: {e}") from e
-        self._qmp = qmp
-        self._port = await self._forwarded_port()
+    async def _attach(self, control: launch.Control, hello: bool = True) -> None:
+        """Hold QEMU's QMP connection and SSH port, and open the agent's channel."""
+        self._qmp, self._port = control.qmp, control.port
         try:
-            if self._agent_on_socket:
+            if self.agent_on_socket:
                 self._agent = await agent.open_socket(self.agent_path)
             else:
                 self._agent = await agent.open_pty(await self._agent_pty())
@@ -245,14 +215,6 @@ class QemuBackend(Backend):
                 if name.startswith("pty:"):
                     return name.removeprefix("pty:")
         raise BackendError(f"qemu reports no pty for the agent: {chardevs!r}")
-
-    async def _forwarded_port(self) -> int:
-        assert self._qmp is not None
-        out = await self._qmp.execute("human-monitor-command", {"command-line": "info usernet"})
-        m = _USERNET_RE.search(str(out))
-        if not m:
-            raise BackendError(f"no SSH port forward in `info usernet`: {out!r}")
-        return int(m.group(1))
 
     async def wait_announced(self) -> None:
         if self._agent is None:
@@ -446,7 +408,7 @@ class QemuBackend(Backend):
         for share in self._shares:  # they end with QEMU; adopted so that a kill can end them
             share.adopt()
         try:
-            await self._connect_control()
+            await self._attach(await launch.connect(self))
         except (BackendError, OSError) as e:
             log.warning("cannot re-attach to qemu pid %s (%s); killing it", pid, e)
             await self.kill()

@@ -58,6 +58,7 @@ from virby.core.logtail import tail_lines
 from virby.core.machost import cpu_brand
 from virby.core.machost import host_macos_version as macos_version
 from virby.core.protocol import PAUSED, RUNNING, STOPPED, VmState
+from virby.core.watchers import LOGS
 from virby.workers import agent
 from virby.workers.backends.base import (
     Backend,
@@ -152,7 +153,7 @@ class VfkitBackend(Backend):
 
     @property
     def vfkit_log(self) -> str:
-        return os.path.join(self.config.log_dir, "vfkit.log")
+        return os.path.join(self.config.log_dir, LOGS["vfkit"])
 
     @property
     def mac(self) -> str:
