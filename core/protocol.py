@@ -6,14 +6,31 @@ asyncio here, so the CLI can read the bus cheaply; workers/bus.py moves these ov
   sender's incarnation (pid and start time), `seq` counts its messages, `t` is wall time.
 * Commands: `{"v": 1, "id", "cmd", "args"}` answered by `{"v": 1, "id", "ok", "error"?,
   "state"?}`.
+* `data` is typed per sender and kind (VmStateData, IdleStateData, ForwarderStateData,
+  EventData below) and checked on receipt, as a reply's `state` is: consumers read fields
+  whose types are known, and compare states and codes, never sentences.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import types
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import (
+    Any,
+    Final,
+    Literal,
+    TypedDict,
+    Union,
+    cast,
+    get_args,
+    get_origin,
+    get_type_hints,
+    is_typeddict,
+)
 
 VERSION = 1
 KINDS = ("state", "event")
@@ -70,6 +87,156 @@ class BadMessage(ValueError):
     """A message that does not follow the protocol; the text says how."""
 
 
+# -- the vm worker's states ---------------------------------------------------------------------
+# Every other module names a state through these constants, so a typo is a mypy error, not a
+# state nobody ever matches.
+
+VmState = Literal["stopped", "starting", "running", "paused", "stopping", "suspending", "suspended",
+                  "failed"]
+STOPPED: Final = "stopped"
+STARTING: Final = "starting"
+RUNNING: Final = "running"
+PAUSED: Final = "paused"
+STOPPING: Final = "stopping"
+SUSPENDING: Final = "suspending"
+SUSPENDED: Final = "suspended"
+FAILED: Final = "failed"
+VM_STATES: tuple[VmState, ...] = get_args(VmState)
+UNKNOWN: Final = "unknown"  # what the CLI shows when no vm worker answers (never published)
+
+# Which state may follow which. A new vm worker adopts whatever its predecessor left, so the
+# first state it publishes is not checked; a repeated state (a new reason) always may.
+TRANSITIONS: dict[VmState, frozenset[VmState]] = {
+    STOPPED: frozenset({STARTING}),
+    STARTING: frozenset({RUNNING, FAILED, STOPPED, STOPPING}),
+    RUNNING: frozenset({PAUSED, STOPPING, SUSPENDING, FAILED, STOPPED}),
+    PAUSED: frozenset({RUNNING, STOPPING, SUSPENDING, FAILED, STOPPED}),
+    STOPPING: frozenset({STOPPED, FAILED}),
+    SUSPENDING: frozenset({SUSPENDED, STOPPED, STARTING, FAILED}),  # starting: the save failed
+    SUSPENDED: frozenset({STARTING, STOPPED}),
+    FAILED: frozenset({STARTING}),
+}
+
+
+def legal(before: VmState, after: VmState) -> bool:
+    return after == before or after in TRANSITIONS[before]
+
+
+# While `starting`: what the boot is doing, for progress lines (None in every other state).
+BootPhase = Literal["booting", "restoring", "proving"]
+BOOTING: Final = "booting"  # a cold boot
+RESTORING: Final = "restoring"  # loading the saved VM
+PROVING: Final = "proving"  # an adopted or resumed guest, proven before use
+BOOT_PHASES: tuple[BootPhase, ...] = get_args(BootPhase)
+
+# The idle monitor's decision, as a code; its `decision` text is for people.
+IdleCode = Literal["off", "vm-not-up", "busy", "stop-due", "pause-due", "no-stage", "counting-down"]
+
+
+# -- message data ---------------------------------------------------------------------------------
+# Every key is optional on the wire (a fresh worker has not said everything yet); a key that is
+# there has the type below, else `decode` refuses the message, naming the key. Unknown keys pass.
+
+Number = int | float
+
+
+class VmStateData(TypedDict, total=False):
+    state: VmState
+    phase: BootPhase | None
+    since: Number
+    reason: str | None
+    backend: str
+    pid: int | None
+    endpoint: list[Any] | None  # [host, port] while running or paused
+    boots: int
+    last_boot_seconds: Number | None
+    restores: int
+    last_restore_seconds: Number | None
+    snapshot: dict[str, Any] | None
+    can_suspend: bool
+    woken_at: Number
+    retry_at: Number | None
+    connections: int
+    last_activity: Number
+    forwarders: int
+    on_demand: bool
+    forwarder: dict[str, Any]  # the forwarder's latest ForwarderStateData
+    config: dict[str, Any]
+    peers: dict[str, Any]
+
+
+class IdleStateData(TypedDict, total=False):
+    enabled: bool
+    vm: VmState | None
+    connections: int
+    idle_since: Number
+    pause_at: Number | None
+    stop_at: Number | None
+    decision_code: IdleCode
+    decision: str
+    peers: dict[str, Any]
+
+
+class ForwarderStateData(TypedDict, total=False):
+    open: int
+    waiting: int
+    accepted: int
+    failed: int  # clients closed before the VM was ready
+    last_activity: Number
+    peers: dict[str, Any]
+
+
+class EventData(TypedDict, total=False):
+    event: str  # idle: "pause" | "stop" (requests it made); forwarder: "open" | "close"
+    idle_since: Number
+    conn: int
+    open: int
+
+
+def as_vm_state(data: dict[str, Any]) -> VmStateData:
+    """A vm worker's state (a broadcast's or a reply's data, checked by `decode`), typed."""
+    return cast(VmStateData, data)
+
+
+def as_idle_state(data: dict[str, Any]) -> IdleStateData:
+    return cast(IdleStateData, data)
+
+
+STATE_DATA: dict[str, type] = {"vm": VmStateData, "idle": IdleStateData,
+                               "forwarder": ForwarderStateData}
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON value has the type `tp` (the few kinds the TypedDicts above use)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, a) for a in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if isinstance(value, bool):  # JSON true is no number
+        return tp is bool
+    if tp is float:
+        return isinstance(value, int | float)
+    return isinstance(value, origin or tp)
+
+
+@functools.cache
+def _fields(schema: type) -> dict[str, Any]:
+    assert is_typeddict(schema)
+    return get_type_hints(schema)
+
+
+def check_data(data: dict[str, Any], schema: type, what: str) -> None:
+    """Raise BadMessage naming the first key of `data` whose value `schema` does not allow."""
+    for key, tp in _fields(schema).items():
+        if key in data and not _fits(data[key], tp):
+            raise BadMessage(f"{what}: field {key!r} has a bad value {str(data[key])[:40]!r}")
+
+
 @dataclass(frozen=True)
 class Message:
     kind: str
@@ -113,6 +280,7 @@ def decode(frames: list[bytes]) -> Message:
         raise BadMessage("bad time")
     if not isinstance(data, dict):
         raise BadMessage("data is not an object")
+    check_data(data, STATE_DATA[sender] if kind == "state" else EventData, f"{sender} {kind}")
     return Message(kind, sender, inc, seq, float(t), data)
 
 
@@ -152,14 +320,21 @@ def decode_reply(body: bytes) -> dict[str, Any]:
         raise BadMessage("reply without a supported version")
     if not isinstance(obj.get("id"), str) or not isinstance(obj.get("ok"), bool):
         raise BadMessage("reply without an id or ok")
+    if "error" in obj and not isinstance(obj["error"], str | None):
+        raise BadMessage("reply: field 'error' is not text")
+    state = obj.get("state")
+    if state is not None:
+        if not isinstance(state, dict):
+            raise BadMessage("reply: field 'state' is not an object")
+        check_data(state, VmStateData, "reply state")
     return obj
 
 
 def encode_reply(req_id: str, ok: bool, *, error: str | None = None,
-                 state: dict[str, Any] | None = None) -> bytes:
+                 state: Mapping[str, Any] | None = None) -> bytes:
     reply: dict[str, Any] = {"v": VERSION, "id": req_id, "ok": ok}
     if error is not None:
         reply["error"] = error
     if state is not None:
-        reply["state"] = state
+        reply["state"] = dict(state)
     return json.dumps(reply).encode()

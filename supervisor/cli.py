@@ -304,7 +304,8 @@ def _wait_unless_running(config: Config) -> None:
 
     _require_running(config)
     vm = control.collect_states(config, 0.5).get("vm")
-    if vm is not None and vm.data.get("state") not in ("running", "paused"):
+    if vm is not None and protocol.as_vm_state(vm.data).get("state") not in (protocol.RUNNING,
+                                                                               protocol.PAUSED):
         _wait_running(config)
 
 

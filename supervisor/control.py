@@ -3,9 +3,9 @@ watchers, the bus for the VM. Every call is bounded by a short timeout and raise
 with one clear line when the arbiter is not there.
 
 `virby status` must answer in well under 100 ms, so this module is synchronous and light: it
-speaks circusd's JSON protocol and the vm worker's commands on plain DEALERs (circus.client
-pulls in tornado and, through zmq.ssh, paramiko: ~70 ms) and reads the state owners' XPUB
-replays with a blocking SUB. The message formats and names come from core/protocol.py and
+speaks circusd's JSON protocol and the vm worker's commands through core/request.py's plain
+DEALERs (circus.client pulls in tornado and, through zmq.ssh, paramiko: ~70 ms) and reads the
+state owners' XPUB replays with a blocking SUB. The message formats and names come from core/protocol.py and
 the crash records from core/failures.py, neither of which imports asyncio (~35 ms). The CLI
 never imports the workers' bus (workers/bus.py): the protocol is the whole contract.
 """
@@ -15,24 +15,22 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
-from collections.abc import Callable
 from typing import Any
 
 import zmq
 
+from virby.core import request as client
 from virby.core.config import Config
 from virby.core.failures import read_failure
 from virby.core.protocol import (
     CIRCUS_CONTROL,
+    UNKNOWN,
     VM_COMMANDS,
     WATCHERS,
     XPUB_OWNERS,
     BadMessage,
     Message,
     decode,
-    decode_reply,
-    encode_request,
     state_endpoint,
 )
 
@@ -54,44 +52,15 @@ def require_running(config: Config) -> None:
         raise NotRunning(f"virby is not running: no arbiter at {endpoint} (start it with `virby run`)")
 
 
-def _call(endpoint: str, frames: list[bytes], read: Callable[[list[bytes]], dict[str, Any] | None],
-          timeout: float, silent: str) -> dict[str, Any]:
-    """Send one request on a fresh DEALER (so a lost reply is never taken for the answer to a
-    later one) and return the first reply `read` accepts; NotRunning(silent) on timeout.
-    Queued until the connection exists; LINGER 0 drops it if nobody ever answers."""
-    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        sock.send_multipart(frames)
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
-                raise NotRunning(silent)
-            reply = read(sock.recv_multipart())
-            if reply is not None:
-                return reply
-    finally:
-        sock.close(linger=0)
-
-
 def circus_call(config: Config, command: str, timeout: float = 1.0, **props: Any) -> dict[str, Any]:
     """One command to circusd's control socket (the same JSON `circusctl` sends)."""
     require_running(config)
     endpoint = config.endpoint(CIRCUS_CONTROL)
-    call_id = uuid.uuid4().hex
-
-    def read(frames: list[bytes]) -> dict[str, Any] | None:
-        try:
-            reply = json.loads(frames[-1])
-        except ValueError:
-            return None
-        return reply if isinstance(reply, dict) and reply.get("id") == call_id else None
-
-    body = json.dumps({"command": command, "properties": props, "id": call_id}).encode()
-    return _call(endpoint, [body], read, timeout,
-                 f"virby is not running: the arbiter at {endpoint} does not answer within {timeout:g}s")
+    try:
+        return client.circus(endpoint, command, props, timeout=timeout, silent=(
+            f"virby is not running: the arbiter at {endpoint} does not answer within {timeout:g}s"))
+    except client.NoAnswer as e:
+        raise NotRunning(str(e)) from None
 
 
 # A state broadcast as the bus sends it.
@@ -124,17 +93,11 @@ def request(config: Config, cmd: str, args: dict[str, Any] | None = None,
             timeout: float = 2.0) -> dict[str, Any]:
     """One command to the vm worker and its reply (`{"ok", "error"?, "state"?}`)."""
     require_running(config)
-    req_id = uuid.uuid4().hex
-
-    def read(frames: list[bytes]) -> dict[str, Any] | None:
-        try:
-            reply = decode_reply(frames[-1])
-        except BadMessage:
-            return None
-        return reply if reply["id"] == req_id else None
-
-    return _call(config.endpoint(VM_COMMANDS), [b"", encode_request(cmd, args, req_id)], read, timeout,
-                 f"the vm worker does not answer: no answer from the vm worker within {timeout:g}s ({cmd})")
+    try:
+        return client.command(config.endpoint(VM_COMMANDS), cmd, args, timeout=timeout, silent=(
+            f"the vm worker does not answer: no answer from the vm worker within {timeout:g}s ({cmd})"))
+    except client.NoAnswer as e:
+        raise NotRunning(str(e)) from None
 
 
 def subscribe(config: Config, ctx: zmq.Context[Any] | None = None) -> zmq.Socket[Any]:
@@ -214,7 +177,7 @@ def status(config: Config, timeout: float = 0.5) -> dict[str, Any]:
     vm = states.get("vm")
     idle = states.get("idle")
     out: dict[str, Any] = {"watchers": watchers}
-    out["vm"] = vm.data if vm else {"state": "unknown", "reason": "the vm worker does not answer"}
+    out["vm"] = vm.data if vm else {"state": UNKNOWN, "reason": "the vm worker does not answer"}
     out["idle"] = idle.data if idle else None
     vm_view = vm.data if vm else None
     idle_view = idle.data if idle else None

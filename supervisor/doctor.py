@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from virby.core import machost
 from virby.core.config import LONGEST_SOCKET_NAME, UNIX_PATH_MAX, Config
-from virby.core.protocol import WATCHERS
+from virby.core.protocol import RUNNING, WATCHERS
 from virby.supervisor import nixreg
 
 MAX_SKEW = 3.0  # seconds; `date +%s` has 1 s resolution and the round trip adds a little
@@ -310,7 +310,7 @@ def check_ssh_alias(ctx: Context) -> Check:
 
 def check_host_key(ctx: Context) -> Check:
     title = "guest host key"
-    if ctx.vm_state != "running":
+    if ctx.vm_state != RUNNING:
         return Check(None, title, f"not checked: the VM is {ctx.vm_state or 'not running'} "
                                   "(doctor does not boot it)")
     from virby.core.keys import KeyPaths
@@ -335,7 +335,7 @@ def check_host_key(ctx: Context) -> Check:
 
 def check_clock(ctx: Context) -> Check:
     title = "guest clock"
-    if ctx.vm_state != "running":
+    if ctx.vm_state != RUNNING:
         return Check(None, title, f"not checked: the VM is {ctx.vm_state or 'not running'}")
     t0 = time.time()
     try:

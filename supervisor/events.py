@@ -13,7 +13,6 @@ printed as they come.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 from virby.core import watchers
 from virby.core.config import Config
-from virby.core.protocol import XPUB_OWNERS, BadMessage, decode
+from virby.core.protocol import FAILED, RUNNING, XPUB_OWNERS, BadMessage, decode
 from virby.supervisor import control
 
 SILENT_AFTER = 3.5  # three missed heartbeats, as the workers judge each other (bus.PEER_TIMEOUT)
@@ -51,11 +50,6 @@ def _num(v: Any) -> int:
 def _peer_inc(state: dict[str, Any], name: str) -> str | None:
     p = (state.get("peers") or {}).get(name) or {}
     return p.get("inc") if isinstance(p, dict) and p.get("up") else None
-
-
-def _decision_key(decision: Any) -> str:
-    """"idle; next step in 598s" changes every second: compare the words, not the countdown."""
-    return re.sub(r"\d+(\.\d+)?", "N", str(decision))
 
 
 def _when(at: Any, now: float) -> str | None:
@@ -98,9 +92,9 @@ def diff(owner: str, prev: dict[str, Any], cur: dict[str, Any], t: float) -> lis
 def _diff_vm(prev: dict[str, Any], cur: dict[str, Any], t: float) -> list[Event]:
     out: list[Event] = []
     before, after = prev.get("state"), cur.get("state")
-    if before != after or (after == "failed" and prev.get("reason") != cur.get("reason")):
+    if before != after or (after == FAILED and prev.get("reason") != cur.get("reason")):
         text = f"{before} -> {after}"
-        if after == "running" and _num(cur.get("boots")) > _num(prev.get("boots")):
+        if after == RUNNING and _num(cur.get("boots")) > _num(prev.get("boots")):
             text += f" (boot {cur.get('boots')}, ready in {cur.get('last_boot_seconds')}s)"
         elif cur.get("reason"):
             text += f" ({cur['reason']})"
@@ -141,7 +135,9 @@ def _diff_idle(prev: dict[str, Any], cur: dict[str, Any], t: float) -> list[Even
         (isinstance(prev.get(k), int | float) != isinstance(cur.get(k), int | float))
         or (isinstance(cur.get(k), int | float) and abs(cur[k] - prev[k]) > 1.5)
         for k in ("pause_at", "stop_at"))
-    if _decision_key(prev.get("decision")) == _decision_key(cur.get("decision")) and not moved:
+    # The decision's text ticks with the countdown; its code and the VM state it rests on do not.
+    if (prev.get("decision_code"), prev.get("vm")) == (cur.get("decision_code"), cur.get("vm")) \
+            and not moved:
         return []
     ev = snapshot("idle", cur, t)
     return [Event(t, "idle", "decision", ev.text, ev.data)]

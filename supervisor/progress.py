@@ -15,7 +15,22 @@ import time
 from typing import Any, TextIO
 
 from virby.core.config import Config
-from virby.core.protocol import BadMessage, decode
+from virby.core.protocol import (
+    FAILED,
+    PAUSED,
+    PROVING,
+    RESTORING,
+    RUNNING,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    SUSPENDED,
+    SUSPENDING,
+    BadMessage,
+    VmStateData,
+    as_vm_state,
+    decode,
+)
 from virby.supervisor import control
 
 FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -79,15 +94,27 @@ class Progress:
         self.stream.flush()
 
 
-WAITING_WORDS = {
-    "stopped": "asking the VM to boot",
-    "starting": "booting the VM (cold start)",
-    "paused": "resuming the VM",
-    "stopping": "waiting for the VM to finish stopping, then booting it again",
-    "suspending": "waiting for the VM to finish saving, then restoring it",
-    "suspended": "asking the VM to restore",
-    "failed": "the last boot failed; trying again",
+WAITING_WORDS: dict[str, str] = {
+    STOPPED: "asking the VM to boot",
+    STARTING: "booting the VM (cold start)",
+    PAUSED: "resuming the VM",
+    STOPPING: "waiting for the VM to finish stopping, then booting it again",
+    SUSPENDING: "waiting for the VM to finish saving, then restoring it",
+    SUSPENDED: "asking the VM to restore",
+    FAILED: "the last boot failed; trying again",
 }
+PHASE_WORDS: dict[str, str] = {  # while starting
+    RESTORING: "restoring the saved VM",
+    PROVING: "checking the running VM before use",
+}
+
+
+def _words(state: VmStateData) -> str:
+    current = state.get("state", STARTING)
+    phase = state.get("phase")
+    if current == STARTING and phase in PHASE_WORDS:
+        return PHASE_WORDS[phase]
+    return WAITING_WORDS.get(current, f"waiting for the VM ({current})")
 
 
 def wait_running(config: Config, progress: Progress, timeout: float | None = None) -> dict[str, Any]:
@@ -96,22 +123,19 @@ def wait_running(config: Config, progress: Progress, timeout: float | None = Non
     when there is no arbiter."""
     timeout = timeout if timeout is not None else config.readyTimeout + 30
     reply = control.request(config, "start", {"wait": 0}, timeout=5)
-    state = reply.get("state") or {}
-    if reply.get("ok") and state.get("state") == "running":
-        return state
-    if not reply.get("ok") and reply.get("error") and state.get("state") == "failed":
+    state = as_vm_state(reply.get("state") or {})
+    if reply["ok"] and state.get("state") == RUNNING:
+        return dict(state)
+    if not reply["ok"] and reply.get("error") and state.get("state") == FAILED:
         raise StartFailed(str(reply["error"]))
     sock = control.subscribe(config)
     last_kick = time.monotonic()
-    current = str(state.get("state") or "starting")
-    reason = str(state.get("reason") or "")
-    booting = current == "starting"  # a `failed` after this is our boot failing
+    current = state.get("state", STARTING)
+    booting = current == STARTING  # a `failed` after this is our boot failing
     try:
         deadline = time.monotonic() + timeout
         while True:
-            restoring = current == "starting" and reason.startswith("restoring")
-            progress.update("restoring the saved VM" if restoring
-                            else WAITING_WORDS.get(current, f"waiting for the VM ({current})"))
+            progress.update(_words(state))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StartFailed(f"the VM is not running after {timeout:.0f}s (it is {current}); "
@@ -124,21 +148,21 @@ def wait_running(config: Config, progress: Progress, timeout: float | None = Non
                 continue
             if msg.sender != "vm" or msg.kind != "state":
                 continue
-            current = str(msg.data.get("state"))
-            reason = str(msg.data.get("reason") or "")
-            if current == "running":
+            state = as_vm_state(msg.data)
+            current = state.get("state", STARTING)
+            if current == RUNNING:
                 return dict(msg.data)
-            if current == "starting":
+            if current == STARTING:
                 booting = True
-            elif current == "failed" and booting:
-                raise StartFailed(str(msg.data.get("reason") or "the boot failed"))
-            elif (current in ("stopped", "suspended", "paused", "failed")
+            elif current == FAILED and booting:
+                raise StartFailed(state.get("reason") or "the boot failed")
+            elif (current in (STOPPED, SUSPENDED, PAUSED, FAILED)
                   and time.monotonic() - last_kick >= REKICK_EVERY):
                 # A stop finished, or our start raced one: ask again (wake is idempotent).
                 last_kick = time.monotonic()
                 reply = control.request(config, "start", {"wait": 0}, timeout=5)
-                st = reply.get("state") or {}
-                if not reply.get("ok") and reply.get("error") and st.get("state") == "failed":
+                st = as_vm_state(reply.get("state") or {})
+                if not reply["ok"] and reply.get("error") and st.get("state") == FAILED:
                     raise StartFailed(str(reply["error"]))
     finally:
         sock.close(linger=0)

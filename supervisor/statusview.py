@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from virby.core.protocol import FAILED, PAUSED, RUNNING, UNKNOWN
+
 
 def duration(seconds: float | None) -> str:
     """12s, 4m05s, 2h10m, 3d04h."""
@@ -60,14 +62,14 @@ def store_line(store: dict[str, Any]) -> str:
 def format_status(st: dict[str, Any], now: float | None = None) -> str:
     now = now if now is not None else float(st.get("time") or time.time())
     vm = st.get("vm") or {}
-    state = vm.get("state", "unknown")
+    state = vm.get("state", UNKNOWN)
     lines: list[str] = []
     since = vm.get("since")
     lines.append(f"{'VM':<12}{state}" + (f" since {time.strftime('%H:%M:%S', time.localtime(since))}"
                                          f" ({_ago(since, now)})" if isinstance(since, int | float) else ""))
     if vm.get("reason"):
         lines.append(f"{'reason':<12}{vm['reason']}")
-    if state == "failed" and isinstance(vm.get("retry_at"), int | float):
+    if state == FAILED and isinstance(vm.get("retry_at"), int | float):
         lines.append(f"{'next try':<12}in {duration(vm['retry_at'] - now)} (on the next connection)")
     last = vm.get("last_boot_seconds")
     restore = vm.get("last_restore_seconds")
@@ -87,7 +89,7 @@ def format_status(st: dict[str, Any], now: float | None = None) -> str:
         saved = snap.get("save_seconds")
         lines.append(f"{'saved VM':<12}{size(snap.get('size'))}, saved {_ago(snap.get('saved_at'), now)}"
                      + (f" (in {saved:.2f}s)" if isinstance(saved, int | float) else ""))
-    elif vm.get("can_suspend") is False and state in ("running", "paused"):
+    elif vm.get("can_suspend") is False and state in (RUNNING, PAUSED):
         lines.append(f"{'saved VM':<12}none (this backend cannot save a VM: stop shuts it down)")
     fwd = vm.get("forwarder") or {}
     conn = vm.get("connections")

@@ -14,6 +14,7 @@ from typing import Any
 
 from virby.core.config import Config
 from virby.core.keys import HOST_KEY_ALIAS, KeyPaths
+from virby.core.protocol import RUNNING
 
 SSH_TIMEOUT = 5.0
 
@@ -51,7 +52,7 @@ def store_use(config: Config, vm: dict[str, Any]) -> dict[str, Any]:
     except OSError:
         pass
     endpoint = vm.get("endpoint")
-    if vm.get("state") == "running" and isinstance(endpoint, list) and len(endpoint) == 2:
+    if vm.get("state") == RUNNING and isinstance(endpoint, list) and len(endpoint) == 2:
         host, port = endpoint
         try:
             proc = subprocess.run(_ssh_argv(config, str(host), int(port), "df -kP /nix"),

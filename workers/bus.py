@@ -22,12 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
+import threading
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
+from virby.core import request as client
 from virby.core.config import Config
 from virby.core.protocol import (  # re-exported: the bus's users import them from here
     COMMANDS,
@@ -111,6 +111,8 @@ class Peer:
 
 
 Handler = Callable[[Message, Peer, bool], Awaitable[None] | None]
+StateSource = Callable[[], Mapping[str, Any]]
+Reply = tuple[bool, str | None, Mapping[str, Any]]  # ok, error, state
 
 
 def _ipc_path(endpoint: str) -> str:
@@ -123,17 +125,25 @@ class Node:
     Owns its ZeroMQ sockets and closes them in `close()`. `on_message(msg, peer, restarted)` is
     called for every valid message from a peer; `restarted` is True when the peer's
     incarnation changed (it was restarted).
+
+    The state it publishes is read from a source (`use_state`) at each publish, so it is never
+    stale. `changed()` publishes it at once if it differs from the last one sent; it runs after
+    every message heard (a peer's news often changes ours). `volatile` keys (a countdown's text)
+    do not count as a change: the next heartbeat carries them.
     """
 
     def __init__(self, name: str, config: Config, on_message: Handler | None = None,
-                 ctx: zmq.asyncio.Context | None = None) -> None:
+                 ctx: zmq.asyncio.Context | None = None, *, volatile: tuple[str, ...] = ()) -> None:
         assert name in NAMES
         self.name = name
         self.config = config
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.inc = incarnation()
         self.seq = 0
-        self.state: dict[str, Any] = {}
+        self._fields: dict[str, Any] = {}
+        self._source: StateSource = lambda: self._fields
+        self._sent: dict[str, Any] | None = None  # the state last published, volatile keys out
+        self.volatile = volatile
         self.peers = {n: Peer(n) for n in NAMES if n != name}
         self.on_message = on_message
         self.drops = _OncePerReason()
@@ -192,14 +202,38 @@ class Node:
         self.seq += 1
         return Message(kind, self.name, self.inc, self.seq, time.time(), data)
 
+    def use_state(self, source: StateSource) -> None:
+        """Publish what `source()` returns from now on."""
+        self._source = source
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Our state as it is now (what the next publish sends)."""
+        return dict(self._source())
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        self._fields = dict(value)
+        self._source = lambda: self._fields
+
+    def _stable(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in state.items() if k not in self.volatile}
+
     def publish_state(self) -> None:
+        state = self.state
+        self._sent = self._stable(state)
         # Each state carries the sender's view of its peers: anyone can see who sees whom.
-        self._send(self._message("state", {**self.state, "peers": self.peers_view()}))
+        self._send(self._message("state", {**state, "peers": self.peers_view()}))
+
+    def changed(self) -> None:
+        """Publish now if our state changed since it was last sent."""
+        if self._stable(self.state) != self._sent:
+            self.publish_state()
 
     def update(self, **changes: Any) -> None:
-        """Change our state and broadcast it at once."""
-        self.state.update(changes)
-        self.publish_state()
+        """Change our own fields (no `use_state` source) and broadcast them at once."""
+        self._fields.update(changes)
+        self.changed()
 
     def event(self, name: str, **data: Any) -> None:
         self._send(self._message("event", {"event": name, **data}))
@@ -253,11 +287,13 @@ class Node:
             result = self.on_message(msg, peer, restarted)
             if result is not None:
                 await result
+        self.changed()
 
     def peers_view(self) -> dict[str, Any]:
         return {n: p.view() for n, p in self.peers.items()}
 
     async def close(self) -> None:
+        self.changed()  # a last change (the vm's `stopped` as the arbiter stops) goes out
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -270,7 +306,7 @@ class ControlServer:
     """The vm worker's ROUTER. `handle(cmd, args)` returns (ok, error, state)."""
 
     def __init__(self, config: Config,
-                 handle: Callable[[str, dict[str, Any]], Awaitable[tuple[bool, str | None, dict[str, Any]]]],
+                 handle: Callable[[str, dict[str, Any]], Awaitable[Reply]],
                  ctx: zmq.asyncio.Context | None = None) -> None:
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -328,48 +364,36 @@ class RequestError(Exception):
     """A command did not get an answer, or got an error answer."""
 
 
-INCARNATION_CHECK = 0.05  # how often a waiting request looks at the vm worker's incarnation
-
-
 async def request(config: Config, cmd: str, args: dict[str, Any] | None = None, *,
                   timeout: float = 2.0, ctx: zmq.asyncio.Context | None = None,
                   peer: Peer | None = None) -> dict[str, Any]:
-    """Send one command to the vm worker and wait for its reply (a fresh DEALER each call,
-    so a lost reply can never be mistaken for the answer to a later request).
+    """Send one command to the vm worker and wait for its reply (core/request.py, in a thread).
 
     With `peer` (the caller's view of the vm worker), the request ends at once with
     RequestError when the worker's incarnation changes while it waits: the worker that took
     it is gone and will never answer (a kill -9 mid-request), and the new one is ready for
     the caller's next request."""
-    ctx = ctx or zmq.asyncio.Context.instance()
     inc0 = peer.inc if peer is not None else ""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    ended = threading.Event()  # the caller is cancelled: the thread stops waiting too
+
+    def give_up() -> str | None:
+        if ended.is_set():
+            return "cancelled"
+        if peer is not None and inc0 and peer.inc != inc0:
+            return (f"the vm worker was replaced while it handled {cmd} "
+                    f"(incarnation {inc0} -> {peer.inc}); not answered")
+        return None
+
+    sync_ctx: zmq.Context[Any] | None = zmq.Context.shadow(ctx.underlying) if ctx is not None else None
     try:
-        # Queued until the connection exists; LINGER 0 drops it if the vm worker never shows.
-        sock.connect(config.endpoint(VM_COMMANDS))
-        req_id = uuid.uuid4().hex
-        deadline = time.monotonic() + timeout
-        await sock.send_multipart([b"", encode_request(cmd, args, req_id)])
-        while True:
-            remaining = deadline - time.monotonic()
-            if peer is not None and inc0 and peer.inc != inc0:
-                raise RequestError(f"the vm worker was replaced while it handled {cmd} "
-                                   f"(incarnation {inc0} -> {peer.inc}); not answered")
-            if remaining <= 0:
-                raise RequestError(f"no answer from the vm worker within {timeout:g}s ({cmd})")
-            slice_ = min(remaining, INCARNATION_CHECK) if peer is not None and inc0 else remaining
-            if not await sock.poll(slice_ * 1000):
-                continue
-            frames = await sock.recv_multipart()
-            try:
-                reply = json.loads(frames[-1])
-            except ValueError:
-                continue
-            if isinstance(reply, dict) and reply.get("id") == req_id:
-                return reply
+        return await asyncio.to_thread(
+            client.command, config.endpoint(VM_COMMANDS), cmd, args, timeout=timeout,
+            silent=f"no answer from the vm worker within {timeout:g}s ({cmd})", give_up=give_up,
+            ctx=sync_ctx)
+    except client.NoAnswer as e:
+        raise RequestError(str(e)) from None
     finally:
-        sock.close(linger=0)
+        ended.set()
 
 
 def remove_stale_ipc(config: Config, names: list[str]) -> None:

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from virby.core.config import Config
+from virby.core.protocol import FAILED, PAUSED, RUNNING, STARTING, VmState, as_vm_state
 from virby.core.timeouts import FORWARDER_DRAIN_TIMEOUT
 from virby.workers import bus, reconfig, runtime
 from virby.workers.runtime import run_worker
@@ -56,7 +57,7 @@ HANDSHAKE_GRACE = 1.0  # how long a new session keeps its place after the client
 WAIT_GRACE = 10.0  # a waiting client is held readyTimeout + this before it is closed
 # While draining, a client still waiting for the VM is released once the VM is not on its way
 # (the arbiter stops it): a stop during a boot must not wait out the drain budget.
-VM_COMING = ("starting", "running", "paused")
+VM_COMING: tuple[VmState, ...] = (STARTING, RUNNING, PAUSED)
 
 
 class _Half(asyncio.Protocol):
@@ -408,9 +409,9 @@ class Forwarder:
         vm = self.node.peers["vm"]
         if not vm.up:
             return False  # the vm worker is being replaced: the VM most likely runs on
-        state = vm.state.get("state")
-        ep = vm.state.get("endpoint")
-        if state in ("running", "paused"):
+        view = as_vm_state(vm.state)
+        ep = view.get("endpoint")
+        if view.get("state") in (RUNNING, PAUSED):
             return isinstance(ep, list) and len(ep) == 2 and (str(ep[0]), int(ep[1])) != endpoint
         return True
 
@@ -455,8 +456,9 @@ class Forwarder:
     def _running_endpoint(self) -> tuple[str, int] | None:
         """Skip the wake round trip when the vm worker's broadcast already says `running`."""
         vm = self.node.peers["vm"]
-        if vm.up and vm.state.get("state") == "running":
-            ep = vm.state.get("endpoint")
+        view = as_vm_state(vm.state)
+        if vm.up and view.get("state") == RUNNING:
+            ep = view.get("endpoint")
             if isinstance(ep, list) and len(ep) == 2:
                 return str(ep[0]), int(ep[1])
         return None
@@ -484,11 +486,11 @@ class Forwarder:
             except bus.RequestError as e:
                 last_error = str(e)
                 continue
-            state = reply.get("state") or {}
+            state = as_vm_state(reply.get("state") or {})
             ep = state.get("endpoint")
-            if reply.get("ok") and state.get("state") == "running" and isinstance(ep, list):
+            if reply["ok"] and state.get("state") == RUNNING and isinstance(ep, list):
                 return (str(ep[0]), int(ep[1])), ""
-            if state.get("state") == "failed":
+            if state.get("state") == FAILED:
                 return None, str(reply.get("error") or state.get("reason"))
             last_error = str(reply.get("error") or f"VM is {state.get('state')}")
 
@@ -502,7 +504,7 @@ class Forwarder:
 
     def _release_if_vm_not_coming(self) -> None:
         vm = self.node.peers["vm"]
-        if not vm.up or vm.state.get("state") not in VM_COMING:
+        if not vm.up or as_vm_state(vm.state).get("state") not in VM_COMING:
             self._released.set()
 
     async def drain(self, timeout: float) -> None:

@@ -16,9 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
 from virby.core.config import Config
+from virby.core.protocol import PAUSED, RUNNING, UNKNOWN, IdleStateData, as_vm_state
 from virby.workers import bus, reconfig, runtime
 from virby.workers.activity import Activity
 from virby.workers.runtime import run_worker
@@ -34,9 +34,10 @@ class IdleMonitor:
         self.node = node
         self.activity = Activity()
         self.changed = asyncio.Event()
-        self.decision = "waiting for the vm worker"
+        self.info: IdleStateData = {"decision": "waiting for the vm worker"}
         self.not_before = 0.0  # monotonic: back off after a refusal
         self.started = time.time()
+        node.use_state(lambda: dict(self.info))
 
     async def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
         self.activity.observe(msg)
@@ -49,54 +50,51 @@ class IdleMonitor:
         self.config = result.config
         self.changed.set()
 
-    def plan(self) -> tuple[str | None, float | None, dict[str, Any]]:
+    def plan(self) -> tuple[str | None, float | None, IdleStateData]:
         """(action due now or None, seconds until the next deadline, broadcast state)."""
         od = self.config.onDemand
         vm = self.node.peers["vm"]
-        vm_state = vm.state.get("state") if vm.up else None
+        vm_view = as_vm_state(vm.state)
+        vm_state = vm_view.get("state") if vm.up else None
         open_ = self.activity.open_connections()
-        woken = vm.state.get("woken_at", 0.0)
-        idle_since = max(self.activity.last_activity(), woken if isinstance(woken, int | float) else 0.0)
+        idle_since = max(self.activity.last_activity(), vm_view.get("woken_at", 0.0))
         if not self.activity.heard_any():
             # No forwarder heard yet (`circusctl restart` restarts all three, and the vm worker
             # forgets its woken_at): count the idle time from our own start, never from 1970.
             idle_since = max(idle_since, self.started)
-        info: dict[str, Any] = {"enabled": od.enable, "vm": vm_state, "connections": open_,
-                                "idle_since": idle_since, "pause_at": None, "stop_at": None}
+        info: IdleStateData = {"enabled": od.enable, "vm": vm_state, "connections": open_,
+                               "idle_since": idle_since, "pause_at": None, "stop_at": None}
         if not od.enable:
-            return None, None, {**info, "decision": "on-demand is off: the VM stays up"}
-        if vm_state not in ("running", "paused"):
-            return None, None, {**info, "decision": f"nothing to do (VM {vm_state or 'unknown'})"}
+            return None, None, {**info, "decision_code": "off",
+                                "decision": "on-demand is off: the VM stays up"}
+        if vm_state not in (RUNNING, PAUSED):
+            return None, None, {**info, "decision_code": "vm-not-up",
+                                "decision": f"nothing to do (VM {vm_state or UNKNOWN})"}
         if open_ > 0:
-            return None, None, {**info, "decision": f"{open_} connection(s) open"}
+            return None, None, {**info, "decision_code": "busy",
+                                "decision": f"{open_} connection(s) open"}
         now = time.time()
         pause_at = idle_since + od.pauseAfter if od.pauseAfter is not None else None
         stop_at = idle_since + od.stopAfter if od.stopAfter is not None else None
-        info.update(pause_at=pause_at if vm_state == "running" else None, stop_at=stop_at)
+        info.update({"pause_at": pause_at if vm_state == RUNNING else None, "stop_at": stop_at})
         if stop_at is not None and now >= stop_at:
-            return "stop", None, {**info, "decision": "stopping"}
-        if vm_state == "running" and pause_at is not None and now >= pause_at:
-            return "pause", None, {**info, "decision": "pausing"}
+            return "stop", None, {**info, "decision_code": "stop-due",
+                                  "decision": "asking the vm worker to stop the VM"}
+        if vm_state == RUNNING and pause_at is not None and now >= pause_at:
+            return "pause", None, {**info, "decision_code": "pause-due",
+                                   "decision": "asking the vm worker to pause the VM"}
         deadlines = [t for t in (info["pause_at"], stop_at) if t is not None]
         if not deadlines:
-            return None, None, {**info, "decision": "idle, no stage enabled"}
+            return None, None, {**info, "decision_code": "no-stage", "decision": "idle, no stage enabled"}
         nxt = min(deadlines)
-        return None, max(0.0, nxt - now), {**info, "decision": f"idle; next step in {nxt - now:.0f}s"}
-
-    def _news(self, info: dict[str, Any]) -> bool:
-        """Whether the plan changed (not just the countdown text): then broadcast at once."""
-        def key(d: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in d.items() if k not in ("decision", "peers")}
-
-        return key(info) != key(self.node.state)
+        return None, max(0.0, nxt - now), {**info, "decision_code": "counting-down",
+                                           "decision": f"idle; next step in {nxt - now:.0f}s"}
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             action, wait, info = self.plan()
-            if self._news(info):
-                self.node.state = info
-                self.node.publish_state()
-            self.node.state = info
+            self.info = info
+            self.node.changed()  # the plan's news goes out at once, the countdown's text with heartbeats
             if action is not None and time.monotonic() >= self.not_before:
                 await self._ask(action, info["idle_since"])
                 continue
@@ -119,7 +117,7 @@ class IdleMonitor:
             log.warning("%s not done: %s", action, e)
             self.not_before = time.monotonic() + RETRY
             return
-        if not reply.get("ok"):
+        if not reply["ok"]:
             log.info("%s refused: %s", action, reply.get("error"))
             self.not_before = time.monotonic() + RETRY
         else:
@@ -137,7 +135,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
         if monitor is not None:
             await monitor.on_message(msg, peer, restarted)
 
-    node = bus.Node("idle", config, on_message)
+    node = bus.Node("idle", config, on_message, volatile=("decision",))
     monitor = IdleMonitor(config, node)
     runtime.on_sighup(monitor.reload)
     await node.start()

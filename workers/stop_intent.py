@@ -14,16 +14,16 @@ duplicate, so asking never changes anything.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import re
-import uuid
 from dataclasses import dataclass
 
 import zmq
-import zmq.asyncio
 
+from virby.core import request
 from virby.core.config import Config
+from virby.core.protocol import CIRCUS_CONTROL
 
 log = logging.getLogger("virby.vm")
 
@@ -61,28 +61,15 @@ def interpret(reply: dict[str, object] | None) -> Intent:
     return Intent(True, "not stopped by circusd: keeping the VM for the next vm worker")
 
 
-async def ask(config: Config, *, ctx: zmq.asyncio.Context | None = None,
-              timeout: float = ASK_TIMEOUT) -> Intent:
+async def ask(config: Config, *, timeout: float = ASK_TIMEOUT) -> Intent:
     """Ask circusd's control socket (its JSON protocol, as `circusctl` speaks it)."""
-    ctx = ctx or zmq.asyncio.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    call_id = uuid.uuid4().hex
-    question = {"id": call_id, "command": "add",
-                "properties": {"name": "vm", "cmd": "true", "start": False}}
+    props = {"name": "vm", "cmd": "true", "start": False}
     reply: dict[str, object] | None = None
     try:
-        sock.connect(config.endpoint("ctl"))
-        await sock.send(json.dumps(question).encode())
-        while reply is None and await sock.poll(timeout * 1000):
-            try:
-                answer = json.loads(await sock.recv())
-            except ValueError:
-                continue
-            if isinstance(answer, dict) and answer.get("id") == call_id:
-                reply = answer
+        reply = await asyncio.to_thread(request.circus, config.endpoint(CIRCUS_CONTROL), "add", props,
+                                        timeout=timeout, silent="circusd does not answer")
+    except request.NoAnswer:
+        pass
     except zmq.ZMQError as e:
         log.warning("cannot ask circusd why we stop: %s", e)
-    finally:
-        sock.close(linger=0)
     return interpret(reply)

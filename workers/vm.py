@@ -39,7 +39,25 @@ from typing import Any
 from virby.core.config import Config, ConfigError, load
 from virby.core.files import write_json
 from virby.core.keys import KeyPaths, ensure_keys
-from virby.core.protocol import COUNTERS_FILE
+from virby.core.protocol import (
+    BOOTING,
+    COUNTERS_FILE,
+    FAILED,
+    PAUSED,
+    PROVING,
+    RESTORING,
+    RUNNING,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    SUSPENDED,
+    SUSPENDING,
+    VM_STATES,
+    BootPhase,
+    VmState,
+    VmStateData,
+    legal,
+)
 from virby.core.sshcheck import SSHNotReady, prove_ssh
 from virby.core.timeouts import VM_SHUTDOWN_TIMEOUT
 from virby.workers import bus, reconfig, runtime, stop_intent
@@ -51,7 +69,6 @@ from virby.workers.snapshot import SnapshotInvalid, SnapshotStore, dependencies
 
 log = logging.getLogger("virby.vm")
 
-STATES = ("stopped", "starting", "running", "paused", "stopping", "suspending", "suspended", "failed")
 FAILURE_BACKOFF_MAX = 60.0
 WAKE_WAIT_MAX = 10.0  # longest a single wake request is held before it is answered
 SAVE_TIMEOUT = 60.0  # a save a killed worker left under way (the idle monitor's stop waits 60 s)
@@ -82,7 +99,9 @@ class VMWorker:
         self.keys = keys
         self.node = node
         self.activity = Activity()
-        self.state = "stopped"
+        self.state: VmState = STOPPED
+        self.phase: BootPhase = BOOTING  # what `starting` does (published only then)
+        self._adopting = False  # adopt() takes on whatever state a previous worker left
         self.since = time.time()
         self.reason: str | None = None
         self.boots = 0
@@ -90,7 +109,7 @@ class VMWorker:
         self.restores = 0
         self.last_restore_seconds: float | None = None
         self.snapshots = SnapshotStore(config.stateDir)
-        self.woken_at = 0.0
+        self._woken_at = 0.0
         self.failures = 0
         self.retry_at = 0.0  # wall time before which a failed VM is not booted again
         self._lock = asyncio.Lock()
@@ -103,22 +122,24 @@ class VMWorker:
         self.reread: reconfig.Reread = runtime.started_with or reconfig.Reread(config)
         self.reread_at = time.time()
         self.pending: list[str] = []
+        node.use_state(self.snapshot)
 
     # -- state ----------------------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> VmStateData:
         endpoint = None
-        if self.state in ("running", "paused"):
+        if self.state in (RUNNING, PAUSED):
             with contextlib.suppress(BackendError):
                 ep = self.backend.endpoint()
                 endpoint = [ep.host, ep.port]
         return {
-            "state": self.state, "since": self.since, "reason": self.reason,
+            "state": self.state, "phase": self.phase if self.state == STARTING else None,
+            "since": self.since, "reason": self.reason,
             "backend": self.backend.name, "pid": self.backend.pid(), "endpoint": endpoint,
             "boots": self.boots, "last_boot_seconds": self.last_boot_seconds,
             "restores": self.restores, "last_restore_seconds": self.last_restore_seconds,
             "snapshot": self.snapshots.info(), "can_suspend": self.backend.can_suspend(),
-            "woken_at": self.woken_at, "retry_at": self.retry_at if self.state == "failed" else None,
+            "woken_at": self.woken_at, "retry_at": self.retry_at if self.state == FAILED else None,
             "connections": self.activity.open_connections(),
             "last_activity": self.activity.last_activity(),
             "forwarders": self.activity.forwarders(),
@@ -129,24 +150,32 @@ class VMWorker:
                        "error": self.reread.error},
         }
 
-    def _activity_view(self) -> tuple[object, ...]:
-        fwd = self.node.state.get("forwarder") or {}
-        return self.node.state.get("connections"), fwd.get("accepted"), fwd.get("waiting")
+    @property
+    def woken_at(self) -> float:
+        return self._woken_at
 
-    def refresh(self) -> None:
-        """Bring the broadcast state up to date without sending (the heartbeat sends it)."""
-        self.node.state = self.snapshot()
+    @woken_at.setter
+    def woken_at(self, t: float) -> None:
+        # the idle monitor must not act on an idle time a wake has just ended
+        self._woken_at = t
+        self.node.changed()
 
-    def _set(self, state: str, reason: str | None = None) -> None:
-        assert state in STATES
+    def _set(self, state: VmState, reason: str | None = None, *, phase: BootPhase | None = None) -> None:
+        assert state in VM_STATES
+        if not self._adopting and not legal(self.state, state):
+            # Allowed all the same: refusing could leave a user with a VM stuck in a state
+            # that no longer tells the truth. The error says which table entry is missing.
+            log.error("illegal VM state transition %s -> %s%s", self.state, state,
+                      f" ({reason})" if reason else "")
         if state != self.state:
             log.info("vm %s -> %s%s", self.state, state, f" ({reason})" if reason else "")
             self.since = time.time()
         self.state, self.reason = state, reason
+        if phase is not None:
+            self.phase = phase
         self._record_proven()
         self._update_pending()
-        self.node.state = self.snapshot()
-        self.node.publish_state()
+        self.node.changed()
         self._persist()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -164,7 +193,7 @@ class VMWorker:
         result = reconfig.reread(self.config)
         reconfig.report(result, "vm")
         self.config, self.reread, self.reread_at = result.config, result, time.time()
-        if self.backend.pid() is None and self.state not in ("starting", "suspending", "stopping"):
+        if self.backend.pid() is None and self.state not in (STARTING, SUSPENDING, STOPPING):
             self._use_config_for_next_boot()
         self._set(self.state, self.reason)
 
@@ -178,11 +207,11 @@ class VMWorker:
         """Config changes the VM has not taken yet: the running one's since its boot, the
         saved one's since its save (that snapshot will not be restored: a cold boot)."""
         now = reconfig.as_data(self.config)
-        if self.state == "suspended":
+        if self.state == SUSPENDED:
             rec = self.snapshots.record() or {}
             saved = (rec.get("depends") or {}).get("config")
             self.pending = reconfig.diff(saved, now) if isinstance(saved, dict) else []
-        elif self.state in ("starting", "running", "paused", "stopping", "suspending"):
+        elif self.state in (STARTING, RUNNING, PAUSED, STOPPING, SUSPENDING):
             self.pending = reconfig.diff(reconfig.as_data(self.backend.config), now)
         else:
             self.pending = []
@@ -195,7 +224,7 @@ class VMWorker:
         """Which hypervisor this worker has proven (it was `running`): the next worker adopts
         that one as it is, without proving it again. Any other state drops the record, so a
         hypervisor adopted half-booted, half-restored or mid-save is never taken for it."""
-        pid = self.backend.pid() if self.state in ("running", "paused") else None
+        pid = self.backend.pid() if self.state in (RUNNING, PAUSED) else None
         try:
             if pid is None:
                 with contextlib.suppress(FileNotFoundError):
@@ -257,7 +286,7 @@ class VMWorker:
 
     # -- commands -------------------------------------------------------------------------------
 
-    async def handle(self, cmd: str, args: dict[str, Any]) -> tuple[bool, str | None, dict[str, Any]]:
+    async def handle(self, cmd: str, args: dict[str, Any]) -> tuple[bool, str | None, VmStateData]:
         if cmd == "status":
             return True, None, self.snapshot()
         if cmd in ("wake", "start"):
@@ -278,8 +307,8 @@ class VMWorker:
             except BackendError as e:
                 log.warning("%s failed: %s", cmd, e)
                 return False, f"could not {cmd}: {e}", self.snapshot()
-            ok = self.state in (("paused", "stopped", "suspended", "failed") if cmd == "pause"
-                                else ("stopped", "suspended", "failed"))
+            ok = self.state in ((PAUSED, STOPPED, SUSPENDED, FAILED) if cmd == "pause"
+                                else (STOPPED, SUSPENDED, FAILED))
             return ok, None if ok else f"could not {cmd}: VM is {self.state}", self.snapshot()
         return False, f"unknown command {cmd}", self.snapshot()
 
@@ -294,46 +323,47 @@ class VMWorker:
             return "busy: woken since the idle period began"
         return None
 
-    async def _wake(self, args: dict[str, Any]) -> tuple[bool, str | None, dict[str, Any]]:
+    async def _wake(self, args: dict[str, Any]) -> tuple[bool, str | None, VmStateData]:
         self.woken_at = time.time()
         wait = args.get("wait", 0)
         wait = min(float(wait), WAKE_WAIT_MAX) if isinstance(wait, int | float) else 0.0
-        if self.state in ("stopping", "suspending"):
-            await self.wait_for(("stopped", "suspended", "failed"), wait)
-        if self.state == "paused":
+        if self.state in (STOPPING, SUSPENDING):
+            await self.wait_for((STOPPED, SUSPENDED, FAILED), wait)
+        if self.state == PAUSED:
             try:
                 await self._resume()
             except BackendError as e:
                 log.warning("resume failed: %s", e)
                 return False, f"could not resume: {e}", self.snapshot()
-        elif self.state in ("stopped", "suspended", "failed"):
-            if self.state == "failed" and time.time() < self.retry_at:
+        elif self.state in (STOPPED, SUSPENDED, FAILED):
+            if self.state == FAILED and time.time() < self.retry_at:
                 wait_s = self.retry_at - time.time()
                 return False, f"boot failed: {self.reason} (next try in {wait_s:.0f}s)", self.snapshot()
             self.ensure_boot()
         if wait > 0:  # (`stopped` again: the boot was cancelled, this worker is ending)
-            await self.wait_for(("running", "failed", "stopped"), wait)
-        if self.state == "failed":
+            await self.wait_for((RUNNING, FAILED, STOPPED), wait)
+        if self.state == FAILED:
             return False, f"boot failed: {self.reason}", self.snapshot()
-        return self.state == "running", None, self.snapshot()
+        return self.state == RUNNING, None, self.snapshot()
 
     def ensure_boot(self) -> None:
         """Start a boot unless one is under way. The state turns `starting` before this returns,
         so every wake that comes in meanwhile waits for this same boot."""
         if self._boot is not None and not self._boot.done():
             return
-        if self.snapshots.present():
+        phase: BootPhase = RESTORING if self.snapshots.present() else BOOTING
+        if phase == RESTORING:
             reason: str | None = "restoring the saved VM"
-        elif self.state == "failed" and self.reason:
+        elif self.state == FAILED and self.reason:
             reason = f"booting again after: {self.reason}"  # the cause stays in `virby status`
         else:
             reason = None
-        self._set("starting", reason)
+        self._set(STARTING, reason, phase=phase)
         self._boot = asyncio.create_task(self._run_boot())
 
     async def _run_boot(self) -> None:
         async with self._lock:
-            if self.state not in ("starting",):
+            if self.state not in (STARTING,):
                 return
             await self._do_boot()
 
@@ -355,7 +385,7 @@ class VMWorker:
                     return
             except asyncio.CancelledError:
                 await self._kill_quietly()
-                self._set("stopped", "boot cancelled")
+                self._set(STOPPED, "boot cancelled")
                 raise
         if self.snapshots.discard():
             log.info("a cold boot invalidates the saved VM: deleted")
@@ -367,7 +397,6 @@ class VMWorker:
         try:
             self.keys = ensure_keys(self.config.stateDir)
             await self.backend.boot()
-            self.refresh()
             await asyncio.wait_for(self.backend.wait_announced(), deadline - time.monotonic())
             announced = time.monotonic()
             await preload
@@ -376,7 +405,7 @@ class VMWorker:
                      announced - t0, time.monotonic() - announced)
         except asyncio.CancelledError:
             await self._kill_quietly()
-            self._set("stopped", "boot cancelled")
+            self._set(STOPPED, "boot cancelled")
             raise
         except Exception as e:  # any failure, a bug included, must end in `failed`
             await self._boot_failed(e, t0)
@@ -385,7 +414,7 @@ class VMWorker:
         self.failures = 0
         self.last_boot_seconds = round(time.monotonic() - t0, 3)
         log.info("guest ready in %.2fs (boot %d)", self.last_boot_seconds, self.boots)
-        self._set("running")
+        self._set(RUNNING)
         self._watch_exit()
 
     async def _restore(self) -> bool:
@@ -423,14 +452,14 @@ class VMWorker:
             log.warning("the saved VM was not restored (%s); booting cold", reason)
             await self._kill_quietly()
             self.snapshots.discard()
-            self._set("starting", f"cold boot (the restore failed: {reason})")
+            self._set(STARTING, f"cold boot (the restore failed: {reason})", phase=BOOTING)
             return False
         self.restores += 1
         self.failures = 0
         self.last_restore_seconds = round(time.monotonic() - t0, 3)
         log.info("guest restored in %.2fs (state loaded in %.2fs; restore %d)",
                  self.last_restore_seconds, loaded - t0, self.restores)
-        self._set("running")
+        self._set(RUNNING)
         self._watch_exit()
         return True
 
@@ -476,7 +505,7 @@ class VMWorker:
         else:
             self.retry_at = time.time()
         last_line = tail.strip().splitlines()[-1] if tail.strip() and console else ""
-        self._set("failed", reason + (f"; console: {last_line}" if last_line else ""))
+        self._set(FAILED, reason + (f"; console: {last_line}" if last_line else ""))
 
     async def _kill_quietly(self) -> None:
         try:
@@ -503,7 +532,7 @@ class VMWorker:
             broken.cancel()
             silent.cancel()
         async with self._lock:
-            if self.state not in ("running", "paused"):
+            if self.state not in (RUNNING, PAUSED):
                 return
             if broken.done() and not broken.cancelled():
                 log.error("the guest broke: %s", broken.result())
@@ -514,8 +543,8 @@ class VMWorker:
                 await self._fail(reason, console=False, backoff=False)
             else:
                 await self._kill_quietly()  # reap and clean up
-                self._set("stopped", "the hypervisor exited unexpectedly")
-        if not self.config.onDemand.enable and self.state in ("stopped", "failed") \
+                self._set(STOPPED, "the hypervisor exited unexpectedly")
+        if not self.config.onDemand.enable and self.state in (STOPPED, FAILED) \
                 and time.time() >= self.retry_at:
             self.ensure_boot()  # (a broken guest waits for its backoff, then the next wake)
 
@@ -554,17 +583,17 @@ class VMWorker:
 
     async def _pause(self, args: dict[str, Any]) -> None:
         async with self._lock:
-            if self.state != "running" or self._idle_refusal(args):
+            if self.state != RUNNING or self._idle_refusal(args):
                 return
             await self.backend.pause()
-            self._set("paused")
+            self._set(PAUSED)
 
     async def _resume(self) -> None:
         async with self._lock:
-            if self.state != "paused":
+            if self.state != PAUSED:
                 return
             await self.backend.resume()
-            self._set("running")
+            self._set(RUNNING)
         task = asyncio.create_task(self._sync_clock())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -584,20 +613,20 @@ class VMWorker:
     async def _stop(self, args: dict[str, Any]) -> None:
         async with self._lock:
             cold = bool(args.get("cold"))
-            if self.state == "suspended" and cold:
+            if self.state == SUSPENDED and cold:
                 self.snapshots.discard()
-                self._set("stopped", "the saved VM was deleted (stop --cold)")
+                self._set(STOPPED, "the saved VM was deleted (stop --cold)")
                 return
-            if self.state in ("stopped", "suspended", "failed") or self._idle_refusal(args):
+            if self.state in (STOPPED, SUSPENDED, FAILED) or self._idle_refusal(args):
                 return
-            if not cold and self.state in ("running", "paused") and self.backend.can_suspend():
+            if not cold and self.state in (RUNNING, PAUSED) and self.backend.can_suspend():
                 await self._suspend_locked()
             else:
                 await self._shutdown_locked(VM_SHUTDOWN_TIMEOUT)
 
     async def _suspend_locked(self) -> None:
         """Save the VM and let the hypervisor exit; on any failure, a clean stop instead."""
-        self._set("suspending")
+        self._set(SUSPENDING)
         if self._monitor is not None:
             self._monitor.cancel()
         t0 = time.monotonic()
@@ -611,18 +640,18 @@ class VMWorker:
             log.warning("could not save the VM (%s); stopping it instead", e)
             self.snapshots.discard()
             await self.backend.shutdown(VM_SHUTDOWN_TIMEOUT)
-            self._set("stopped", f"the VM could not be saved: {e}")
+            self._set(STOPPED, f"the VM could not be saved: {e}")
             return
         log.info("VM saved in %.2fs (%.1f MiB; recorded after %.2fs)", saved, rec["size"] / 2**20,
                  time.monotonic() - t0)
-        self._set("suspended")
+        self._set(SUSPENDED)
 
     async def _shutdown_locked(self, timeout: float) -> None:
-        self._set("stopping")
+        self._set(STOPPING)
         if self._monitor is not None:
             self._monitor.cancel()
         await self.backend.shutdown(timeout)
-        self._set("stopped")
+        self._set(STOPPED)
 
     # -- start and end of the worker ------------------------------------------------------------
 
@@ -636,49 +665,56 @@ class VMWorker:
         * a running guest: `starting` until it is proven like a fresh boot (the clock set, the
           agent's announcement, one SSH login): it may be half-booted or half-restored;
         * a paused guest: paused, as it was; a broken one: `failed`."""
+        self._adopting = True
+        try:
+            await self._adopt()
+        finally:
+            self._adopting = False
+
+    async def _adopt(self) -> None:
         try:
             adopted = await self.backend.adopt()
             saving = await self.backend.adopted_save() if adopted else None
-            status = await self.backend.status() if adopted and saving is None else "stopped"
+            status = await self.backend.status() if adopted and saving is None else STOPPED
         except Exception as e:  # a VM we cannot drive is ended, never a crash loop
             log.warning("could not adopt a running VM (%s); killing it", describe(e))
             await self._kill_quietly()
-            status, adopted, saving = "stopped", False, None
+            status, adopted, saving = STOPPED, False, None
         if saving == "saving" and self.snapshots.unfinished_save():
             log.info("adopted qemu pid %s in the middle of a save: waiting for it to finish",
                      self.backend.pid())
-            self._set("suspending", "finishing the save a previous vm worker started")
+            self._set(SUSPENDING, "finishing the save a previous vm worker started")
             self._boot = asyncio.create_task(self._finish_adopted_save())
             return
         if saving is not None:
-            why = ("a save failed" if saving == "failed" else "a save with no file to save into")
+            why = ("a save failed" if saving == FAILED else "a save with no file to save into")
             log.warning("adopted qemu pid %s after %s: resuming the guest", self.backend.pid(), why)
             try:
                 await self.backend.resume()
-                status = "running"
+                status = RUNNING
             except BackendError as e:
                 log.warning("cannot resume it (%s); killing it", e)
                 await self._kill_quietly()
-                status, adopted = "stopped", False
+                status, adopted = STOPPED, False
         if not adopted and self.snapshots.unfinished_save():
             await self._record_unfinished_save()
-        if status in ("running", "paused", "failed"):
+        if status in (RUNNING, PAUSED, FAILED):
             self.snapshots.discard()  # a VM that ran since supersedes any saved one
-        if status == "running" and saving is None and self._proven_pid() == self.backend.pid():
+        if status == RUNNING and saving is None and self._proven_pid() == self.backend.pid():
             log.info("adopted running qemu pid %s, proven by the previous vm worker",
                      self.backend.pid())
-            self._set("running")
+            self._set(RUNNING)
             self._watch_exit()
             return
-        if status == "running":
-            self._set("starting", "adopted a running VM: proving it before use")
+        if status == RUNNING:
+            self._set(STARTING, "adopted a running VM: proving it before use", phase=PROVING)
             self._boot = asyncio.create_task(self._prove_adopted())
             return
-        if status == "paused":
+        if status == PAUSED:
             self._set(status)
             self._watch_exit()
             return
-        if status == "failed":
+        if status == FAILED:
             await self._fail(self.backend.failure or "the guest is broken", console=False)
             return
         if adopted:
@@ -687,7 +723,7 @@ class VMWorker:
             await self._kill_quietly()
         self.snapshots.clean_leftovers()
         if self.snapshots.present():
-            self._set("suspended")
+            self._set(SUSPENDED)
 
     async def _record_unfinished_save(self) -> None:
         """The hypervisor quits only once its save completed, so a save file without a record
@@ -712,7 +748,7 @@ class VMWorker:
                 log.warning("the save a previous vm worker started did not complete (%s)", e)
                 self.snapshots.discard()
                 if self.backend.pid() is None:
-                    self._set("stopped", f"the VM could not be saved: {e}")
+                    self._set(STOPPED, f"the VM could not be saved: {e}")
                     return
                 try:
                     await self.backend.resume()
@@ -720,16 +756,16 @@ class VMWorker:
                     await self._fail(f"the VM could not be saved ({e}) nor resumed ({e2})",
                                      console=False)
                     return
-                self._set("starting", "the save failed: resuming and proving the guest")
+                self._set(STARTING, "the save failed: resuming and proving the guest", phase=PROVING)
                 await self._prove_locked()
                 return
             log.info("VM saved: the save a previous vm worker started finished after %.2fs "
                      "(%.1f MiB)", time.monotonic() - t0, rec["size"] / 2**20)
-            self._set("suspended")
+            self._set(SUSPENDED)
 
     async def _prove_adopted(self) -> None:
         async with self._lock:
-            if self.state == "starting":
+            if self.state == STARTING:
                 await self._prove_locked()
 
     async def _prove_locked(self) -> None:
@@ -743,23 +779,19 @@ class VMWorker:
             await self._prove_ssh(deadline)
         except asyncio.CancelledError:
             await self._kill_quietly()
-            self._set("stopped", "boot cancelled")
+            self._set(STOPPED, "boot cancelled")
             raise
         except Exception as e:
             await self._boot_failed(e, t0)
             return
         log.info("adopted guest proven in %.2fs (clock set, agent announced sshd, SSH login)",
                  time.monotonic() - t0)
-        self._set("running")
+        self._set(RUNNING)
         self._watch_exit()
 
     async def on_message(self, msg: bus.Message, peer: bus.Peer, restarted: bool) -> None:
-        before = self._activity_view()
-        self.activity.observe(msg)
-        self.refresh()
-        if self._activity_view() != before:
-            self.node.publish_state()  # connections opening and closing are news: send now
-        if self.state == "paused" and self.activity.open_connections() > 0:
+        self.activity.observe(msg)  # the node publishes what this changes once we return
+        if self.state == PAUSED and self.activity.open_connections() > 0:
             # A client got through while a pause raced in: never leave it hanging.
             log.info("connection open while paused: resuming")
             self.woken_at = time.time()
@@ -772,7 +804,7 @@ class VMWorker:
         cannot be adopted half-booted). A running or paused VM is left to the next worker when
         `keep`, else shut down cleanly; orphaned (circusd and the port are gone), at once."""
         if self._boot is not None and not self._boot.done():
-            if self.state == "suspending":
+            if self.state == SUSPENDING:
                 # a save a previous worker started: let it finish (bounded by SAVE_TIMEOUT)
                 # rather than leave the hypervisor in the middle of it
                 with contextlib.suppress(Exception):
@@ -786,7 +818,7 @@ class VMWorker:
                 self._monitor.cancel()
             if self.backend.pid() is None:
                 return
-            if keep and not orphaned and self.state in ("running", "paused"):
+            if keep and not orphaned and self.state in (RUNNING, PAUSED):
                 log.info("leaving the VM %s (hypervisor pid %s) to the next vm worker",
                          self.state, self.backend.pid())
                 await self.backend.close()
@@ -827,13 +859,12 @@ async def main(config: Config, stop: asyncio.Event) -> None:
         # (the others keep seeing the old broadcast as `up` for PEER_TIMEOUT meanwhile), or
         # after ADOPT_QUIET with `starting`/`suspending`, so that wakes can wait on it.
         await asyncio.wait({worker._boot}, timeout=ADOPT_QUIET)
-    worker.refresh()
     runtime.on_sighup(worker.reload)
     control = bus.ControlServer(config, worker.handle)
     await node.start()
     control.start()
     log.info("vm worker ready (incarnation %s, VM %s)", node.inc, worker.state)
-    if not config.onDemand.enable and worker.state in ("stopped", "failed"):
+    if not config.onDemand.enable and worker.state in (STOPPED, FAILED):
         worker.ensure_boot()
     await stop.wait()
     orphaned = os.getppid() != parent
@@ -842,7 +873,7 @@ async def main(config: Config, stop: asyncio.Event) -> None:
         log.info("stopping: circusd is gone")
         await worker.close(keep=False, orphaned=True)
     else:
-        if worker.state == "starting":
+        if worker.state == STARTING:
             await worker.close(keep=False)  # kill the half-booted guest before asking anything
         intent = await stop_intent.ask(config)
         log.info("stopping: %s", intent.why)

@@ -240,7 +240,7 @@ def test_state_reads_vfkits_reply(rest_server: VfkitRest) -> None:
 
 def test_pause_and_resume_send_vfkits_bodies(rest_server: VfkitRest, short_dir: Path) -> None:
     async def go() -> list[str]:
-        seen = []
+        seen: list[str] = []
         await rest_server.change_state("Pause")
         seen.append((await rest_server.state()).state)
         await rest_server.change_state("Resume")

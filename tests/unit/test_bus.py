@@ -12,6 +12,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from virby.core import protocol
 from virby.core.config import Config, from_dict
 from virby.workers import bus
 
@@ -36,6 +37,11 @@ def test_decode_accepts_a_good_message() -> None:
     assert bus.decode(msg.encode()) == msg
 
 
+def test_decode_takes_every_vm_state() -> None:
+    for state in protocol.VM_STATES:
+        assert bus.decode(frames({**GOOD, "data": {"state": state}})).data["state"] == state
+
+
 @pytest.mark.parametrize(("frames_", "reason"), [
     ([b"vm"], "expected 2 frames"),
     ([b"vm", b"{"], "not JSON"),
@@ -49,6 +55,15 @@ def test_decode_accepts_a_good_message() -> None:
     (frames({**GOOD, "seq": True}), "bad sequence"),
     (frames({**GOOD, "t": "now"}), "bad time"),
     (frames({**GOOD, "data": []}), "data is not an object"),
+    # the data of each message kind is typed: the reason names the field
+    (frames({**GOOD, "data": {"state": "runing"}}), "field 'state'"),
+    (frames({**GOOD, "data": {"state": "running", "phase": "dreaming"}}), "field 'phase'"),
+    (frames({**GOOD, "data": {"boots": "3"}}), "field 'boots'"),
+    (frames({**GOOD, "data": {"woken_at": True}}), "field 'woken_at'"),
+    (frames({**GOOD, "from": "idle", "data": {"decision_code": "maybe"}}, "idle"), "field 'decision_code'"),
+    (frames({**GOOD, "from": "idle", "data": {"vm": "asleep"}}, "idle"), "field 'vm'"),
+    (frames({**GOOD, "from": "forwarder", "data": {"open": -0.5}}, "forwarder"), "field 'open'"),
+    (frames({**GOOD, "kind": "event", "data": {"event": 7}}), "field 'event'"),
     ([b"vm", b" " * (bus.MAX_MESSAGE + 1)], "over"),
 ])
 def test_decode_rejects_with_a_reason(frames_: list[bytes], reason: str) -> None:
@@ -190,3 +205,51 @@ def test_a_request_ends_when_the_vm_worker_is_replaced(config: Config) -> None:
         ctx.term()
 
     asyncio.run(t())
+
+
+def test_a_node_publishes_its_state_source_on_change_only(config: Config) -> None:
+    """No heartbeat runs in this test (it would come after an hour): every state the listener
+    sees was sent because it changed, or as the replay to its subscription."""
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+        seen: list[dict] = []
+        got = asyncio.Event()
+
+        def hear(m: bus.Message, p: bus.Peer, r: bool) -> None:
+            if m.kind == "state":
+                seen.append(dict(m.data))
+                got.set()
+
+        async def next_state() -> dict:
+            await asyncio.wait_for(got.wait(), 5)
+            got.clear()
+            return seen[-1]
+
+        source = {"decision": "idle; next step in 9s", "decision_code": "counting-down", "stop_at": 9.0}
+        idle = bus.Node("idle", config, ctx=ctx, volatile=("decision",))
+        idle.use_state(lambda: source)
+        await idle.start()
+        vm = bus.Node("vm", config, hear, ctx=ctx)
+        await vm.start()
+        assert (await next_state())["stop_at"] == 9.0  # the replay on subscription
+        while not (idle.peers["vm"].up and vm.peers["idle"].up):  # each one's first sight of
+            await next_state()  # the other is news too (its peers view), then all is quiet
+        seen.clear()
+        source["decision"] = "idle; next step in 8s"  # volatile: waits for the heartbeat
+        idle.changed()
+        source.update(decision_code="busy", decision="1 connection(s) open", stop_at=None)
+        idle.changed()
+        assert (await next_state())["decision_code"] == "busy"
+        idle.changed()  # nothing changed: nothing sent
+        source["stop_at"] = 20.0
+        idle.changed()
+        assert (await next_state())["stop_at"] == 20.0
+        assert [(s["decision_code"], s["stop_at"]) for s in seen] == [("busy", None), ("busy", 20.0)]
+        for n in (vm, idle):
+            await n.close()
+        ctx.term()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bus, "EARLY_BEATS", ())
+        mp.setattr(bus, "HEARTBEAT", 3600.0)
+        run(scenario())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from virby.supervisor import control, events, progress, statusview
 from virby.workers import bus
 
@@ -88,12 +90,19 @@ def test_events_diff_failed_clients_and_restarts() -> None:
 
 
 def test_events_diff_idle_ignores_the_ticking_countdown() -> None:
-    a = {"inc": "1-1", "decision": "idle; next step in 598s", "pause_at": NOW + 598, "stop_at": NOW + 1198}
+    a = {"inc": "1-1", "decision_code": "counting-down", "decision": "idle; next step in 598s",
+         "vm": "running", "pause_at": NOW + 598, "stop_at": NOW + 1198}
     b = {**a, "decision": "idle; next step in 597s"}
     assert events.diff("idle", a, b, NOW) == []
-    c = {**a, "decision": "1 connection(s) open", "pause_at": None, "stop_at": None}
+    c = {**a, "decision_code": "busy", "decision": "1 connection(s) open", "pause_at": None, "stop_at": None}
     (ev,) = events.diff("idle", b, c, NOW)
     assert ev.kind == "decision" and ev.text == "1 connection(s) open"
+    # the decision is told by its code, not its words: more connections are no new decision
+    assert events.diff("idle", c, {**c, "decision": "2 connection(s) open"}, NOW) == []
+    e = {**a, "decision_code": "vm-not-up", "decision": "nothing to do (VM stopped)", "vm": "stopped",
+         "pause_at": None, "stop_at": None}
+    f = {**e, "decision": "nothing to do (VM suspended)", "vm": "suspended"}
+    assert [ev.text for ev in events.diff("idle", e, f, NOW)] == ["nothing to do (VM suspended)"]
     d = {**a, "pause_at": NOW + 900}  # new activity moved the deadline
     assert [e.kind for e in events.diff("idle", a, d, NOW)] == ["decision"]
 
@@ -137,3 +146,15 @@ def test_progress_on_a_terminal_redraws_one_line() -> None:
     out = s.getvalue()
     assert out.count("\r\033[K") == 3 and "\n" not in out
     assert "⠙ booting the VM (cold start) 0.0s" in out
+
+
+@pytest.mark.parametrize(("state", "words"), [
+    ({"state": "starting", "phase": "restoring", "reason": "whatever the worker wrote"},
+     "restoring the saved VM"),
+    ({"state": "starting", "phase": "booting", "reason": "restoring is not what it does"},
+     "booting the VM (cold start)"),
+    ({"state": "starting", "phase": "proving"}, "checking the running VM before use"),
+    ({"state": "suspended", "phase": None}, "asking the VM to restore"),
+])
+def test_start_progress_is_worded_from_the_phase_not_the_reason(state: dict, words: str) -> None:
+    assert progress._words(state) == words  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from virby.core import protocol
+from virby.core import protocol, request
 from virby.core.config import Config, from_dict
 from virby.supervisor import control
 from virby.workers import bus
@@ -120,7 +120,52 @@ def test_no_arbiter_says_how_to_start_it(tmp_path: Path) -> None:
     (json.dumps({"v": 1, "ok": True}).encode(), "without an id or ok"),
     (json.dumps({"v": 1, "id": "x", "ok": "yes"}).encode(), "without an id or ok"),
     (b" " * (protocol.MAX_MESSAGE + 1), "too large"),
+    (json.dumps({"v": 1, "id": "x", "ok": True, "error": 3}).encode(), "'error'"),
+    (json.dumps({"v": 1, "id": "x", "ok": True, "state": []}).encode(), "'state'"),
+    (json.dumps({"v": 1, "id": "x", "ok": True, "state": {"state": "asleep"}}).encode(),
+     "reply state: field 'state'"),
 ])
 def test_decode_reply_rejects_what_is_not_a_reply(body: bytes, reason: str) -> None:
     with pytest.raises(protocol.BadMessage, match=reason):
         protocol.decode_reply(body)
+
+
+def test_a_circus_command_takes_only_the_answer_to_its_own_id(config: Config) -> None:
+    """circusd's JSON: the same client, another reply format; stale answers are skipped."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    endpoint = config.endpoint("test-ctl")
+    router.bind(endpoint)
+
+    def answer() -> None:
+        ident, body = router.recv_multipart()
+        question = json.loads(body)
+        router.send_multipart([ident, json.dumps({"id": "older", "status": "ok"}).encode()])
+        router.send_multipart([ident, b"{"])
+        router.send_multipart([ident, json.dumps({"id": question["id"], "status": "error",
+                                                  "reason": question["command"]}).encode()])
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        reply = request.circus(endpoint, "add", {"name": "vm"}, timeout=5, silent="silent")
+    finally:
+        thread.join(5)
+        router.close()
+        ctx.term()
+    assert (reply["status"], reply["reason"]) == ("error", "add")
+
+
+def test_a_waiting_request_ends_when_its_caller_gives_up(config: Config) -> None:
+    """Nobody answers, and the deadline is far: the caller's reason ends the wait."""
+    asked = []
+
+    def give_up() -> str | None:
+        asked.append(1)
+        return "the worker was replaced" if len(asked) >= 3 else None
+
+    with pytest.raises(request.NoAnswer, match="the worker was replaced"):
+        request.command(config.endpoint(protocol.VM_COMMANDS), "stop", timeout=3600, silent="silent",
+                        give_up=give_up)
+    assert len(asked) == 3

@@ -76,6 +76,7 @@ def test_restart_all_does_not_suspend_the_adopted_vm_at_once(config: Config) -> 
 def test_nothing_to_do_without_a_vm_worker(config: Config) -> None:
     action, wait, info = monitor(config, None).plan()
     assert action is None and wait is None and "unknown" in info["decision"]
+    assert info["decision_code"] == "vm-not-up"
 
 
 def test_counts_down_to_pause_then_pauses(config: Config) -> None:
@@ -84,8 +85,9 @@ def test_counts_down_to_pause_then_pauses(config: Config) -> None:
     assert action is None and wait == pytest.approx(6, abs=0.5)
     assert info["pause_at"] == pytest.approx(now + 6, abs=0.5)
     assert info["stop_at"] == pytest.approx(now + 26, abs=0.5)
-    action, _, _ = monitor(config, {"state": "running", "woken_at": 0}, last=now - 11).plan()
-    assert action == "pause"
+    assert info["decision_code"] == "counting-down"
+    action, _, info = monitor(config, {"state": "running", "woken_at": 0}, last=now - 11).plan()
+    assert action == "pause" and info["decision_code"] == "pause-due"
 
 
 def test_stops_a_paused_vm_after_stop_after(config: Config) -> None:
@@ -93,12 +95,14 @@ def test_stops_a_paused_vm_after_stop_after(config: Config) -> None:
     action, wait, _ = monitor(config, {"state": "paused", "woken_at": 0}, last=now - 20).plan()
     assert action is None and wait == pytest.approx(10, abs=0.5)
     action, _, info = monitor(config, {"state": "paused", "woken_at": 0}, last=now - 31).plan()
-    assert action == "stop" and info["decision"] == "stopping"
+    assert action == "stop" and info["decision_code"] == "stop-due"
+    assert info["decision"] == "asking the vm worker to stop the VM"
 
 
 def test_never_while_a_connection_is_open(config: Config) -> None:
     action, wait, info = monitor(config, {"state": "running"}, open_=1, last=time.time() - 3600).plan()
     assert action is None and wait is None and info["decision"] == "1 connection(s) open"
+    assert info["decision_code"] == "busy"
 
 
 def test_a_recent_wake_restarts_the_idle_period(config: Config) -> None:
@@ -111,7 +115,7 @@ def test_on_demand_off_means_always_on() -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as d:
         c = from_dict({"runtimeDir": d, "stateDir": d, "onDemand": {"enable": False}})
         action, _, info = monitor(c, {"state": "running"}, last=0).plan()
-        assert action is None and "stays up" in info["decision"]
+        assert action is None and "stays up" in info["decision"] and info["decision_code"] == "off"
 
 
 def test_disabled_stages() -> None:
@@ -122,3 +126,4 @@ def test_disabled_stages() -> None:
         c = from_dict({"runtimeDir": d, "stateDir": d, "onDemand": {"pauseAfter": None, "stopAfter": None}})
         action, wait, info = monitor(c, {"state": "running"}, last=0).plan()
         assert action is None and wait is None and "no stage" in info["decision"]
+        assert info["decision_code"] == "no-stage"

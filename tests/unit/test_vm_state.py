@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
+from virby.core import protocol
 from virby.core.config import Config, from_dict
 from virby.core.keys import KeyPaths, ensure_keys
 from virby.core.sshcheck import SSHNotReady
@@ -35,6 +36,7 @@ class FakeBackend(Backend):
         self.boot_error: BaseException | None = None
         self.announce = asyncio.Event()
         self.announce.set()
+        self.awaiting_announce = asyncio.Event()  # someone waits for the guest's announcement
         self.exit = asyncio.Event()
         self.broken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.adoptable: str | None = None  # the status a previous worker's VM has
@@ -53,6 +55,7 @@ class FakeBackend(Backend):
         self.running = True
 
     async def wait_announced(self) -> None:
+        self.awaiting_announce.set()
         await self.announce.wait()
 
     def endpoint(self) -> Endpoint:
@@ -77,7 +80,7 @@ class FakeBackend(Backend):
     async def close(self) -> None:
         self.calls.append("close")
 
-    async def status(self) -> str:
+    async def status(self) -> protocol.VmState:
         if self.frozen:
             await asyncio.Future()
         return "running" if self.running else "stopped"
@@ -113,13 +116,20 @@ class FakeBackend(Backend):
 
 
 class FakeNode:
-    def __init__(self) -> None:
-        self.state: dict[str, Any] = {}
-        self.peers = {n: bus.Peer(n) for n in ("forwarder", "idle")}
-        self.published = 0
+    """What the worker asks of its bus node: a state source, and `changed()` on a change."""
 
-    def publish_state(self) -> None:
-        self.published += 1
+    def __init__(self) -> None:
+        self.source: Callable[[], Any] = dict
+        self.peers = {n: bus.Peer(n) for n in ("forwarder", "idle")}
+        self.sent: list[dict[str, Any]] = []  # each state published, as the node reads it
+
+    def use_state(self, source: Callable[[], Any]) -> None:
+        self.source = source
+
+    def changed(self) -> None:
+        state = dict(self.source())
+        if not self.sent or self.sent[-1] != state:
+            self.sent.append(state)
 
 
 @pytest.fixture
@@ -127,6 +137,15 @@ def config() -> Iterator[Config]:
     with tempfile.TemporaryDirectory(prefix="vb") as d:
         yield from_dict({"stateDir": f"{d}/state", "runtimeDir": f"{d}/run", "readyTimeout": 2,
                          "guest": {"kernel": f"{d}/k", "initrd": f"{d}/i"}})
+
+
+@pytest.fixture(autouse=True)
+def every_transition_is_in_the_table(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every scenario here drives the worker through real paths: none may take a transition
+    that core/protocol.py's table does not list."""
+    yield
+    illegal = [r.getMessage() for r in caplog.records if "illegal VM state transition" in r.getMessage()]
+    assert not illegal
 
 
 @pytest.fixture(autouse=True)
@@ -162,8 +181,8 @@ def test_wakes_during_starting_share_one_boot(config: Config) -> None:
     async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
         backend.announce.clear()
         wakes = [asyncio.create_task(worker.handle("wake", {"wait": 5})) for _ in range(20)]
-        await asyncio.sleep(0.05)
-        assert worker.state == "starting"
+        await backend.awaiting_announce.wait()
+        assert worker.state == "starting" and not any(w.done() for w in wakes)
         backend.announce.set()
         replies = await asyncio.gather(*wakes)
         assert all(ok for ok, _, _ in replies)
@@ -187,7 +206,7 @@ def test_boot_exception_does_not_wedge_starting(config: Config, error: BaseExcep
         # every waiting client is released with the reason, on one line
         for ok, err, st in replies:
             assert not ok and err is not None and err.startswith("boot failed: ")
-            assert "\n" not in st["reason"]
+            assert "\n" not in str(st["reason"])
         assert worker.state == "failed"
         assert "kill" in backend.calls  # the hypervisor is ended
         assert worker.reason is not None and worker.reason.endswith("; console: last console words")
@@ -210,7 +229,7 @@ def test_a_damaged_key_file_is_a_failed_boot(config: Config) -> None:
             f.write("not a key\n")
         ok, err, st = await worker.handle("wake", {"wait": 5})
         assert not ok and st["state"] == "failed" and err is not None
-        assert "ValueError" in st["reason"] and backend.calls == ["kill"]
+        assert "ValueError" in str(st["reason"]) and backend.calls == ["kill"]
 
     run(t, config)
 
@@ -219,7 +238,7 @@ def test_a_guest_that_never_announces_fails_with_the_timeout(config: Config) -> 
     async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
         backend.announce.clear()
         ok, _, st = await worker.handle("wake", {"wait": 5})
-        assert not ok and st["reason"].startswith("guest not ready within 2s")
+        assert not ok and str(st["reason"]).startswith("guest not ready within 2s")
         assert backend.calls == ["boot", "kill"]
 
     run(t, config)
@@ -234,7 +253,7 @@ def test_an_ssh_proof_that_never_passes_is_a_failed_boot(config: Config,
 
     async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
         ok, _, st = await worker.handle("wake", {"wait": 5})
-        assert not ok and "the SSH check failed: host key mismatch" in st["reason"]
+        assert not ok and "the SSH check failed: host key mismatch" in str(st["reason"])
 
     run(t, config)
 
@@ -276,7 +295,7 @@ def test_an_adopted_broken_guest_is_failed(config: Config) -> None:
     run(t, config)
 
 
-async def _const(value: str) -> str:
+async def _const(value: protocol.VmState) -> protocol.VmState:
     return value
 
 
@@ -363,7 +382,7 @@ def test_stop_during_boot_kills_the_starting_guest_at_once(config: Config) -> No
     async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
         backend.announce.clear()
         waiting = asyncio.create_task(worker.handle("wake", {"wait": 5}))
-        await asyncio.sleep(0.05)
+        await backend.awaiting_announce.wait()
         await worker.close(keep=True)  # even a restart: a half-booted guest cannot be adopted
         assert backend.calls == ["boot", "kill"] and worker.state == "stopped"
         ok, _, _ = await waiting
@@ -454,8 +473,8 @@ def test_an_adopted_running_guest_is_proven_before_it_is_running(config: Config)
         await worker.adopt()
         assert worker.state == "starting"
         waiting = asyncio.create_task(worker.handle("wake", {"wait": 5}))
-        await asyncio.sleep(0.05)
-        assert not waiting.done()
+        await backend.awaiting_announce.wait()
+        assert worker.woken_at > 0 and not waiting.done()  # the wake came in, and waits
         backend.announce.set()
         ok, _err, st = await waiting
         assert ok and st["state"] == "running"
@@ -499,5 +518,61 @@ def test_a_guest_the_previous_worker_proved_is_adopted_as_running(config: Config
         fresh.announce.clear()  # would hold a proof forever
         await successor.adopt()
         assert successor.state == "running" and "sync_guest" not in fresh.calls
+
+    run(t, config)
+
+
+# -- the transitions table and what is published ------------------------------------------------
+
+
+def test_the_transitions_table_names_only_states() -> None:
+    assert set(protocol.TRANSITIONS) == set(protocol.VM_STATES)
+    assert all(after in protocol.VM_STATES for nxt in protocol.TRANSITIONS.values() for after in nxt)
+    assert protocol.legal(protocol.RUNNING, protocol.PAUSED)
+    assert protocol.legal(protocol.FAILED, protocol.FAILED)  # a new reason
+    assert not protocol.legal(protocol.STOPPED, protocol.RUNNING)  # never without a boot
+    assert not protocol.legal(protocol.SUSPENDED, protocol.RUNNING)  # never without a restore
+
+
+def test_an_illegal_transition_is_logged_and_still_taken(config: Config,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Refusing it could leave the user's VM stuck in a state that is no longer true."""
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        worker._set(protocol.RUNNING)  # a bug: stopped -> running without a boot
+        assert worker.state == "running"
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert errors == ["illegal VM state transition stopped -> running"]
+        caplog.clear()  # (for the autouse check: this one was on purpose)
+
+    run(t, config)
+
+
+def test_a_wake_of_a_running_vm_is_published_at_once(config: Config) -> None:
+    """The idle monitor counts idle time from woken_at: it must not wait for a heartbeat."""
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        node = worker.node
+        assert isinstance(node, FakeNode)
+        before = len(node.sent)
+        await worker.handle("wake", {"wait": 0})
+        assert len(node.sent) == before + 1
+        assert node.sent[-1]["state"] == "running" and node.sent[-1]["woken_at"] == worker.woken_at
+
+    run(t, config)
+
+
+def test_the_boot_phase_is_published_while_starting(config: Config) -> None:
+    """`virby start` words its progress from `phase`: a restore, else a cold boot."""
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        node = worker.node
+        assert isinstance(node, FakeNode)
+        path = worker.snapshots.begin()
+        with open(path, "wb") as f:
+            f.write(b"machine state")
+        await worker.adopt()  # a saved VM: the next wake restores it
+        await booted(worker)  # (this fake cannot restore: a cold boot follows in the same wake)
+        phases = [s["phase"] for s in node.sent if s["state"] == "starting"]
+        assert phases[0] == "restoring" and phases[-1] == "booting"
+        assert all(s["phase"] is None for s in node.sent if s["state"] != "starting")
 
     run(t, config)

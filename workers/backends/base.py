@@ -23,6 +23,7 @@ from typing import ClassVar
 from virby.core.config import Config
 from virby.core.keys import KeyPaths
 from virby.core.logtail import tail_lines
+from virby.core.protocol import VmState
 from virby.core.watchers import LOGS
 
 
@@ -51,7 +52,7 @@ class Backend(abc.ABC):
     def __init__(self, config: Config, keys: KeyPaths) -> None:
         self.config = config
         self.keys = keys
-        self.failure: str | None = None  # why `status` last said "failed"
+        self.failure: str | None = None  # why `status` last said FAILED
 
     # -- files and command line (pure, unit-tested) ------------------------------------------
 
@@ -98,8 +99,8 @@ class Backend(abc.ABC):
         """Kill the hypervisor now and reap it. Idempotent."""
 
     @abc.abstractmethod
-    async def status(self) -> str:
-        """The hypervisor's own view: "running", "paused", "stopped", or "failed" when the guest
+    async def status(self) -> VmState:
+        """The hypervisor's own view: RUNNING, PAUSED, STOPPED, or FAILED when the guest
         is broken while the hypervisor runs on (a panic, an internal or I/O error); then
         `failure` says how, with the console's last lines."""
 

@@ -23,6 +23,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from virby.core.logtail import last_line
+from virby.core.protocol import FAILED, PAUSED, RUNNING, STOPPED, VmState
 from virby.core.watchers import LOGS
 from virby.workers import agent
 from virby.workers.backends.base import (
@@ -62,6 +63,8 @@ _STATE_EVENTS = ("STOP", "GUEST_PANICKED", "BLOCK_IO_ERROR")
 # query-migrate states of an outgoing migration still copying
 _SAVE_UNDER_WAY = frozenset({"setup", "active", "device", "pre-switchover", "wait-unplug",
                              "cancelling"})
+# QMP query-status run states (QEMU's words, the keys) as the backend contract's states.
+_RUN_STATES: dict[str, VmState] = {"running": RUNNING, "paused": PAUSED, "prelaunch": PAUSED}
 
 
 class QemuBackend(Backend):
@@ -293,8 +296,8 @@ class QemuBackend(Backend):
         run_state = str(run.get("status")) if isinstance(run, dict) else ""
         if migration in _SAVE_UNDER_WAY or run_state in ("finish-migrate", "postmigrate"):
             return "saving"
-        if migration in ("failed", "cancelled") and run_state == "paused":
-            return "failed"
+        if migration in ("failed", "cancelled") and run_state == "paused":  # QMP's words
+            return FAILED
         return None
 
     async def finish_suspend(self, timeout: float) -> None:
@@ -318,17 +321,17 @@ class QemuBackend(Backend):
             raise BackendError("no channel to the guest agent")
         self._agent.sync(seed)
 
-    async def status(self) -> str:
+    async def status(self) -> VmState:
         if not self.process.alive():
-            return "stopped"
+            return STOPPED
         reply = await self._execute("query-status")
         status = str(reply.get("status") if isinstance(reply, dict) else None)
         if status in _BROKEN_STATES:
             tail = " | ".join(line.strip() for line in self.console_tail(3).splitlines() if line.strip())
             self.failure = f"qemu reports {status}" + (f"; console: {tail}" if tail else "")
-            return "failed"
-        return {"running": "running", "paused": "paused", "prelaunch": "paused"}.get(
-            status, "stopped" if status in ("shutdown", "postmigrate", "inmigrate") else "running")
+            return FAILED
+        return _RUN_STATES.get(status, STOPPED if status in ("shutdown", "postmigrate", "inmigrate")
+                               else RUNNING)
 
     async def wait_broken(self) -> str:
         """QEMU announces each of these with an event (STOP for internal and I/O errors): then
@@ -336,17 +339,17 @@ class QemuBackend(Backend):
         if self._qmp is None:
             return await super().wait_broken()
         with self._qmp.listener(_STATE_EVENTS) as events:
-            if await self.status() == "failed":
+            if await self.status() == FAILED:
                 return self.failure or "the guest is broken"
             async for _event in events:
-                if await self.status() == "failed":
+                if await self.status() == FAILED:
                     return self.failure or "the guest is broken"
         raise BackendError("the QMP event stream ended")
 
     async def shutdown(self, timeout: float) -> None:
         if self.process.alive() and timeout > 0:
             try:
-                if await self.status() == "paused":
+                if await self.status() == PAUSED:
                     await self._execute("cont")  # a paused guest cannot hear the power button
                 await self._power_off()
             except BackendError as e:

@@ -57,6 +57,7 @@ from virby.core.keys import KeyPaths
 from virby.core.logtail import tail_lines
 from virby.core.machost import cpu_brand
 from virby.core.machost import host_macos_version as macos_version
+from virby.core.protocol import PAUSED, RUNNING, STOPPED, VmState
 from virby.core.watchers import LOGS
 from virby.workers import agent
 from virby.workers.backends.base import (
@@ -378,10 +379,10 @@ class VfkitBackend(Backend):
         return Endpoint(self._guest_ip, SSH_PORT)
 
     async def pause(self) -> None:
-        await self._change("Pause", "paused")
+        await self._change("Pause", PAUSED)
 
     async def resume(self) -> None:
-        await self._change("Resume", "running")
+        await self._change("Resume", RUNNING)
 
     async def _change(self, action: str, want: str) -> None:
         if self.process.proc is None:
@@ -403,7 +404,7 @@ class VfkitBackend(Backend):
             await self._forget()
             return
         with contextlib.suppress(BackendError):
-            if (await self.rest.state()).state == "paused":
+            if (await self.rest.state()).state == PAUSED:
                 await self.rest.change_state("Resume")  # a paused guest cannot hear anything
         if self._agent_open():
             assert self._agent is not None
@@ -444,9 +445,9 @@ class VfkitBackend(Backend):
             _unlink(path)
         self._guest_ip = None
 
-    async def status(self) -> str:
+    async def status(self) -> VmState:
         if not self.process.alive():
-            return "stopped"
+            return STOPPED
         return (await self.rest.state()).state
 
     async def wait_exit(self) -> None:

@@ -22,23 +22,25 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from virby.core.protocol import PAUSED, RUNNING, STOPPED
+from virby.core.protocol import VmState as HvState
 from virby.workers.backends.base import BackendError
 
 ACTIONS = ("Pause", "Resume", "Stop", "HardStop")
 
 # vfkit reports Virtualization.framework's raw state names. The backend contract knows three
 # states, so a transition counts as the state it is heading for.
-_STATES = {
-    "VirtualMachineStateRunning": "running",
-    "VirtualMachineStateStarting": "running",
-    "VirtualMachineStateResuming": "running",
-    "VirtualMachineStateRestoring": "running",
-    "VirtualMachineStatePaused": "paused",
-    "VirtualMachineStatePausing": "paused",
-    "VirtualMachineStateSaving": "paused",
-    "VirtualMachineStateStopped": "stopped",
-    "VirtualMachineStateStopping": "stopped",
-    "VirtualMachineStateError": "stopped",
+_STATES: dict[str, HvState] = {
+    "VirtualMachineStateRunning": RUNNING,
+    "VirtualMachineStateStarting": RUNNING,
+    "VirtualMachineStateResuming": RUNNING,
+    "VirtualMachineStateRestoring": RUNNING,
+    "VirtualMachineStatePaused": PAUSED,
+    "VirtualMachineStatePausing": PAUSED,
+    "VirtualMachineStateSaving": PAUSED,
+    "VirtualMachineStateStopped": STOPPED,
+    "VirtualMachineStateStopping": STOPPED,
+    "VirtualMachineStateError": STOPPED,
 }
 
 
@@ -51,8 +53,8 @@ class VmState:
     can_hard_stop: bool
 
     @property
-    def state(self) -> str:
-        """"running", "paused" or "stopped"."""
+    def state(self) -> HvState:
+        """RUNNING, PAUSED or STOPPED."""
         try:
             return _STATES[self.raw]
         except KeyError:
