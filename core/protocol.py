@@ -252,21 +252,28 @@ class Message:
         return [self.sender.encode(), json.dumps(body, separators=(",", ":")).encode()]
 
 
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    """A message's, request's or reply's body: at most MAX_MESSAGE bytes of JSON, an object of
+    our version. Raises BadMessage saying which rule it broke."""
+    if len(body) > MAX_MESSAGE:
+        raise BadMessage(f"{what} of {len(body)} bytes is too large (over {MAX_MESSAGE})")
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadMessage(f"{what} not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise BadMessage(f"{what} is not an object")
+    if obj.get("v") != VERSION:
+        raise BadMessage(f"{what} of unsupported version {obj.get('v')!r}")
+    return obj
+
+
 def decode(frames: list[bytes]) -> Message:
     """Validate two frames from the wire. Raises BadMessage with the reason."""
     if len(frames) != 2:
         raise BadMessage(f"expected 2 frames, got {len(frames)}")
     topic, body = frames
-    if len(body) > MAX_MESSAGE:
-        raise BadMessage(f"message of {len(body)} bytes is over {MAX_MESSAGE}")
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadMessage(f"not JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise BadMessage("body is not an object")
-    if obj.get("v") != VERSION:
-        raise BadMessage(f"unsupported version {obj.get('v')!r}")
+    obj = _json_object(body, "message")
     sender, kind, inc, seq, t, data = (obj.get(k) for k in ("from", "kind", "inc", "seq", "t", "data"))
     if sender not in NAMES or topic != str(sender).encode():
         raise BadMessage(f"unknown sender {sender!r} (topic {topic[:32]!r})")
@@ -290,14 +297,7 @@ def encode_request(cmd: str, args: dict[str, Any] | None = None, req_id: str | N
 
 
 def decode_request(body: bytes) -> tuple[str, str, dict[str, Any]]:
-    if len(body) > MAX_MESSAGE:
-        raise BadMessage("request too large")
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadMessage(f"request not JSON: {e}") from None
-    if not isinstance(obj, dict) or obj.get("v") != VERSION:
-        raise BadMessage("request without a supported version")
+    obj = _json_object(body, "request")
     req_id, cmd, args = obj.get("id"), obj.get("cmd"), obj.get("args", {})
     if not isinstance(req_id, str) or not 0 < len(req_id) <= 64:
         raise BadMessage("request without an id")
@@ -310,14 +310,7 @@ def decode_request(body: bytes) -> tuple[str, str, dict[str, Any]]:
 
 def decode_reply(body: bytes) -> dict[str, Any]:
     """A reply to a command, validated: `id` and `ok` are there. Raises BadMessage."""
-    if len(body) > MAX_MESSAGE:
-        raise BadMessage("reply too large")
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadMessage(f"reply not JSON: {e}") from None
-    if not isinstance(obj, dict) or obj.get("v") != VERSION:
-        raise BadMessage("reply without a supported version")
+    obj = _json_object(body, "reply")
     if not isinstance(obj.get("id"), str) or not isinstance(obj.get("ok"), bool):
         raise BadMessage("reply without an id or ok")
     if "error" in obj and not isinstance(obj["error"], str | None):

@@ -115,7 +115,7 @@ def test_no_arbiter_says_how_to_start_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("body", "reason"), [
-    (b"[]", "without a supported version"),
+    (b"[]", "is not an object"),
     (b"\xff", "not JSON"),
     (json.dumps({"v": 1, "ok": True}).encode(), "without an id or ok"),
     (json.dumps({"v": 1, "id": "x", "ok": "yes"}).encode(), "without an id or ok"),
