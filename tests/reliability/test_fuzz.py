@@ -73,7 +73,7 @@ def _workers(inst: Instance) -> dict[str, psutil.Process]:
 def _alive_and_answering(inst: Instance) -> None:
     reply = request(inst.config, "status", timeout=5)
     assert reply["ok"] and reply["state"]["state"] in ("stopped", "failed")
-    inst.wait_bus(lambda s: "vm" in s and "idle" in s, 5, "both state owners broadcasting")
+    inst.wait_bus(lambda s: "vm" in s and "idle" in s, 30, "both state owners broadcasting")
 
 
 def test_fuzz_the_bus(instance: Instance) -> None:

@@ -85,7 +85,7 @@ def test_reload_and_sighup_never_run_two_vm_managers(instance: Instance) -> None
             seen_counts.append(len(_vm_managers(instance)))
         # Everything a reload would have done has happened by now: the last action was
         # answered and the bus shows the vm (same incarnation) broadcasting.
-        states = instance.wait_bus(lambda s: "vm" in s and "idle" in s, 5, "vm and idle")
+        states = instance.wait_bus(lambda s: "vm" in s and "idle" in s, 30, "vm and idle")
     assert states["vm"]["inc"].startswith(f"{vm_pid}-")
     assert states["idle"]["inc"].startswith(f"{idle_pid}-")
     assert instance.watcher_pid("vm") == vm_pid
