@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"benchmarks to run (default: all of {', '.join(NAMES)})")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer runs, shorter windows (CI: under 2 minutes)")
+                        help="fewer runs, shorter windows (what CI runs)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results",
                         help="folder for the JSON (default: bench/results)")
     args = parser.parse_args(argv)

@@ -15,8 +15,8 @@ All three with maxJobs 8 on a 1-vCPU guest, as in issue 18's measurements: with 
 guest's cores (1, what `virby nix-machines` advertises for it) the host's Nix postpones every
 other derivation and looks again only every 5 s (its poll interval), which would hide what a
 session costs. Target: Virby ≤ 0.5 × plain SSH; the ratio to the floor is reported beside it.
-N = 300 (--quick: 60). Each path builds its own fresh set, once, Virby first (so the plain
-path cannot be helped by a warmer guest).
+N = 300 (--quick, what CI runs: 30, still four rounds of maxJobs 8 each way). Each path builds
+its own fresh set, once, Virby first (so the plain path cannot be helped by a warmer guest).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def host_build(inst: Instance, expr: Path, n: int, sshopts: str, machines: str) 
 def run(ctx: Context) -> Result:
     if shutil.which("nix-build") is None:
         raise RuntimeError("nix-build is not on PATH: apt-get install -y --no-install-recommends nix-bin")
-    n = ctx.runs(full=300, quick=60)
+    n = ctx.runs(full=300, quick=30)
     res = Result(NAME, "s", target=f"Virby ≤ {TARGET} × plain SSH ({n} derivations)")
     ctx.log(f"{NAME}: building (or reusing) the Nix guest")
     inst = Instance(guest_dir=build_guest(with_nix=True), memory=512, cores=1,

@@ -28,3 +28,14 @@ def require(tool: str, hint: str, *, module: bool = False) -> str:
     if found is None:
         unavailable(f"{tool} not installed ({hint})", module=module)
     return found
+
+
+def given_inputs(*names: str, hint: str) -> tuple[list[str], list[pytest.MarkDecorator]]:
+    """The values of environment variables naming inputs CI cannot fetch (upstream checkouts),
+    and the marks for a test that needs them: none when all are set, else a skip that says
+    `hint`, under CI too. Reported in pytest's summary (-ra) either way, never left out."""
+    values = [os.environ.get(name, "") for name in names]
+    if all(values):
+        return values, []
+    missing = ", ".join(n for n, v in zip(names, values, strict=True) if not v)
+    return values, [pytest.mark.skip(reason=f"{missing} not set: {hint}")]

@@ -24,6 +24,7 @@ import pytest
 
 from testing.harness import Instance
 from testing.nixhost import GUEST_HOSTNAMES
+from tests.require import require
 
 pytestmark = pytest.mark.e2e
 
@@ -51,8 +52,7 @@ BUILD_TIMEOUT = 600.0  # two cold boots at once on 2 cores, one of them an emula
 
 @pytest.fixture(scope="module", autouse=True)
 def host_nix() -> None:
-    if shutil.which("nix-build") is None:
-        pytest.fail("nix-build is not on PATH: apt-get install -y --no-install-recommends nix-bin")
+    require("nix-build", "apt-get install -y --no-install-recommends nix-bin")
 
 
 @pytest.fixture

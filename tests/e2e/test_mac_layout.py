@@ -8,7 +8,6 @@ reached through the forwarder like any builder; the cold stop comes last."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 import uuid
@@ -20,6 +19,7 @@ import pytest
 from testing.harness import Instance
 from testing.nixhost import GUEST_HOSTNAMES, Nix, Where
 from tests.e2e.test_on_demand import guest_clock
+from tests.require import require
 
 pytestmark = pytest.mark.e2e
 
@@ -107,8 +107,7 @@ def test_the_guest_clock_is_right_after_a_20s_pause(mac: Instance) -> None:
 
 
 def test_a_host_nix_aarch64_build_runs_in_the_guest(mac: Instance) -> None:
-    if shutil.which("nix-build") is None:
-        pytest.fail("nix-build is not on PATH: apt-get install -y --no-install-recommends nix-bin")
+    require("nix-build", "apt-get install -y --no-install-recommends nix-bin")
     nix = Nix(mac.dir, mac.ssh_config)
     try:
         build = nix.build("--option", "system", "aarch64-linux",

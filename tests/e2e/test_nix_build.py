@@ -13,7 +13,6 @@ builtins only, so it *would* also build on the host) is what proves where it ran
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,14 +20,14 @@ import pytest
 
 from testing.harness import Instance
 from testing.nixhost import Nix, Where, alias_builders, assert_built_in_guest, host_boot_id
+from tests.require import require
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module", autouse=True)
 def host_nix() -> None:
-    if shutil.which("nix-build") is None:
-        pytest.fail("nix-build is not on PATH: apt-get install -y --no-install-recommends nix-bin")
+    require("nix-build", "apt-get install -y --no-install-recommends nix-bin")
 
 
 @pytest.fixture

@@ -65,8 +65,9 @@ def test_kill_9_of_a_watcher_heals_and_the_others_see_it(instance: Instance, vic
         return all(s is not None and s != old_inc for s in seen)
 
     os.kill(pid, signal.SIGKILL)
-    # Event-driven: returns as soon as both others broadcast the new incarnation.
-    states = instance.wait_bus(healed, 2.0, f"a new {victim} seen by {others}")
+    # Returns as soon as both others broadcast the new incarnation; the bound only ends a hang
+    # (how fast it heals is bench's to measure, not a loaded test host's to judge).
+    states = instance.wait_bus(healed, 60, f"a new {victim} seen by {others}")
     new = {_views(states)[o][victim] for o in others}
     assert len(new) == 1
     new_inc = new.pop()

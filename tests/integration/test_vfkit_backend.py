@@ -444,7 +444,8 @@ def test_a_new_worker_adopts_the_running_vm(make_backend) -> None:
         await asyncio.wait_for(first.wait_announced(), 10)
         await first.close()  # the old worker goes away; vfkit stays
         adopted = await second.adopt()
-        await asyncio.wait_for(second.wait_announced(), 1)  # already announced: no wait
+        # the running guest answers the new worker's hello (the bound only ends a hang)
+        await asyncio.wait_for(second.wait_announced(), 30)
         result = (adopted, await second.status(), second.endpoint(), second.pid())
         await second.shutdown(5)
         return result

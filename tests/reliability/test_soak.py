@@ -1,4 +1,4 @@
-"""Soak: VIRBY_SOAK_CONNECTIONS connections (default 1000; the full run is 10,000, see
+"""Soak: VIRBY_SOAK_CONNECTIONS connections (default 500; the full run is 10,000, see
 docs/reliability.md) in bursts, with the idle monitor pausing and stopping the VM in between,
 so every burst starts from a paused or a stopped VM. Every connection must be served, and the
 fds, threads and RSS of circusd and the three watchers must stay flat (QEMU is a new process

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,10 +33,12 @@ def test_kill_9_of_circusd_with_a_running_vm_frees_everything_and_a_new_run_serv
         keys_before = (inst.dir / "state" / "ssh_user_ed25519_key").read_bytes()
         t0 = time.monotonic()
         os.kill(inst.circusd_pid(), signal.SIGKILL)
-        alive = wait_exited(watchers, 2.0)
+        # Every watcher exits on its own (nothing else ends them), then QEMU goes with the vm
+        # worker. The bounds only end a hang: how fast is reported, not judged on a loaded host.
+        alive = wait_exited(watchers, 60)
         watchers_gone = time.monotonic() - t0
-        assert alive == [], f"watchers still running 2 s after circusd died: {alive}"
-        alive = wait_exited([qemu], 5.0)
+        assert alive == [], f"watchers still running after circusd died: {alive}"
+        alive = wait_exited([qemu], 60)
         qemu_gone = time.monotonic() - t0
         assert alive == [], "QEMU outlived its vm worker"
         with pytest.raises(ConnectionRefusedError):
@@ -82,7 +85,7 @@ def test_reload_and_sighup_never_run_two_vm_managers(instance: Instance) -> None
             seen_counts.append(len(_vm_managers(instance)))
         # Everything a reload would have done has happened by now: the last action was
         # answered and the bus shows the vm (same incarnation) broadcasting.
-        states = instance.wait_bus(lambda s: "vm" in s and "idle" in s, 5, "vm and idle")
+        states = instance.wait_bus(lambda s: "vm" in s and "idle" in s, 30, "vm and idle")
     assert states["vm"]["inc"].startswith(f"{vm_pid}-")
     assert states["idle"]["inc"].startswith(f"{idle_pid}-")
     assert instance.watcher_pid("vm") == vm_pid
@@ -107,7 +110,8 @@ def test_a_worker_that_crashes_at_start_backs_off_and_status_says_why(instance: 
         os.kill(instance.watcher_pid("idle"), signal.SIGKILL)
         # 1 s + 2 s + 4 s of backoff plus start-up: the fourth spawn comes after ~8-10 s.
         wait_until(lambda: len(events.topics("watcher.idle.spawn")) >= 4, 30, "4 spawns of idle")
-        spawns = [t for t, _b in events.topics("watcher.idle.spawn")]
+        # circusd's own spawn times, not when our subscriber got the events (which load delays)
+        spawns = [float(b["time"]) for _t, b in events.topics("watcher.idle.spawn")]
         window = time.monotonic() - t0
         out = instance.cli("status", "--json")
         failure = json.loads(out.stdout)["watchers"]["idle"].get("failure")
@@ -120,11 +124,15 @@ def test_a_worker_that_crashes_at_start_backs_off_and_status_says_why(instance: 
     report("crash-backoff[idle]", {"spawn_gaps_s": [round(g, 2) for g in gaps],
                                    "spawns_in_window": len(spawns), "window_s": round(window, 1),
                                    "failure": failure})
-    # circus alone would respawn once a second; with the backoff the gaps double.
+    # circus alone would respawn once a second; with the backoff the waits double: each
+    # worker says which it keeps, and circusd's spawns are at least that far apart (lower
+    # bounds only: a loaded host can lengthen a gap, never shorten one).
+    log = (Path(instance.config.log_dir) / "idle.log").read_text()
+    waits = re.findall(r"waiting (\d+)s before exiting \(crash backoff\)", log)
+    assert waits[:3] == ["1", "2", "4"], waits
     assert gaps[0] >= 1.0 and gaps[1] >= 2.0 and gaps[2] >= 4.0, gaps
     assert gaps[1] > gaps[0] and gaps[2] > gaps[1], gaps
     assert failure is not None and failure["count"] >= 2
     assert "Address already in use" in failure["reason"] or "ZMQError" in failure["reason"], failure
     assert "Address already in use" in text  # the human-readable status shows the reason too
-    log = (Path(instance.config.log_dir) / "idle.log").read_text()
     assert "crash backoff" in log

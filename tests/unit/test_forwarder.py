@@ -292,21 +292,29 @@ def test_silent_connections_do_not_starve_a_client_that_speaks(config: Config,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 20: connections that never send their SSH identification took the dial places
     (and the guest sshd's unauthenticated sessions) a real client needed. Now they wait in a
-    lane of their own, one dial at a time, and one that still says nothing after the guest's
-    banner is closed."""
-    monkeypatch.setattr(forwarder, "SILENT_GRACE", 0.3)
+    lane of their own, one dial at a time: a real client that comes while that lane is full is
+    dialled for at once, before any other silent connection."""
+    monkeypatch.setattr(forwarder, "SILENT_GRACE", 60.0)  # the lane's holder keeps it throughout
 
     async def t() -> None:
+        accepted = 0
         unauthenticated = 0
         most = 0
+        lane_full = asyncio.Event()
+        accepted_when_real_spoke: list[int] = []
 
         async def sshd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            nonlocal unauthenticated, most
+            nonlocal accepted, unauthenticated, most
+            accepted += 1
             unauthenticated += 1
             most = max(most, unauthenticated)
+            if accepted >= forwarder.SILENT_LANE:
+                lane_full.set()
             writer.write(b"SSH-2.0-guest\r\n")
             first = await reader.readline()  # the client's identification, or EOF
             unauthenticated -= 1
+            if first == b"SSH-2.0-real\r\n":
+                accepted_when_real_spoke.append(accepted)
             if first:
                 writer.write(b"hello " + first)
             await writer.drain()
@@ -316,17 +324,16 @@ def test_silent_connections_do_not_starve_a_client_that_speaks(config: Config,
         fwd = Forwarder(config, socket.socket(), FakeNode({"state": "running", "endpoint": list(ep)}))  # type: ignore[arg-type]
         silent = [socket.socketpair() for _ in range(40)]
         serving = [asyncio.create_task(fwd.serve(conn)) for _, conn in silent]
-        await asyncio.sleep(0.5)  # the silent ones are queued in their lane
+        await asyncio.wait_for(lane_full.wait(), 30)  # the lane's place is taken, the rest queue
         client, conn = socket.socketpair()
         client.sendall(b"SSH-2.0-real\r\n")
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
         real = asyncio.create_task(fwd.serve(conn))
         client.setblocking(False)
-        got = await recv_all(client)
-        took = loop.time() - t0
+        got = await asyncio.wait_for(recv_all(client), 30)  # (a hang guard, not a latency bound)
         assert got == b"SSH-2.0-guest\r\nhello SSH-2.0-real\r\n"
-        assert took < 1.0, took  # not behind 40 silent connections (each would cost 0.3 s)
+        # the guest had seen only the lane's silent connection(s) and the real one: the real
+        # client was not queued behind the other 39
+        assert accepted_when_real_spoke == [forwarder.SILENT_LANE + 1], accepted_when_real_spoke
         client.close()
         await real
         assert most <= forwarder.SILENT_LANE + 1  # the silent never took more than their lane
@@ -335,6 +342,35 @@ def test_silent_connections_do_not_starve_a_client_that_speaks(config: Config,
         for task in serving:
             task.cancel()
         await asyncio.gather(*serving, return_exceptions=True)
+        server.close()
+
+    run(t)
+
+
+def test_a_silent_connection_is_closed_when_it_stays_silent_after_the_banner(
+        config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The silent lane's holder gets SILENT_GRACE after the guest's banner to speak; one that
+    does not is closed (both ends), so the next silent connection can have the lane."""
+    monkeypatch.setattr(forwarder, "SILENT_GRACE", 0.3)
+
+    async def t() -> None:
+        saw: list[bytes] = []
+
+        async def sshd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"SSH-2.0-guest\r\n")
+            saw.append(await reader.read())  # until the forwarder closes its side
+            writer.close()
+
+        server, ep = await guest_sshd(sshd)
+        fwd = Forwarder(config, socket.socket(), FakeNode({"state": "running", "endpoint": list(ep)}))  # type: ignore[arg-type]
+        client, conn = socket.socketpair()
+        serving = asyncio.create_task(fwd.serve(conn))
+        client.setblocking(False)
+        got = await asyncio.wait_for(recv_all(client), 30)  # EOF: the forwarder closed it
+        assert got == b"SSH-2.0-guest\r\n"
+        await asyncio.wait_for(serving, 30)
+        assert saw == [b""]  # and the guest's side was closed too, with nothing sent
+        client.close()
         server.close()
 
     run(t)

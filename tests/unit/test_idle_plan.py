@@ -62,11 +62,14 @@ def monitor(config: Config, vm_state: dict[str, Any] | None, *, open_: int = 0,
 def test_restart_all_does_not_suspend_the_adopted_vm_at_once(config: Config) -> None:
     """`circusctl restart`: the new vm worker adopts the running VM with woken_at 0, and the new
     idle monitor hears it before any forwarder. It counts the idle time from its own start."""
+    before = time.time()
     m = monitor(config, {"state": "running", "woken_at": 0.0}, forwarder=False)
     action, wait, info = m.plan()
+    after = time.time()
     assert action is None, info
-    assert info["idle_since"] == pytest.approx(time.time(), abs=1)
-    assert wait == pytest.approx(10, abs=1)  # pauseAfter from now, not from 1970
+    # bracketed by the test's own clock readings, not compared with a tolerance
+    assert info["idle_since"] == m.started and before <= m.started <= after
+    assert wait is not None and 10 - (after - before) <= wait <= 10  # pauseAfter from its start, not 1970
     # once a forwarder reports, its own last activity counts
     m.activity.observe(fwd_state("6-6", 0, time.time() - 100))
     action, _, _ = m.plan()
