@@ -1,1 +1,1 @@
-"""The harness the tests and the benchmarks share (not shipped in the wheel)."""
+"""The harness the tests, the benchmarks and image/boot-guest.py share (not shipped in the wheel)."""

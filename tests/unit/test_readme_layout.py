@@ -63,13 +63,13 @@ def test_a_module_the_layout_lacks_is_named_in_the_failure(tmp_path: Path) -> No
             dest = tmp_path / p.relative_to(REPO)
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.touch()
-    (tmp_path / "core" / "watchers.py").touch()
+    (tmp_path / "core" / "brandnew.py").touch()
     readme = (REPO / "README.md").read_text().replace("  logtail.py ", "  logtale.py ", 1)
     assert layout_problems(readme, tmp_path) == [
+        "README.md's Development layout does not name core/brandnew.py: add a line "
+        "'  brandnew.py  <what it is>' under 'core/'",
         "README.md's Development layout does not name core/logtail.py: add a line "
         "'  logtail.py  <what it is>' under 'core/'",
-        "README.md's Development layout does not name core/watchers.py: add a line "
-        "'  watchers.py  <what it is>' under 'core/'",
         "README.md's Development layout names core/logtale.py, which does not exist",
     ]
 
