@@ -160,7 +160,7 @@ class VmStateData(TypedDict, total=False):
     last_activity: Number
     forwarders: int
     on_demand: bool
-    forwarder: dict[str, Any]  # the forwarder's latest ForwarderStateData
+    forwarder: ForwarderStateData  # the forwarder's latest state, relayed
     config: dict[str, Any]
     peers: dict[str, Any]
 
@@ -202,6 +202,10 @@ def as_idle_state(data: dict[str, Any]) -> IdleStateData:
     return cast(IdleStateData, data)
 
 
+def as_forwarder_state(data: dict[str, Any]) -> ForwarderStateData:
+    return cast(ForwarderStateData, data)
+
+
 STATE_DATA: dict[str, type] = {"vm": VmStateData, "idle": IdleStateData,
                                "forwarder": ForwarderStateData}
 
@@ -217,6 +221,9 @@ def _fits(value: Any, tp: Any) -> bool:
         return any(_fits(value, a) for a in get_args(tp))
     if tp is type(None):
         return value is None
+    if is_typeddict(tp):  # a nested message part: an object whose known keys fit too
+        return isinstance(value, dict) and all(
+            k not in value or _fits(value[k], ktp) for k, ktp in _fields(tp).items())
     if isinstance(value, bool):  # JSON true is no number
         return tp is bool
     if tp is float:

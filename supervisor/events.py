@@ -20,7 +20,16 @@ from typing import Any
 
 from virby.core import watchers
 from virby.core.config import Config
-from virby.core.protocol import FAILED, RUNNING, XPUB_OWNERS, BadMessage, decode
+from virby.core.protocol import (
+    FAILED,
+    RUNNING,
+    XPUB_OWNERS,
+    BadMessage,
+    ForwarderStateData,
+    as_idle_state,
+    as_vm_state,
+    decode,
+)
 from virby.supervisor import control
 
 SILENT_AFTER = 3.5  # three missed heartbeats, as the workers judge each other (bus.PEER_TIMEOUT)
@@ -58,21 +67,23 @@ def _when(at: Any, now: float) -> str | None:
     return f"{max(0.0, at - now):.0f}s"
 
 
-def snapshot(owner: str, state: dict[str, Any], t: float) -> Event:
+def snapshot(owner: str, data: dict[str, Any], t: float) -> Event:
     if owner == "vm":
-        fwd = state.get("forwarder") or {}
+        state = as_vm_state(data)
+        fwd: ForwarderStateData = state.get("forwarder") or {}
         text = (f"{state.get('state')}"
                 + (f" ({state['reason']})" if state.get("reason") else "")
                 + f"; boots {state.get('boots')}; {state.get('connections')} connection(s) open"
                 + (f", {fwd['accepted']} accepted so far" if isinstance(fwd.get("accepted"), int) else ""))
         return Event(t, "vm", "snapshot", text, {"state": state.get("state"), "boots": state.get("boots"),
                                                  "connections": state.get("connections")})
-    steps = [f"{name} in {w}" for name, w in (("pause", _when(state.get("pause_at"), t)),
-                                               ("stop", _when(state.get("stop_at"), t))) if w]
-    text = f"{state.get('decision')}" + (f" ({', '.join(steps)})" if steps else "")
-    return Event(t, "idle", "snapshot", text, {"decision": state.get("decision"),
-                                               "pause_at": state.get("pause_at"),
-                                               "stop_at": state.get("stop_at")})
+    idle = as_idle_state(data)
+    steps = [f"{name} in {w}" for name, w in (("pause", _when(idle.get("pause_at"), t)),
+                                               ("stop", _when(idle.get("stop_at"), t))) if w]
+    text = f"{idle.get('decision')}" + (f" ({', '.join(steps)})" if steps else "")
+    return Event(t, "idle", "snapshot", text, {"decision": idle.get("decision"),
+                                               "pause_at": idle.get("pause_at"),
+                                               "stop_at": idle.get("stop_at")})
 
 
 def diff(owner: str, prev: dict[str, Any], cur: dict[str, Any], t: float) -> list[Event]:
@@ -89,8 +100,9 @@ def diff(owner: str, prev: dict[str, Any], cur: dict[str, Any], t: float) -> lis
     return out
 
 
-def _diff_vm(prev: dict[str, Any], cur: dict[str, Any], t: float) -> list[Event]:
+def _diff_vm(prev_data: dict[str, Any], cur_data: dict[str, Any], t: float) -> list[Event]:
     out: list[Event] = []
+    prev, cur = as_vm_state(prev_data), as_vm_state(cur_data)
     before, after = prev.get("state"), cur.get("state")
     if before != after or (after == FAILED and prev.get("reason") != cur.get("reason")):
         text = f"{before} -> {after}"
@@ -100,8 +112,9 @@ def _diff_vm(prev: dict[str, Any], cur: dict[str, Any], t: float) -> list[Event]
             text += f" ({cur['reason']})"
         out.append(Event(t, "vm", "state", text, {"from": before, "state": after, "reason": cur.get("reason"),
                                                   "boots": cur.get("boots")}))
-    pf, cf = prev.get("forwarder") or {}, cur.get("forwarder") or {}
-    fwd_inc_before, fwd_inc_after = _peer_inc(prev, "forwarder"), _peer_inc(cur, "forwarder")
+    pf: ForwarderStateData = prev.get("forwarder") or {}
+    cf: ForwarderStateData = cur.get("forwarder") or {}
+    fwd_inc_before, fwd_inc_after = _peer_inc(prev_data, "forwarder"), _peer_inc(cur_data, "forwarder")
     if fwd_inc_before and fwd_inc_after and fwd_inc_before != fwd_inc_after:
         out.append(Event(t, "forwarder", "restart",
                          f"forwarder restarted (incarnation {fwd_inc_before} -> {fwd_inc_after})",
@@ -130,16 +143,22 @@ def _diff_vm(prev: dict[str, Any], cur: dict[str, Any], t: float) -> list[Event]
     return out
 
 
-def _diff_idle(prev: dict[str, Any], cur: dict[str, Any], t: float) -> list[Event]:
-    moved = any(
-        (isinstance(prev.get(k), int | float) != isinstance(cur.get(k), int | float))
-        or (isinstance(cur.get(k), int | float) and abs(cur[k] - prev[k]) > 1.5)
-        for k in ("pause_at", "stop_at"))
+def _moved(before: float | None, after: float | None) -> bool:
+    """A countdown appeared, went, or was re-planned (more than its own ticking)."""
+    if before is None or after is None:
+        return (before is None) != (after is None)
+    return abs(after - before) > 1.5
+
+
+def _diff_idle(prev_data: dict[str, Any], cur_data: dict[str, Any], t: float) -> list[Event]:
+    prev, cur = as_idle_state(prev_data), as_idle_state(cur_data)
+    moved = (_moved(prev.get("pause_at"), cur.get("pause_at"))
+             or _moved(prev.get("stop_at"), cur.get("stop_at")))
     # The decision's text ticks with the countdown; its code and the VM state it rests on do not.
     if (prev.get("decision_code"), prev.get("vm")) == (cur.get("decision_code"), cur.get("vm")) \
             and not moved:
         return []
-    ev = snapshot("idle", cur, t)
+    ev = snapshot("idle", cur_data, t)
     return [Event(t, "idle", "decision", ev.text, ev.data)]
 
 

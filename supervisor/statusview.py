@@ -6,7 +6,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from virby.core.protocol import FAILED, PAUSED, RUNNING, UNKNOWN
+from virby.core.protocol import (
+    FAILED,
+    PAUSED,
+    RUNNING,
+    UNKNOWN,
+    ForwarderStateData,
+    as_idle_state,
+    as_vm_state,
+)
 
 
 def duration(seconds: float | None) -> str:
@@ -61,7 +69,7 @@ def store_line(store: dict[str, Any]) -> str:
 
 def format_status(st: dict[str, Any], now: float | None = None) -> str:
     now = now if now is not None else float(st.get("time") or time.time())
-    vm = st.get("vm") or {}
+    vm = as_vm_state(st.get("vm") or {})
     state = vm.get("state", UNKNOWN)
     lines: list[str] = []
     since = vm.get("since")
@@ -69,8 +77,9 @@ def format_status(st: dict[str, Any], now: float | None = None) -> str:
                                          f" ({_ago(since, now)})" if isinstance(since, int | float) else ""))
     if vm.get("reason"):
         lines.append(f"{'reason':<12}{vm['reason']}")
-    if state == FAILED and isinstance(vm.get("retry_at"), int | float):
-        lines.append(f"{'next try':<12}in {duration(vm['retry_at'] - now)} (on the next connection)")
+    retry_at = vm.get("retry_at")
+    if state == FAILED and retry_at is not None:
+        lines.append(f"{'next try':<12}in {duration(retry_at - now)} (on the next connection)")
     last = vm.get("last_boot_seconds")
     restore = vm.get("last_restore_seconds")
     lines.append(f"{'backend':<12}{vm.get('backend', '-')}    boots {vm.get('boots', '-')}    "
@@ -91,7 +100,7 @@ def format_status(st: dict[str, Any], now: float | None = None) -> str:
                      + (f" (in {saved:.2f}s)" if isinstance(saved, int | float) else ""))
     elif vm.get("can_suspend") is False and state in (RUNNING, PAUSED):
         lines.append(f"{'saved VM':<12}none (this backend cannot save a VM: stop shuts it down)")
-    fwd = vm.get("forwarder") or {}
+    fwd: ForwarderStateData = vm.get("forwarder") or {}
     conn = vm.get("connections")
     extra = []
     if isinstance(fwd.get("waiting"), int) and fwd["waiting"]:
@@ -102,7 +111,7 @@ def format_status(st: dict[str, Any], now: float | None = None) -> str:
         extra.append(f"{fwd['failed']} closed unserved")
     lines.append(f"{'connections':<12}{conn if conn is not None else '-'} open"
                  + (f" ({', '.join(extra)})" if extra else ""))
-    idle = st.get("idle") or {}
+    idle = as_idle_state(st.get("idle") or {})
     cd = st.get("countdown") or {}
     if idle:
         steps = []

@@ -56,6 +56,7 @@ from virby.core.protocol import (
     BootPhase,
     VmState,
     VmStateData,
+    as_forwarder_state,
     legal,
 )
 from virby.core.sshcheck import SSHNotReady, prove_ssh
@@ -144,7 +145,7 @@ class VMWorker:
             "last_activity": self.activity.last_activity(),
             "forwarders": self.activity.forwarders(),
             "on_demand": self.config.onDemand.enable,
-            "forwarder": self.node.peers["forwarder"].state,
+            "forwarder": as_forwarder_state(self.node.peers["forwarder"].state),
             "config": {"source": self.reread.source, "reread_at": self.reread_at,
                        "pending": self.pending, "refused": self.reread.refused,
                        "error": self.reread.error},

@@ -37,6 +37,11 @@ def test_decode_accepts_a_good_message() -> None:
     assert bus.decode(msg.encode()) == msg
 
 
+def test_decode_takes_a_relayed_forwarder_state() -> None:
+    relayed = {"state": "running", "forwarder": {"open": 2, "accepted": 9, "peers": {}}}
+    assert bus.decode(frames({**GOOD, "data": relayed})).data == relayed
+
+
 def test_decode_takes_every_vm_state() -> None:
     for state in protocol.VM_STATES:
         assert bus.decode(frames({**GOOD, "data": {"state": state}})).data["state"] == state
@@ -64,6 +69,9 @@ def test_decode_takes_every_vm_state() -> None:
     (frames({**GOOD, "from": "idle", "data": {"vm": "asleep"}}, "idle"), "field 'vm'"),
     (frames({**GOOD, "from": "forwarder", "data": {"open": -0.5}}, "forwarder"), "field 'open'"),
     (frames({**GOOD, "kind": "event", "data": {"event": 7}}), "field 'event'"),
+    # the forwarder's state the vm worker relays is checked as the forwarder's own
+    (frames({**GOOD, "data": {"forwarder": {"accepted": "many"}}}), "field 'forwarder'"),
+    (frames({**GOOD, "data": {"forwarder": [1]}}), "field 'forwarder'"),
     ([b"vm", b" " * (bus.MAX_MESSAGE + 1)], "over"),
 ])
 def test_decode_rejects_with_a_reason(frames_: list[bytes], reason: str) -> None:
