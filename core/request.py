@@ -1,6 +1,7 @@
 """One request, one reply, over a fresh ZeroMQ DEALER: the one client for both the vm worker's
-commands and circusd's control socket, used by the CLI (synchronously) and by the workers (in
-a thread, see workers/bus.py). Synchronous on purpose: the CLI must not import asyncio.
+commands and circusd's control socket. What a request sends, which reply is its own, and when
+waiting ends are decided here once; `call` drives it synchronously (the CLI, which must not
+import asyncio), workers/bus.py's `exchange` drives the same Request on the workers' event loop.
 
 A fresh socket per call, so a lost reply is never taken for the answer to a later request. The
 request is queued until the connection exists; LINGER 0 drops it if nobody ever answers.
@@ -11,7 +12,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -20,24 +22,23 @@ from virby.core.protocol import BadMessage, decode_reply, encode_request
 
 CHECK_EVERY = 0.05  # how often a waiting call asks `give_up`
 
+GiveUp = Callable[[], "str | None"]  # a reason to stop waiting, or None
+
 
 class NoAnswer(Exception):
     """No reply in time, or the caller gave up; the text says which."""
 
 
-Accept = Callable[[list[bytes]], "dict[str, Any] | None"]
+@dataclass(frozen=True)
+class Request:
+    endpoint: str
+    frames: list[bytes]
+    accept: Callable[[list[bytes]], dict[str, Any] | None]  # the reply, if these frames are ours
+    silent: str  # NoAnswer's text when the deadline passes
 
-
-def call(endpoint: str, frames: list[bytes], accept: Accept, *, timeout: float, silent: str,
-         give_up: Callable[[], str | None] | None = None,
-         ctx: zmq.Context[Any] | None = None) -> dict[str, Any]:
-    """Send `frames` and return the first reply `accept` takes. NoAnswer(silent) after
-    `timeout`; NoAnswer(reason) as soon as `give_up()` returns a reason."""
-    sock: zmq.Socket[Any] = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        sock.send_multipart(frames)
+    def waits(self, timeout: float, give_up: GiveUp | None = None) -> Iterator[float]:
+        """How long to poll, again and again, until a reply is taken; raises NoAnswer at the
+        deadline, or as soon as `give_up()` returns a reason."""
         deadline = time.monotonic() + timeout
         while True:
             reason = give_up() if give_up is not None else None
@@ -45,21 +46,17 @@ def call(endpoint: str, frames: list[bytes], accept: Accept, *, timeout: float, 
                 raise NoAnswer(reason)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise NoAnswer(silent)
-            wait = min(remaining, CHECK_EVERY) if give_up is not None else remaining
-            if not sock.poll(int(wait * 1000) + 1):
-                continue
-            reply = accept(sock.recv_multipart())
-            if reply is not None:
-                return reply
-    finally:
-        sock.close(linger=0)
+                raise NoAnswer(self.silent)
+            yield min(remaining, CHECK_EVERY) if give_up is not None else remaining
 
 
-def command(endpoint: str, cmd: str, args: dict[str, Any] | None = None, *, timeout: float,
-            silent: str, give_up: Callable[[], str | None] | None = None,
-            ctx: zmq.Context[Any] | None = None) -> dict[str, Any]:
-    """A vm worker command (core/protocol.py's request) and its validated reply."""
+def poll_ms(seconds: float) -> int:
+    return int(seconds * 1000) + 1  # never 0: that would not wait at all
+
+
+def command_request(endpoint: str, cmd: str, args: dict[str, Any] | None = None, *,
+                    silent: str) -> Request:
+    """A vm worker command (core/protocol.py's request); its reply is validated."""
     req_id = uuid.uuid4().hex
 
     def accept(frames: list[bytes]) -> dict[str, Any] | None:
@@ -69,12 +66,10 @@ def command(endpoint: str, cmd: str, args: dict[str, Any] | None = None, *, time
             return None
         return reply if reply["id"] == req_id else None
 
-    return call(endpoint, [b"", encode_request(cmd, args, req_id)], accept, timeout=timeout,
-                silent=silent, give_up=give_up, ctx=ctx)
+    return Request(endpoint, [b"", encode_request(cmd, args, req_id)], accept, silent)
 
 
-def circus(endpoint: str, command: str, props: dict[str, Any], *, timeout: float, silent: str,
-           ctx: zmq.Context[Any] | None = None) -> dict[str, Any]:
+def circus_request(endpoint: str, command: str, props: dict[str, Any], *, silent: str) -> Request:
     """One command to circusd's control socket, in the JSON `circusctl` sends."""
     call_id = uuid.uuid4().hex
 
@@ -86,4 +81,32 @@ def circus(endpoint: str, command: str, props: dict[str, Any], *, timeout: float
         return reply if isinstance(reply, dict) and reply.get("id") == call_id else None
 
     body = json.dumps({"command": command, "properties": props, "id": call_id}).encode()
-    return call(endpoint, [body], accept, timeout=timeout, silent=silent, ctx=ctx)
+    return Request(endpoint, [body], accept, silent)
+
+
+def call(req: Request, *, timeout: float, give_up: GiveUp | None = None,
+         ctx: zmq.Context[Any] | None = None) -> dict[str, Any]:
+    """Send `req` and return its reply, blocking. Raises NoAnswer."""
+    sock: zmq.Socket[Any] = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(req.endpoint)
+        sock.send_multipart(req.frames)
+        for wait in req.waits(timeout, give_up):
+            if sock.poll(poll_ms(wait)):
+                reply = req.accept(sock.recv_multipart())
+                if reply is not None:
+                    return reply
+        raise AssertionError("unreachable: waits() ends by raising")
+    finally:
+        sock.close(linger=0)
+
+
+def command(endpoint: str, cmd: str, args: dict[str, Any] | None = None, *, timeout: float,
+            silent: str, give_up: GiveUp | None = None) -> dict[str, Any]:
+    return call(command_request(endpoint, cmd, args, silent=silent), timeout=timeout, give_up=give_up)
+
+
+def circus(endpoint: str, command: str, props: dict[str, Any], *, timeout: float,
+           silent: str) -> dict[str, Any]:
+    return call(circus_request(endpoint, command, props, silent=silent), timeout=timeout)

@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import logging
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -364,36 +363,48 @@ class RequestError(Exception):
     """A command did not get an answer, or got an error answer."""
 
 
+async def exchange(req: client.Request, *, timeout: float, give_up: client.GiveUp | None = None,
+                   ctx: zmq.asyncio.Context | None = None) -> dict[str, Any]:
+    """core/request.py's Request, driven on the event loop: the same frames, the same reply
+    check, the same deadline and give-up rule as the CLI's blocking `call`. Raises NoAnswer."""
+    sock = (ctx or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(req.endpoint)
+        await sock.send_multipart(req.frames)
+        for wait in req.waits(timeout, give_up):
+            if await sock.poll(client.poll_ms(wait)):
+                reply = req.accept(await sock.recv_multipart())
+                if reply is not None:
+                    return reply
+        raise AssertionError("unreachable: waits() ends by raising")
+    finally:
+        sock.close(linger=0)
+
+
 async def request(config: Config, cmd: str, args: dict[str, Any] | None = None, *,
                   timeout: float = 2.0, ctx: zmq.asyncio.Context | None = None,
                   peer: Peer | None = None) -> dict[str, Any]:
-    """Send one command to the vm worker and wait for its reply (core/request.py, in a thread).
+    """Send one command to the vm worker and wait for its reply.
 
     With `peer` (the caller's view of the vm worker), the request ends at once with
     RequestError when the worker's incarnation changes while it waits: the worker that took
     it is gone and will never answer (a kill -9 mid-request), and the new one is ready for
     the caller's next request."""
     inc0 = peer.inc if peer is not None else ""
-    ended = threading.Event()  # the caller is cancelled: the thread stops waiting too
 
-    def give_up() -> str | None:
-        if ended.is_set():
-            return "cancelled"
-        if peer is not None and inc0 and peer.inc != inc0:
+    def replaced() -> str | None:
+        if peer is not None and peer.inc != inc0:
             return (f"the vm worker was replaced while it handled {cmd} "
                     f"(incarnation {inc0} -> {peer.inc}); not answered")
         return None
 
-    sync_ctx: zmq.Context[Any] | None = zmq.Context.shadow(ctx.underlying) if ctx is not None else None
+    req = client.command_request(config.endpoint(VM_COMMANDS), cmd, args,
+                                 silent=f"no answer from the vm worker within {timeout:g}s ({cmd})")
     try:
-        return await asyncio.to_thread(
-            client.command, config.endpoint(VM_COMMANDS), cmd, args, timeout=timeout,
-            silent=f"no answer from the vm worker within {timeout:g}s ({cmd})", give_up=give_up,
-            ctx=sync_ctx)
+        return await exchange(req, timeout=timeout, give_up=replaced if inc0 else None, ctx=ctx)
     except client.NoAnswer as e:
         raise RequestError(str(e)) from None
-    finally:
-        ended.set()
 
 
 def remove_stale_ipc(config: Config, names: list[str]) -> None:

@@ -14,7 +14,6 @@ duplicate, so asking never changes anything.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import zmq
 from virby.core import request
 from virby.core.config import Config
 from virby.core.protocol import CIRCUS_CONTROL
+from virby.workers import bus
 
 log = logging.getLogger("virby.vm")
 
@@ -65,9 +65,10 @@ async def ask(config: Config, *, timeout: float = ASK_TIMEOUT) -> Intent:
     """Ask circusd's control socket (its JSON protocol, as `circusctl` speaks it)."""
     props = {"name": "vm", "cmd": "true", "start": False}
     reply: dict[str, object] | None = None
+    req = request.circus_request(config.endpoint(CIRCUS_CONTROL), "add", props,
+                                 silent="circusd does not answer")
     try:
-        reply = await asyncio.to_thread(request.circus, config.endpoint(CIRCUS_CONTROL), "add", props,
-                                        timeout=timeout, silent="circusd does not answer")
+        reply = await bus.exchange(req, timeout=timeout)
     except request.NoAnswer:
         pass
     except zmq.ZMQError as e:
