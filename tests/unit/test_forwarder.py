@@ -354,11 +354,11 @@ def test_a_silent_connection_is_closed_when_it_stays_silent_after_the_banner(
     monkeypatch.setattr(forwarder, "SILENT_GRACE", 0.3)
 
     async def t() -> None:
-        saw: list[bytes] = []
+        saw: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
         async def sshd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             writer.write(b"SSH-2.0-guest\r\n")
-            saw.append(await reader.read())  # until the forwarder closes its side
+            saw.set_result(await reader.read())  # until the forwarder closes its side
             writer.close()
 
         server, ep = await guest_sshd(sshd)
@@ -369,7 +369,9 @@ def test_a_silent_connection_is_closed_when_it_stays_silent_after_the_banner(
         got = await asyncio.wait_for(recv_all(client), 30)  # EOF: the forwarder closed it
         assert got == b"SSH-2.0-guest\r\n"
         await asyncio.wait_for(serving, 30)
-        assert saw == [b""]  # and the guest's side was closed too, with nothing sent
+        # and the guest's side was closed too, with nothing sent (the guest's handler is a task
+        # of its own: it sees the EOF a moment after the forwarder is done)
+        assert await asyncio.wait_for(saw, 30) == b""
         client.close()
         server.close()
 
