@@ -17,7 +17,7 @@ ruff check .
 lint-imports --no-cache  # the import contracts in .importlinter
 mypy -p virby.core -p virby.guestbuild -p virby.supervisor -p virby.workers
 mypy tests testing bench
-python -m pytest -p no:cacheprovider -ra tests "$@"
+python -m pytest -p no:cacheprovider -ra --durations=25 tests "$@"  # the 25 slowest: where CI time goes
 # The unit and integration tiers again on Debian 13's Python 3.13 (the Mac's nixpkgs python3 is
 # 3.13 too): a cached debootstrap root, ~4 min warm, ~7 min on the first run.
 if [ "$(id -u)" = 0 ]; then
