@@ -9,6 +9,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -72,3 +73,15 @@ def test_the_vm_worker_tells_a_restart_from_a_stop(instance: Instance, args: lis
     assert exited([worker], timeout=30) == []
     log = (instance.dir / "state" / "logs" / "vm.log").read_text()
     assert f"vm[{old}] INFO stopping: {decision}" in log
+    if args[0] == "restart":
+        # circusd finishes the restart it was asked for before the teardown stops it (a SIGTERM
+        # in the middle of a restart leaves circusd hanging until the teardown's 60 s kill)
+        instance.wait_bus(lambda s: _new_worker_with_peers_up(s, old), 60,
+                          "the new vm worker, with the forwarder and the idle monitor up")
+
+
+def _new_worker_with_peers_up(states: dict[str, Any], old: int) -> bool:
+    vm = states.get("vm") or {}
+    peers = vm.get("peers") or {}
+    return (not str(vm.get("inc", f"{old}-")).startswith(f"{old}-")
+            and all((peers.get(name) or {}).get("up") for name in ("forwarder", "idle")))
