@@ -248,18 +248,18 @@ class Instance:
         return self.wait_bus(lambda s: s.get("vm", {}).get("state") in states, timeout,
                              f"the VM to be {'/'.join(states)}")["vm"]
 
-    def wait_log(self, watcher: str, needle: str, timeout: float = 10) -> str:
-        """The watcher's log once it holds `needle`. A worker's lines reach the file through
-        circusd's pipe, a moment after what they report has happened."""
+    def wait_log(self, watcher: str, needle: str, timeout: float = 10, times: int = 1) -> str:
+        """The watcher's log once it holds `needle` (`times` times). A worker's lines reach the
+        file through circusd's pipe, a moment after what they report has happened."""
         path = self.dir / "state" / "logs" / f"{watcher}.log"
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(FileNotFoundError):
                 text = path.read_text()
-                if needle in text:
+                if text.count(needle) >= times:
                     return text
             if time.monotonic() > deadline:
-                raise AssertionError(f"no {needle!r} in {path} within {timeout}s")
+                raise AssertionError(f"{needle!r} not {times} time(s) in {path} within {timeout}s")
             time.sleep(0.02)
 
 

@@ -29,6 +29,12 @@ import tty
 log = logging.getLogger("virby.agent")
 
 HELLO_INTERVAL = 0.5  # resend "hello" until the agent answers: its port may open after ours
+# A `time` line is stale by the time the agent runs it. An answer within this round trip bounds
+# the guest's error to it plus the agent's rounding (0.5 s); a slower one is sent again (a guest
+# just restored under emulation runs slowly for a moment, then catches up).
+CLOCK_ROUND_TRIP = 0.25
+CLOCK_TRIES = 4
+CLOCK_ANSWER_TIMEOUT = 10.0
 _MAX_LINE = 512
 _WORDS = frozenset({"virby-ready", "virby-booting", "virby-time-ok", "virby-seed-ok", "virby-error"})
 
@@ -63,6 +69,12 @@ class AgentChannel:
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read(reader))
         self._greeting: asyncio.Task[None] | None = None
+        self.clock_set = asyncio.Event()  # the agent confirmed a `time` within CLOCK_ROUND_TRIP
+        self._clock: asyncio.Task[None] | None = None
+        self._time_unanswered = 0  # `time` lines sent and not yet answered (they run in order)
+        self._time_sent_at = 0.0  # monotonic, of the latest
+        self._time_answer: tuple[float, bool] | None = None  # (round trip, ok) of the latest
+        self._time_answered = asyncio.Event()
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -91,12 +103,80 @@ class AgentChannel:
             self.ready.set()
         elif line == "virby-booting":
             self.ready.clear()
-        elif line.startswith("virby-error"):
+        elif line in ("virby-time-ok", "virby-error time"):
+            self._on_time_answer(line == "virby-time-ok")
+        if line.startswith("virby-error"):
             log.warning("the guest agent answered %r", line)
+
+    def _on_time_answer(self, ok: bool) -> None:
+        self._time_unanswered = max(0, self._time_unanswered - 1)
+        if self._time_unanswered == 0:  # the answer to the latest `time`, not an earlier one's
+            self._time_answer = (time.monotonic() - self._time_sent_at, ok)
+            self._time_answered.set()
+
+    def _time(self) -> str:
+        """The `time` line, counted so that its own answer times its round trip."""
+        self._time_unanswered += 1
+        self._time_sent_at = time.monotonic()
+        self._time_answer = None
+        self._time_answered.clear()
+        return time_line()
+
+    async def _confirm_clock(self) -> None:
+        """Wait for the agent's answer to the latest `time`; when it came slowly, the clock may
+        have been set late (that far behind): send it again."""
+        for attempt in range(1, CLOCK_TRIES + 1):
+            try:
+                await asyncio.wait_for(self._time_answered.wait(), CLOCK_ANSWER_TIMEOUT)
+            except TimeoutError:
+                log.warning("the guest agent did not answer the clock within %gs", CLOCK_ANSWER_TIMEOUT)
+                return
+            assert self._time_answer is not None
+            round_trip, ok = self._time_answer
+            if not ok:
+                return  # logged with the answer
+            if round_trip <= CLOCK_ROUND_TRIP:
+                log.info("guest clock set (answered in %.3fs)", round_trip)
+                self.clock_set.set()
+                return
+            if attempt == CLOCK_TRIES:
+                log.warning("guest clock set, but every answer took %.2fs or more: it may be that "
+                            "far behind", round_trip)
+                return
+            log.info("the guest took %.2fs to answer the clock: setting it again", round_trip)
+            self.send(self._time())
+
+    def _start_clock(self) -> None:
+        if self._clock is not None:
+            self._clock.cancel()
+        self.clock_set.clear()
+        self._clock = asyncio.create_task(self._confirm_clock())
+
+    async def wait_clock(self) -> bool:
+        """Until the latest clock setting is confirmed or given up: True when confirmed."""
+        if self._clock is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._clock)
+        return self.clock_set.is_set()
+
+    def set_clock(self) -> None:
+        """Set the guest clock to ours (after a resume: a paused guest's clock stood still),
+        confirmed in the background."""
+        self._send_timed()
+
+    def _send_timed(self, *after: str) -> None:
+        if not self._writable():
+            self.send("time", *after)  # logs what was not sent
+            return
+        self.send(self._time(), *after)
+        self._start_clock()
+
+    def _writable(self) -> bool:
+        return not (self.closed.is_set() or self._writer.is_closing())
 
     def send(self, *lines: str) -> None:
         """Queue lines for the guest; the agent handles them in order. Never blocks."""
-        if self.closed.is_set() or self._writer.is_closing():
+        if not self._writable():
             log.info("not sent to the guest agent (%s is closed): %s", self.where, lines)
             return
         self._writer.write("".join(f"{line}\n" for line in lines).encode())
@@ -120,10 +200,10 @@ class AgentChannel:
         """After a resume or a restore: the clock, the entropy, then a hello whose answer
         (virby-ready) comes after both are in place."""
         self.ready.clear()
-        self.send(time_line(), *([f"seed {seed.hex()}"] if seed is not None else []), "hello")
+        self._send_timed(*([f"seed {seed.hex()}"] if seed is not None else []), "hello")
 
     async def close(self) -> None:
-        tasks = [t for t in (self._greeting, self._reader_task) if t is not None]
+        tasks = [t for t in (self._greeting, self._clock, self._reader_task) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:

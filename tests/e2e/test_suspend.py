@@ -9,13 +9,13 @@ import secrets
 import signal
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from testing.harness import Instance
+from tests.e2e import guestclock
 from virby.core.config import from_dict
 
 pytestmark = pytest.mark.e2e
@@ -42,20 +42,6 @@ def ok(inst: Instance, out: subprocess.CompletedProcess[str]) -> str:
 
 def status_json(inst: Instance) -> dict:
     return json.loads(inst.cli("status", "--json").stdout)["vm"]
-
-
-def guest_clock_skew(inst: Instance) -> float:
-    """How far the guest's wall clock lies outside the host's [before, after] bracket of one
-    SSH round trip, signed (0 inside it): a slow round trip on a loaded machine widens the
-    bracket instead of counting as skew (adjtimex gives the guest time in microseconds;
-    `date` in busybox only in whole seconds)."""
-    before = time.time()
-    out = inst.ssh("adjtimex")
-    after = time.time()
-    assert out.returncode == 0, out.stderr
-    fields = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
-    guest = int(fields["    time.tv_sec"]) + int(fields["    time.tv_usec"]) / 1e6
-    return guest - after if guest > after else min(guest - before, 0.0)
 
 
 def test_idle_suspends_and_the_next_connection_is_served_by_the_restored_guest(guest_dir: Path) -> None:
@@ -92,8 +78,9 @@ def test_idle_suspends_and_the_next_connection_is_served_by_the_restored_guest(g
             assert st["restores"] == 1 and st["boots"] == 1
             assert st["snapshot"] is None
             assert snapshot_files(inst) == []  # restored at most once: the file went at the restore
-            skew = guest_clock_skew(inst)
-            assert abs(skew) <= 1.0, f"guest clock off by {skew:+.2f}s after the restore"
+            guestclock.wait_confirmed(inst)
+            now = guestclock.read(inst)
+            assert abs(now.off) <= 1.0, f"{now} after the restore\n{guestclock.clock_lines(inst)}"
         finally:
             session.communicate(b"\n", timeout=30)
         assert "guest restored in" in vm_log(inst)

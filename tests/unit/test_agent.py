@@ -19,9 +19,11 @@ class Sink:
     def __init__(self) -> None:
         self.data = b""
         self.closed = False
+        self.wrote = asyncio.Event()
 
     def write(self, data: bytes) -> None:
         self.data += data
+        self.wrote.set()
 
     def is_closing(self) -> bool:
         return self.closed
@@ -89,6 +91,78 @@ def test_sync_sends_clock_seed_then_hello_and_clears_ready() -> None:
     assert lines[0].startswith("time ") and round(before) <= int(lines[0][5:]) <= round(after)
     assert lines[1:] == ["seed 01ab", "hello"]
     assert not ch.ready.is_set()
+
+
+def times_sent(sink: Sink) -> list[str]:
+    return [line for line in sink.data.decode().splitlines() if line.startswith("time ")]
+
+
+async def answered(sink: Sink, n: int) -> None:
+    """Until the host has written its n-th `time` line."""
+    while len(times_sent(sink)) < n:
+        sink.wrote.clear()
+        await sink.wrote.wait()
+
+
+async def clock_answered_after(delays: list[float], answer: bytes = b"virby-time-ok\n") -> tuple[bool, Sink]:
+    """The guest answers the host's n-th `time` line delays[n] seconds after it was written (a
+    guest just restored under emulation is slow for a moment)."""
+    reader, sink = asyncio.StreamReader(), Sink()
+    ch = AgentChannel(reader, sink, "test")  # type: ignore[arg-type]
+    ch.set_clock()
+    for n, delay in enumerate(delays, 1):
+        await answered(sink, n)
+        await asyncio.sleep(delay)
+        reader.feed_data(answer)
+    confirmed = await asyncio.wait_for(ch.wait_clock(), 5)
+    await ch.close()
+    return confirmed, sink
+
+
+def test_a_quick_answer_confirms_the_clock_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent, "CLOCK_ROUND_TRIP", 0.05)
+    confirmed, sink = asyncio.run(clock_answered_after([0.0]))
+    assert confirmed and len(times_sent(sink)) == 1
+
+
+def test_a_slow_answer_sets_the_clock_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock was set as late as the answer came: the host sends its time again."""
+    monkeypatch.setattr(agent, "CLOCK_ROUND_TRIP", 0.05)
+    confirmed, sink = asyncio.run(clock_answered_after([0.2, 0.0]))
+    assert confirmed and len(times_sent(sink)) == 2
+
+
+def test_a_guest_slow_every_time_is_reported_not_retried_forever(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(agent, "CLOCK_ROUND_TRIP", 0.05)
+    confirmed, sink = asyncio.run(clock_answered_after([0.1] * agent.CLOCK_TRIES))
+    assert not confirmed and len(times_sent(sink)) == agent.CLOCK_TRIES
+    assert "it may be that far behind" in caplog.text
+
+
+def test_a_refused_time_is_not_sent_again(caplog: pytest.LogCaptureFixture) -> None:
+    confirmed, sink = asyncio.run(clock_answered_after([0.0], b"virby-error time\n"))
+    assert not confirmed and len(times_sent(sink)) == 1
+    assert "virby-error time" in caplog.text
+
+
+def test_an_answer_to_an_earlier_time_does_not_confirm_the_latest() -> None:
+    async def t() -> tuple[bool, bool]:
+        reader, sink = asyncio.StreamReader(), Sink()
+        ch = AgentChannel(reader, sink, "test")  # type: ignore[arg-type]
+        ch.set_clock()
+        ch.set_clock()  # a second resume before the guest answered the first
+        reader.feed_data(b"virby-time-ok\n")
+        for _ in range(5):  # the reader task takes the line
+            await asyncio.sleep(0)
+        early = ch.clock_set.is_set()
+        reader.feed_data(b"virby-time-ok\n")
+        confirmed = await asyncio.wait_for(ch.wait_clock(), 5)
+        await ch.close()
+        return early, confirmed
+
+    early, confirmed = asyncio.run(t())
+    assert not early and confirmed
 
 
 def test_nothing_is_written_to_a_closed_channel() -> None:

@@ -264,7 +264,7 @@ class QemuBackend(Backend):
     async def sync_clock(self) -> None:
         """The guest clock stands still while paused (TCG has no catch-up): set it."""
         if self._agent is not None:
-            self._agent.send(agent.time_line())
+            self._agent.set_clock()
 
     # -- suspend to disk --------------------------------------------------------------------------
 

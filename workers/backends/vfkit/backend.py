@@ -487,7 +487,7 @@ class VfkitBackend(Backend):
             log.warning("no channel to the guest agent: the clock is left to the guest's RTC")
             return
         assert self._agent is not None
-        self._agent.send(agent.time_line())
+        self._agent.set_clock()
 
     async def close(self) -> None:
         await self._close_agent()
