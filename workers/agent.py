@@ -32,8 +32,8 @@ HELLO_INTERVAL = 0.5  # resend "hello" until the agent answers: its port may ope
 # A `time` line is stale by the time the agent runs it. An answer within this round trip bounds
 # the guest's error to it plus the agent's rounding (0.5 s); a slower one is sent again (a guest
 # just restored under emulation runs slowly for a moment, then catches up).
-CLOCK_ROUND_TRIP = 0.25
-CLOCK_TRIES = 4
+CLOCK_ROUND_TRIP = 0.4
+CLOCK_TRIES = 5
 CLOCK_ANSWER_TIMEOUT = 10.0
 _MAX_LINE = 512
 _WORDS = frozenset({"virby-ready", "virby-booting", "virby-time-ok", "virby-seed-ok", "virby-error"})
