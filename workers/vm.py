@@ -568,7 +568,7 @@ class VMWorker:
             if not self.backend.pid():
                 await asyncio.Future()  # gone: the exit watch reports it
             misses += 1
-            stopped = "is stopped" in error
+            stopped = self.backend.stopped()
             log.warning("the hypervisor did not answer (%d of %d): %s", misses, LIVENESS_MISSES, error)
             if misses >= LIVENESS_MISSES or stopped:
                 return (f"the hypervisor stopped answering ({error}; "

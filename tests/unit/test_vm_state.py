@@ -41,7 +41,8 @@ class FakeBackend(Backend):
         self.broken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.adoptable: str | None = None  # the status a previous worker's VM has
         self.save_found: str | None = None  # what adopted_save finds
-        self.frozen = False  # status() never answers (a SIGSTOPped hypervisor)
+        self.frozen = False  # status() never answers (a hung or SIGSTOPped hypervisor)
+        self.process_stopped = False  # what `stopped()` sees: the process itself is stopped
 
     def check(self) -> None: ...
     def command(self) -> list[str]:
@@ -110,6 +111,9 @@ class FakeBackend(Backend):
 
     def pid(self) -> int | None:
         return 4242 if self.running else None
+
+    def stopped(self) -> bool:
+        return self.process_stopped
 
     def console_tail(self, lines: int = 15) -> str:
         return "booting\nlast console words"
@@ -434,6 +438,24 @@ def test_a_hypervisor_that_stops_answering_is_failed_and_booted_at_the_next_wake
         assert worker.boots == 2
 
     run(t, config)
+
+
+@pytest.mark.parametrize("process_stopped, misses", [(True, 1), (False, vm.LIVENESS_MISSES)])
+def test_a_stopped_hypervisor_process_is_failed_at_its_first_miss(
+        config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        process_stopped: bool, misses: int) -> None:
+    """One unanswered query is enough when the process is stopped (it answers nothing until
+    continued); a hung one gets its second chance. Read from the backend, not its message."""
+    monkeypatch.setattr(vm, "LIVENESS_INTERVAL", 0.01)
+    monkeypatch.setattr(vm, "LIVENESS_TIMEOUT", 0.05)
+
+    async def t(worker: vm.VMWorker, backend: FakeBackend) -> None:
+        await booted(worker)
+        backend.frozen, backend.process_stopped = True, process_stopped
+        assert await worker.wait_for(("failed",), 5)
+
+    run(t, config)
+    assert caplog.text.count("the hypervisor did not answer") == misses
 
 
 def test_an_adopted_save_under_way_is_finished_not_killed(config: Config) -> None:

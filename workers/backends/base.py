@@ -110,7 +110,20 @@ class Backend(abc.ABC):
         try:
             await asyncio.wait_for(self.status(), timeout)
         except TimeoutError as e:
-            raise BackendError(f"{self.name} did not answer a status query: {describe(e, timeout)}") from e
+            raise BackendError(f"{self.name} did not answer a status query: "
+                               f"{describe(e, timeout)}{self.stopped_hint()}") from e
+
+    def stopped(self) -> bool:
+        """The hypervisor's process is alive but stopped (SIGSTOP, a debugger): it answers
+        nothing until it is continued, so one missed query says enough."""
+        return False
+
+    def stopped_hint(self) -> str:
+        """Why the hypervisor may not answer, for a reason's text: stopped, or gone."""
+        pid = self.pid()
+        if pid is None:
+            return f" ({self.name} has exited)"
+        return f" ({self.name} pid {pid} is stopped: SIGSTOP or a debugger)" if self.stopped() else ""
 
     async def wait_broken(self) -> str:
         """Return the reason once the guest breaks while the hypervisor runs on (as `status`

@@ -240,15 +240,10 @@ class QemuBackend(Backend):
         try:
             return await asyncio.wait_for(self._qmp.execute(cmd), timeout)
         except (QMPError, OSError, TimeoutError) as e:
-            raise BackendError(f"QMP {cmd} failed: {describe(e, timeout)}{self._stopped_hint()}") from e
+            raise BackendError(f"QMP {cmd} failed: {describe(e, timeout)}{self.stopped_hint()}") from e
 
-    def _stopped_hint(self) -> str:
-        """Why QEMU may not answer: its process is stopped (SIGSTOP, a debugger) or gone."""
-        if self.process.stopped():
-            return f" (qemu pid {self.process.pid} is stopped: SIGSTOP or a debugger)"
-        if not self.process.alive():
-            return " (qemu has exited)"
-        return ""
+    def stopped(self) -> bool:
+        return self.process.stopped()
 
     async def ping(self, timeout: float) -> None:
         """query-status with its own deadline: QMP is served by QEMU's main loop, which a hung

@@ -453,6 +453,9 @@ class VfkitBackend(Backend):
     async def wait_exit(self) -> None:
         await self.process.wait_exit()
 
+    def stopped(self) -> bool:
+        return self.process.stopped()
+
     async def adopt(self) -> bool:
         if not self.process.adopt():
             for path in (self.ip_path, self.rest_socket):
