@@ -165,21 +165,17 @@ class AgentChannel:
         self._send_timed()
 
     def _send_timed(self, *after: str) -> None:
-        if not self._writable():
-            self.send("time", *after)  # logs what was not sent
-            return
-        self.send(self._time(), *after)
-        self._start_clock()
+        if self.send(self._time(), *after):
+            self._start_clock()
 
-    def _writable(self) -> bool:
-        return not (self.closed.is_set() or self._writer.is_closing())
-
-    def send(self, *lines: str) -> None:
-        """Queue lines for the guest; the agent handles them in order. Never blocks."""
-        if not self._writable():
+    def send(self, *lines: str) -> bool:
+        """Queue lines for the guest; the agent handles them in order. Never blocks. False
+        when the channel is closed (nothing sent)."""
+        if self.closed.is_set() or self._writer.is_closing():
             log.info("not sent to the guest agent (%s is closed): %s", self.where, lines)
-            return
+            return False
         self._writer.write("".join(f"{line}\n" for line in lines).encode())
+        return True
 
     async def greet(self) -> None:
         """Send "hello" until the agent answers anything (runs until cancelled or answered):
